@@ -1,0 +1,26 @@
+"""moecache: trace-driven expert-cache simulation for Mixture-of-Experts models.
+
+>>> import moecache as mc
+>>> tr = mc.synth(layers=2, experts=16, top_k=2, tokens=100, seed=0)
+>>> r = mc.replay(tr, policy="lru", capacity=4)
+>>> 0 <= r.hit_rate <= 1
+True
+"""
+
+from ._version import __version__
+from .errors import MoecacheError, TraceError
+from .replay import ReplayResult, replay
+from .requests import Requests
+from .synth import synth
+from .trace import Trace
+
+__all__ = [
+    "MoecacheError",
+    "ReplayResult",
+    "Requests",
+    "Trace",
+    "TraceError",
+    "__version__",
+    "replay",
+    "synth",
+]

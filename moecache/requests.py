@@ -1,0 +1,145 @@
+"""From a trace to cache requests: the per-(step, layer) expert sets of DESIGN section 3.
+
+The sets are stored once, step-major (request ``r = t * L + l``), as a CSR pair
+(``ids``, ``offsets``) with ascending ids inside each set. Layer scope replays one
+layer's column of it; global scope replays all of it with keys ``l * E + expert``.
+The routing-only metrics (requests, cold misses, reuse) are computed here, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from numba import njit
+
+from .trace import Trace
+
+
+@njit(cache=True)
+def _step_unions(experts, step_starts, num_experts):
+    """Union of the step's tokens' experts per (step, layer), ascending; CSR step-major."""
+    num_tokens, num_layers, top_k = experts.shape
+    num_steps = step_starts.shape[0] - 1
+    ids = np.empty(num_tokens * num_layers * top_k, np.int16)
+    offsets = np.zeros(num_steps * num_layers + 1, np.int64)
+    seen = np.full(num_experts, -1, np.int64)
+    fill = 0
+    for t in range(num_steps):
+        for layer in range(num_layers):
+            r = t * num_layers + layer
+            start = fill
+            for token in range(step_starts[t], step_starts[t + 1]):
+                for k in range(top_k):
+                    e = experts[token, layer, k]
+                    if seen[e] != r:
+                        seen[e] = r
+                        # insertion sort keeps the set ascending (sets are small)
+                        pos = fill
+                        while pos > start and ids[pos - 1] > e:
+                            ids[pos] = ids[pos - 1]
+                            pos -= 1
+                        ids[pos] = e
+                        fill += 1
+            offsets[r + 1] = fill
+    return ids[:fill], offsets
+
+
+@njit(cache=True)
+def _layer_column(ids, offsets, num_layers, layer):
+    """The requests of one layer, as their own CSR pair with int32 keys."""
+    num_steps = (offsets.shape[0] - 1) // num_layers
+    out_offsets = np.zeros(num_steps + 1, np.int64)
+    for t in range(num_steps):
+        r = t * num_layers + layer
+        out_offsets[t + 1] = out_offsets[t] + offsets[r + 1] - offsets[r]
+    keys = np.empty(out_offsets[-1], np.int32)
+    for t in range(num_steps):
+        r = t * num_layers + layer
+        keys[out_offsets[t]:out_offsets[t + 1]] = ids[offsets[r]:offsets[r + 1]]
+    return keys, out_offsets
+
+
+@njit(cache=True)
+def _global_keys(ids, offsets, num_layers, num_experts):
+    """Keys ``layer * E + expert`` for every entry, so (layer, expert) order is key order."""
+    keys = np.empty(ids.shape[0], np.int32)
+    for r in range(offsets.shape[0] - 1):
+        base = (r % num_layers) * num_experts
+        for j in range(offsets[r], offsets[r + 1]):
+            keys[j] = base + ids[j]
+    return keys
+
+
+@njit(cache=True)
+def _routing_counts(ids, offsets, num_layers, num_experts):
+    """Per request: cold (first-ever) references and overlap with the same layer's previous step."""
+    num_requests = offsets.shape[0] - 1
+    cold = np.zeros(num_requests, np.int64)
+    overlap = np.zeros(num_requests, np.int64)
+    seen = np.zeros((num_layers, num_experts), np.bool_)
+    last_step = np.full((num_layers, num_experts), -1, np.int64)
+    for r in range(num_requests):
+        layer = r % num_layers
+        t = r // num_layers
+        for j in range(offsets[r], offsets[r + 1]):
+            e = ids[j]
+            if not seen[layer, e]:
+                seen[layer, e] = True
+                cold[r] += 1
+            if t > 0 and last_step[layer, e] == t - 1:
+                overlap[r] += 1
+            last_step[layer, e] = t
+    return cold, overlap
+
+
+@dataclass(eq=False)
+class Requests:
+    """The cache requests of a trace, shared by every replay of it."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    num_layers: int
+    num_experts: int
+    num_tokens: int
+
+    @classmethod
+    def from_trace(cls, trace: Trace, *, per_token: bool = False) -> Requests:
+        """Build the requests; ``per_token`` makes every token its own step."""
+        starts = (np.arange(trace.num_tokens + 1, dtype=np.int64) if per_token
+                  else trace.step_starts())
+        ids, offsets = _step_unions(trace.experts, starts, trace.num_experts)
+        return cls(ids, offsets, trace.num_layers, trace.num_experts, trace.num_tokens)
+
+    @property
+    def num_steps(self) -> int:
+        return (len(self.offsets) - 1) // max(self.num_layers, 1)
+
+    @cached_property
+    def set_sizes(self) -> np.ndarray:
+        """|E[t, l]| as an array (steps, layers)."""
+        return np.diff(self.offsets).reshape(self.num_steps, self.num_layers)
+
+    @cached_property
+    def _counts(self) -> tuple[np.ndarray, np.ndarray]:
+        cold, overlap = _routing_counts(self.ids, self.offsets, self.num_layers, self.num_experts)
+        return cold.reshape(-1, self.num_layers), overlap.reshape(-1, self.num_layers)
+
+    @property
+    def cold(self) -> np.ndarray:
+        """First-ever references per (step, layer)."""
+        return self._counts[0]
+
+    @property
+    def overlap(self) -> np.ndarray:
+        """|E[t, l] ∩ E[t-1, l]| per (step, layer); zero at t = 0."""
+        return self._counts[1]
+
+    def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, offsets) of the l-th MoE layer's requests, keys = expert ids."""
+        return _layer_column(self.ids, self.offsets, self.num_layers, index)
+
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, offsets) of all requests in (step, layer) order, keys = l * E + expert."""
+        return _global_keys(self.ids, self.offsets, self.num_layers, self.num_experts), self.offsets

@@ -1,0 +1,97 @@
+"""Synthetic routing: sticky, skewed top-K traces for demos, tests and benchmarks.
+
+Each sequence starts fresh; then, per token and MoE layer, every expert of the previous
+token's set is kept with probability ``stickiness`` and the remaining slots are drawn
+without replacement from a Zipf(``skew``) popularity over the experts (a different
+random ranking per layer). ``skew = 0`` is uniform. The first ``prompt_len`` tokens of
+each sequence form one prefill step; every later token is its own decode step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .errors import MoecacheError
+from .trace import DECODE, PREFILL, Trace, positions
+
+# One expert of a Qwen1.5-MoE-A2.7B-sized FFN in bf16: 3 matrices of 2048 x 1408, 2 bytes each.
+DEFAULT_EXPERT_BYTES = 3 * 2048 * 1408 * 2
+
+
+@njit(cache=True)
+def _route(num_tokens, seq_starts, cdf, top_k, stickiness, seed):
+    np.random.seed(seed)
+    num_layers, num_experts = cdf.shape
+    experts = np.empty((num_tokens, num_layers, top_k), np.int16)
+    chosen = np.full(num_experts, -1, np.int64)
+    is_start = np.zeros(num_tokens, np.bool_)
+    for s in seq_starts:
+        is_start[s] = True
+    stamp = 0
+    for n in range(num_tokens):
+        for layer in range(num_layers):
+            stamp += 1
+            filled = 0
+            if not is_start[n]:
+                for k in range(top_k):
+                    e = experts[n - 1, layer, k]
+                    if np.random.random() < stickiness:
+                        experts[n, layer, filled] = e
+                        chosen[e] = stamp
+                        filled += 1
+            while filled < top_k:
+                e = np.searchsorted(cdf[layer], np.random.random() * cdf[layer, -1], side="right")
+                e = min(e, num_experts - 1)
+                if chosen[e] != stamp:
+                    chosen[e] = stamp
+                    experts[n, layer, filled] = e
+                    filled += 1
+    return experts
+
+
+def synth(
+    layers: int = 8,
+    experts: int = 64,
+    top_k: int = 8,
+    tokens: int = 4096,
+    *,
+    sequences: int = 1,
+    prompt_len: int = 0,
+    stickiness: float = 0.5,
+    skew: float = 0.8,
+    seed: int = 0,
+    expert_bytes: int | None = DEFAULT_EXPERT_BYTES,
+) -> Trace:
+    """A synthetic trace of ``tokens`` tokens split evenly over ``sequences``."""
+    if min(layers, experts, top_k, tokens, sequences) < 1:
+        raise MoecacheError("layers, experts, top_k, tokens and sequences must be positive")
+    if top_k > experts:
+        raise MoecacheError(f"top_k {top_k} exceeds experts {experts}")
+    if not 0.0 <= stickiness <= 1.0:
+        raise MoecacheError(f"stickiness must lie in [0, 1], got {stickiness}")
+    if skew < 0:
+        raise MoecacheError(f"skew must be >= 0, got {skew}")
+    if sequences > tokens:
+        raise MoecacheError(f"{sequences} sequences need at least as many tokens, got {tokens}")
+    rng = np.random.default_rng(seed)
+    popularity = 1.0 / np.arange(1, experts + 1) ** skew
+    cdf = np.cumsum(np.stack([rng.permutation(popularity) for _ in range(layers)]), axis=1)
+    seq = np.repeat(np.arange(sequences, dtype=np.int32), np.diff(np.linspace(0, tokens, sequences + 1).astype(np.int64)))
+    seq_starts = np.flatnonzero(np.diff(seq, prepend=-1))
+    routed = _route(tokens, seq_starts, cdf, top_k, stickiness, int(rng.integers(2**31)))
+    # a sequence's prompt tokens share one prefill step; every other token is its own step
+    prefill = positions(seq) < prompt_len
+    step = np.cumsum(~prefill | (np.diff(seq, prepend=-1) != 0)) - 1
+    return Trace.from_arrays(routed, num_experts=experts, seq=seq, expert_bytes=expert_bytes,
+                             meta=_meta(layers, experts, top_k, stickiness, skew, seed),
+                             step=step, phase=np.where(prefill, PREFILL, DECODE))
+
+
+def _meta(layers: int, experts: int, top_k: int, stickiness: float, skew: float, seed: int) -> dict:
+    return {
+        "model": {"name": "synthetic", "revision": None, "architecture": "synthetic"},
+        "router": "synthetic",
+        "dtype": "bfloat16",
+        "capture": {"mode": "synth", "stickiness": stickiness, "skew": skew, "seed": seed},
+    }

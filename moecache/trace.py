@@ -1,0 +1,289 @@
+"""Trace format v1: routed experts per (token, MoE layer), stored as Parquet.
+
+In memory a :class:`Trace` is dense: ``experts`` has shape (tokens, layers, K) and the
+per-token columns (step, seq, pos, token_id, phase) have one entry per token. On disk
+there is one row per (token, layer), sorted by (step, token, layer), with the JSON
+metadata of DESIGN section 4 under the schema key ``moecache``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._version import __version__
+from .errors import TraceError
+
+FORMAT_VERSION = 1
+META_KEY = b"moecache"
+PHASES = ("prefill", "decode")
+PREFILL, DECODE = 0, 1
+_REQUIRED_COLUMNS = ("seq", "step", "token", "pos", "token_id", "phase", "layer", "experts")
+_PARQUET_MAGIC = b"PAR1"
+
+
+def build_meta(
+    num_experts: int,
+    top_k: int,
+    layers: Sequence[int],
+    expert_bytes: int | Sequence[int] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Complete trace metadata: the given ``meta`` over defaults for every DESIGN key."""
+    layers = [int(x) for x in layers]
+    if isinstance(expert_bytes, (int, np.integer)):
+        expert_bytes = [int(expert_bytes)] * len(layers)
+    full: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model": {"name": None, "revision": None, "architecture": None},
+        "num_layers": (max(layers) + 1) if layers else 0,
+        "moe_layers": layers,
+        "num_experts": int(num_experts),
+        "top_k": int(top_k),
+        "num_shared_experts": 0,
+        "expert_bytes": None if expert_bytes is None else [int(b) for b in expert_bytes],
+        "dtype": None,
+        "router": None,
+        "capture": None,
+        "partial": False,
+    }
+    full.update(meta or {})
+    full["format_version"] = FORMAT_VERSION
+    return full
+
+
+@dataclass(eq=False)
+class Trace:
+    """Routing of a model over a token stream: K experts per token and MoE layer.
+
+    ``experts[n, l]`` holds the K expert ids token ``n`` was routed to in the l-th MoE
+    layer (model layer ``layers[l]``), in the router's rank order. Tokens sharing a
+    ``step`` value are served together (a prefill chunk or a batch).
+    """
+
+    experts: np.ndarray
+    step: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    token_id: np.ndarray
+    phase: np.ndarray
+    meta: dict[str, Any]
+    weights: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    source: str = field(default="<memory>")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def from_arrays(
+        cls,
+        experts: np.ndarray,
+        num_experts: int,
+        weights: np.ndarray | None = None,
+        seq: np.ndarray | None = None,
+        layers: Sequence[int] | None = None,
+        expert_bytes: int | Sequence[int] | None = None,
+        meta: dict[str, Any] | None = None,
+        *,
+        step: np.ndarray | None = None,
+        phase: np.ndarray | None = None,
+        token_id: np.ndarray | None = None,
+        logits: np.ndarray | None = None,
+    ) -> Trace:
+        """A trace from an int array (tokens, layers, K); by default one decode step per token.
+
+        ``seq`` gives each token's sequence id (positions count up within a sequence),
+        ``step`` groups tokens into steps, ``phase`` is 0 (prefill) / 1 (decode) per token.
+        """
+        experts = np.asarray(experts)
+        if experts.ndim != 3:
+            raise TraceError(f"<memory>: experts must have shape (tokens, layers, K), got {experts.shape}")
+        if not np.issubdtype(experts.dtype, np.integer):
+            raise TraceError(f"<memory>: expert ids must be integers, got dtype {experts.dtype}")
+        n, num_layers, top_k = experts.shape
+        layers = list(range(num_layers)) if layers is None else [int(x) for x in layers]
+        seq_arr = np.zeros(n, np.int32) if seq is None else np.asarray(seq, np.int32)
+        return cls(
+            experts=_as_ids(experts, "<memory>"),
+            step=np.arange(n, dtype=np.int64) if step is None else np.asarray(step, np.int64),
+            seq=seq_arr,
+            pos=positions(seq_arr),
+            token_id=np.full(n, -1, np.int32) if token_id is None else np.asarray(token_id, np.int32),
+            phase=np.full(n, DECODE, np.int8) if phase is None else np.asarray(phase, np.int8),
+            meta=build_meta(num_experts, top_k, layers, expert_bytes, meta),
+            weights=None if weights is None else np.asarray(weights, np.float32),
+            logits=None if logits is None else np.asarray(logits, np.float16),
+        )
+
+    # -- shape and metadata -------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return int(self.experts.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        """Number of MoE layers in the trace (dense layers are not recorded)."""
+        return int(self.experts.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.experts.shape[2])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.meta["num_experts"])
+
+    @property
+    def layers(self) -> np.ndarray:
+        """Model layer index of each MoE layer in the trace."""
+        return np.asarray(self.meta["moe_layers"], dtype=np.int64)
+
+    @property
+    def expert_bytes(self) -> np.ndarray | None:
+        """Bytes of one expert's weights per MoE layer, or None if the trace does not say."""
+        sizes = self.meta.get("expert_bytes")
+        return None if sizes is None else np.asarray(sizes, dtype=np.int64)
+
+    @property
+    def num_steps(self) -> int:
+        return int(len(self.step_starts()) - 1)
+
+    @property
+    def partial(self) -> bool:
+        """True when the trace was cut short (an interrupted capture)."""
+        return bool(self.meta.get("partial", False))
+
+    def step_starts(self) -> np.ndarray:
+        """Token offsets where each step begins, plus the total: shape (steps + 1,)."""
+        if self.num_tokens == 0:
+            return np.zeros(1, np.int64)
+        change = np.flatnonzero(np.diff(self.step)) + 1
+        return np.concatenate(([0], change, [self.num_tokens])).astype(np.int64)
+
+    def __repr__(self) -> str:
+        return (
+            f"Trace({self.source}: {self.num_tokens} tokens, {self.num_steps} steps, "
+            f"{self.num_layers} MoE layers, E={self.num_experts}, K={self.top_k})"
+        )
+
+    # -- persistence ----------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the trace as Parquet, atomically (temporary file, then rename)."""
+        from .trace_io import TraceWriter
+
+        with TraceWriter(path, self.meta, with_weights=self.weights is not None,
+                         with_logits=self.logits is not None, overwrite=overwrite) as writer:
+            writer.write(
+                self.experts, step=self.step, seq=self.seq, pos=self.pos,
+                token_id=self.token_id, phase=self.phase, weights=self.weights,
+                logits=self.logits,
+            )
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, weights: bool = True, logits: bool = False) -> Trace:
+        """Read and validate a trace file (or the part folder of an interrupted capture).
+
+        ``weights=False`` and ``logits=False`` skip those columns, so replaying a large
+        trace only reads the expert ids.
+        """
+        from .trace_io import read_trace
+
+        return read_trace(path, weights=weights, logits=logits)
+
+
+def now_iso() -> str:
+    """UTC timestamp for capture metadata."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def meta_json(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+def version_string() -> str:
+    return f"moecache {__version__}"
+
+
+def _as_ids(experts: np.ndarray, source: str) -> np.ndarray:
+    if experts.size and (experts.min() < -32768 or experts.max() > 32767):
+        bad = int(experts.max() if experts.max() > 32767 else experts.min())
+        raise TraceError(f"{source}: expert id {bad} does not fit the int16 id column")
+    return np.ascontiguousarray(experts, dtype=np.int16)
+
+
+def positions(seq: np.ndarray) -> np.ndarray:
+    """Index of each token within its sequence, counting in trace order."""
+    pos = np.zeros(len(seq), np.int32)
+    if len(seq):
+        order = np.argsort(seq, kind="stable")
+        sorted_seq = seq[order]
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_seq)) + 1))
+        run_start = np.repeat(starts, np.diff(np.concatenate((starts, [len(seq)]))))
+        pos[order] = np.arange(len(seq)) - run_start
+    return pos
+
+
+def _validate(trace: Trace) -> None:
+    """Raise TraceError naming ``trace.source`` and the first problem found."""
+    src = trace.source
+    ex = trace.experts
+    if ex.ndim != 3:
+        raise TraceError(f"{src}: experts must have shape (tokens, layers, K), got {ex.shape}")
+    n, num_layers, top_k = ex.shape
+    meta = trace.meta
+    num_experts = int(meta.get("num_experts", 0))
+    if num_experts <= 0:
+        raise TraceError(f"{src}: metadata num_experts must be positive, got {num_experts}")
+    if top_k < 1:
+        raise TraceError(f"{src}: each row needs at least one expert (K = 0)")
+    if int(meta.get("top_k", top_k)) != top_k:
+        raise TraceError(f"{src}: inconsistent K: rows hold {top_k} experts, metadata says top_k={meta['top_k']}")
+    if top_k > num_experts:
+        raise TraceError(f"{src}: K = {top_k} exceeds num_experts = {num_experts}")
+    layers = meta.get("moe_layers")
+    if layers is None or len(layers) != num_layers:
+        raise TraceError(f"{src}: metadata moe_layers lists {0 if layers is None else len(layers)} layers, rows have {num_layers}")
+    if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
+        raise TraceError(f"{src}: metadata moe_layers must be distinct and ascending, got {layers}")
+    sizes = meta.get("expert_bytes")
+    if sizes is not None and (len(sizes) != num_layers or min(sizes, default=1) <= 0):
+        raise TraceError(f"{src}: metadata expert_bytes must give one positive size per MoE layer")
+    for name in ("step", "seq", "pos", "token_id", "phase"):
+        if len(getattr(trace, name)) != n:
+            raise TraceError(f"{src}: column {name} has {len(getattr(trace, name))} entries for {n} tokens")
+    if n == 0:
+        return
+    low = int(ex.min())
+    if low < 0:
+        where = np.argwhere(ex == low)[0]
+        raise TraceError(f"{src}: negative expert id {low} (token {where[0]}, layer {layers[where[1]]})")
+    high = int(ex.max())
+    if high >= num_experts:
+        where = np.argwhere(ex == high)[0]
+        raise TraceError(f"{src}: expert id {high} >= num_experts {num_experts} (token {where[0]}, layer {layers[where[1]]})")
+    if top_k > 1:
+        ordered = np.sort(ex, axis=2)
+        dup = np.argwhere((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2))
+        if len(dup):
+            t, li = dup[0]
+            raise TraceError(f"{src}: duplicate expert id in one row (token {t}, layer {layers[li]}: {ex[t, li].tolist()})")
+    back = np.flatnonzero(np.diff(trace.step) < 0)
+    if len(back):
+        raise TraceError(f"{src}: steps are not sorted (token {back[0] + 1} has step {trace.step[back[0] + 1]} after {trace.step[back[0]]})")
+    bad_phase = np.flatnonzero((trace.phase != PREFILL) & (trace.phase != DECODE))
+    if len(bad_phase):
+        raise TraceError(f"{src}: phase must be prefill or decode (token {bad_phase[0]})")
+    if trace.weights is not None and trace.weights.shape != ex.shape:
+        raise TraceError(f"{src}: weights have shape {trace.weights.shape}, experts {ex.shape}")
+    if trace.logits is not None and trace.logits.shape != (n, num_layers, num_experts):
+        raise TraceError(f"{src}: logits have shape {trace.logits.shape}, expected {(n, num_layers, num_experts)}")

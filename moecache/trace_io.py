@@ -1,0 +1,381 @@
+"""Parquet reading and streaming writing of traces.
+
+Writing is crash-safe: every flushed block becomes a complete Parquet file in a part
+folder ``<out>.parts/`` (each written to a temporary name, then renamed), and
+``close()`` merges the parts into ``<out>`` the same way. A process killed half-way
+therefore leaves a part folder that :func:`read_trace` loads as a partial trace; an
+interrupted one that still runs ``close(partial=True)`` leaves a normal file whose
+metadata says ``partial``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import TraceError
+from .trace import (
+    _PARQUET_MAGIC,
+    _REQUIRED_COLUMNS,
+    DECODE,
+    META_KEY,
+    PHASES,
+    Trace,
+    meta_json,
+)
+
+PARTS_SUFFIX = ".parts"
+_PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
+
+
+def parts_dir(path: str | os.PathLike) -> Path:
+    """Folder where a streaming write keeps its committed blocks until it closes."""
+    return Path(str(path) + PARTS_SUFFIX)
+
+
+def atomic_target(path: Path) -> Path:
+    """A temporary file beside ``path`` to be renamed onto it once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def schema(meta: dict[str, Any], *, with_weights: bool, with_logits: bool) -> pa.Schema:
+    """Arrow schema of trace format v1 for the given metadata."""
+    fields = [
+        pa.field("seq", pa.int32(), nullable=False),
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("token", pa.int64(), nullable=False),
+        pa.field("pos", pa.int32(), nullable=False),
+        pa.field("token_id", pa.int32()),
+        pa.field("phase", _PHASE_TYPE, nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("experts", pa.list_(pa.int16(), int(meta["top_k"])), nullable=False),
+    ]
+    if with_weights:
+        fields.append(pa.field("weights", pa.list_(pa.float32(), int(meta["top_k"]))))
+    if with_logits:
+        fields.append(pa.field("logits", pa.list_(pa.float16(), int(meta["num_experts"]))))
+    return pa.schema(fields, metadata={META_KEY: meta_json(meta)})
+
+
+class TraceWriter:
+    """Streams token blocks to a trace file; see the module docstring for crash safety.
+
+    Use as a context manager: leaving it normally writes the final file; leaving it on
+    an exception (KeyboardInterrupt included) writes what was completed, marked partial.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        meta: dict[str, Any],
+        *,
+        with_weights: bool = False,
+        with_logits: bool = False,
+        overwrite: bool = False,
+        flush_tokens: int = 65536,
+        flush_seconds: float = 2.0,
+    ) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise TraceError(f"{self.path}: already exists (pass --force to overwrite)")
+        self.meta = dict(meta)
+        self.layers = np.asarray(meta["moe_layers"], dtype=np.int16)
+        self.with_weights, self.with_logits = with_weights, with_logits
+        self.flush_tokens, self.flush_seconds = flush_tokens, flush_seconds
+        self.parts = parts_dir(self.path)
+        if self.parts.exists():
+            shutil.rmtree(self.parts)
+        self.parts.mkdir(parents=True)
+        self._schema = schema({**self.meta, "partial": True}, with_weights=with_weights,
+                              with_logits=with_logits)
+        self._buffer: list[dict[str, np.ndarray | None]] = []
+        self._buffered = 0
+        self._num_parts = 0
+        self._last_flush = time.monotonic()
+        self.tokens_written = 0
+        self.last_step = -1
+        self.closed = False
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.closed:
+            self.close(partial=exc_type is not None)
+
+    def write(
+        self,
+        experts: np.ndarray,
+        *,
+        step: np.ndarray,
+        seq: np.ndarray,
+        pos: np.ndarray,
+        phase: np.ndarray,
+        token_id: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+        logits: np.ndarray | None = None,
+    ) -> None:
+        """Append tokens: ``experts`` (n, layers, K) and per-token columns of length n."""
+        n = len(experts)
+        if n == 0:
+            return
+        step = np.asarray(step, np.int64)
+        if step[0] < self.last_step or np.any(np.diff(step) < 0):
+            raise TraceError(f"{self.path}: steps must be written in ascending order")
+        if (weights is not None) != self.with_weights or (logits is not None) != self.with_logits:
+            raise TraceError(f"{self.path}: every block must carry the same optional columns")
+        self._buffer.append({
+            "experts": np.asarray(experts, np.int16), "step": step,
+            "seq": np.asarray(seq, np.int32), "pos": np.asarray(pos, np.int32),
+            "phase": np.asarray(phase, np.int8),
+            "token_id": None if token_id is None else np.asarray(token_id, np.int32),
+            "weights": None if weights is None else np.asarray(weights, np.float32),
+            "logits": None if logits is None else np.asarray(logits, np.float16),
+        })
+        self._buffered += n
+        self.last_step = int(step[-1])
+        if (self._buffered >= self.flush_tokens
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit buffered tokens as one complete part file."""
+        if not self._buffered:
+            return
+        table = self._table(self._buffer)
+        target = self.parts / f"part-{self._num_parts:06d}.parquet"
+        tmp = atomic_target(target)
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, target)
+        self._num_parts += 1
+        self.tokens_written += self._buffered
+        self._buffer, self._buffered = [], 0
+        self._last_flush = time.monotonic()
+
+    def close(self, *, partial: bool = False) -> Path:
+        """Flush, merge the parts into the final file atomically, remove the part folder."""
+        self.flush()
+        self.closed = True
+        final_meta = {**self.meta, "partial": bool(partial or self.meta.get("partial", False))}
+        final_schema = self._schema.with_metadata({META_KEY: meta_json(final_meta)})
+        tmp = atomic_target(self.path)
+        try:
+            with pq.ParquetWriter(tmp, final_schema, compression="zstd") as out:
+                for part in sorted(self.parts.glob("part-*.parquet")):
+                    out.write_table(pq.read_table(part).replace_schema_metadata(final_schema.metadata))
+            os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return self.path
+
+    def _table(self, blocks: list[dict[str, np.ndarray | None]]) -> pa.Table:
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [b[name] for b in blocks]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        experts = cat("experts")
+        n, num_layers, top_k = experts.shape
+        if num_layers != len(self.layers):
+            raise TraceError(f"{self.path}: block has {num_layers} layers, metadata lists {len(self.layers)}")
+        rows = n * num_layers
+
+        def per_row(values: np.ndarray) -> np.ndarray:
+            return np.repeat(values, num_layers)
+
+        token = np.arange(self.tokens_written, self.tokens_written + n, dtype=np.int64)
+        token_id = cat("token_id")
+        columns: dict[str, pa.Array] = {
+            "seq": pa.array(per_row(cat("seq"))),
+            "step": pa.array(per_row(cat("step"))),
+            "token": pa.array(per_row(token)),
+            "pos": pa.array(per_row(cat("pos"))),
+            "token_id": pa.array(per_row(token_id), mask=per_row(token_id < 0))
+            if token_id is not None else pa.nulls(rows, pa.int32()),
+            "phase": pa.DictionaryArray.from_arrays(
+                pa.array(per_row(cat("phase")), pa.int8()), pa.array(PHASES)),
+            "layer": pa.array(np.tile(self.layers, n)),
+            "experts": pa.FixedSizeListArray.from_arrays(pa.array(experts.reshape(-1)), top_k),
+        }
+        weights, logits = cat("weights"), cat("logits")
+        if weights is not None:
+            columns["weights"] = pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), top_k)
+        if logits is not None:
+            columns["logits"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(logits.reshape(-1)), logits.shape[2])
+        return pa.Table.from_pydict(columns, schema=self._schema)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+def open_parquet_files(path: str | os.PathLike) -> tuple[list[pq.ParquetFile], dict[str, Any], str]:
+    """The Parquet files of a trace (one, or the parts of an interrupted write) and its metadata."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        parts = parts_dir(path)
+        hint = f" (an interrupted write left {parts}: load that)" if parts.is_dir() else ""
+        raise TraceError(f"{source}: no such file{hint}")
+    if path.is_dir():
+        files = sorted(path.glob("part-*.parquet"))
+        if not files:
+            raise TraceError(f"{source}: folder holds no trace parts (part-*.parquet)")
+    else:
+        files = [path]
+    opened = [_open_one(f) for f in files]
+    meta = _read_meta(opened[0], str(files[0]))
+    if path.is_dir():
+        meta["partial"] = True
+    return opened, meta, source
+
+
+def _open_one(path: Path) -> pq.ParquetFile:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        size = handle.seek(0, os.SEEK_END)
+        tail = b""
+        if size >= 4:
+            handle.seek(-4, os.SEEK_END)
+            tail = handle.read(4)
+    if head != _PARQUET_MAGIC:
+        raise TraceError(f"{path}: not a Parquet file")
+    if tail != _PARQUET_MAGIC:
+        raise TraceError(f"{path}: truncated Parquet file (no footer): it was not written completely")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise TraceError(f"{path}: unreadable Parquet file: {str(err).splitlines()[0]}") from None
+
+
+def _read_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
+    raw = (pf.schema_arrow.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise TraceError(f"{source}: no 'moecache' metadata: not a moecache trace (use `moecache import`)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise TraceError(f"{source}: 'moecache' metadata is not valid JSON") from None
+    version = meta.get("format_version")
+    if version != 1:
+        raise TraceError(f"{source}: unsupported trace format_version {version!r} (this moecache reads 1)")
+    for key in ("num_experts", "top_k", "moe_layers"):
+        if key not in meta:
+            raise TraceError(f"{source}: metadata lacks '{key}'")
+    return meta
+
+
+def read_trace(path: str | os.PathLike, *, weights: bool = True, logits: bool = False) -> Trace:
+    """Load a trace, reading only the columns asked for, one row group at a time."""
+    files, meta, source = open_parquet_files(path)
+    names = set(files[0].schema_arrow.names)
+    missing = [c for c in _REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise TraceError(f"{source}: missing column {missing[0]!r}")
+    if logits and "logits" not in names:
+        raise TraceError(f"{source}: trace has no 'logits' column (capture with --save-logits)")
+    top_k = int(meta["top_k"])
+    num_layers = len(meta["moe_layers"])
+    expert_type = files[0].schema_arrow.field("experts").type
+    if not pa.types.is_fixed_size_list(expert_type) or expert_type.list_size != top_k:
+        raise TraceError(f"{source}: inconsistent K: experts column is {expert_type}, metadata top_k={top_k}")
+    columns = ["seq", "step", "token", "pos", "token_id", "phase", "layer", "experts"]
+    columns += ["weights"] * (weights and "weights" in names) + ["logits"] * logits
+    chunks: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    try:
+        for pf in files:
+            if pf.schema_arrow.names != files[0].schema_arrow.names:
+                raise TraceError(f"{source}: parts disagree on columns")
+            for group in range(pf.num_row_groups):
+                table = pf.read_row_group(group, columns=columns)
+                for name in columns:
+                    chunks[name].append(_column(table, name, source))
+    except (pa.ArrowException, OSError) as err:
+        raise TraceError(f"{source}: corrupt or truncated data: {str(err).splitlines()[0]}") from None
+    cols = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in chunks.items()}
+    rows = len(cols["layer"])
+    if rows % max(num_layers, 1):
+        raise TraceError(f"{source}: {rows} rows is not a whole number of tokens x {num_layers} MoE layers")
+    n = rows // max(num_layers, 1)
+    layer_grid = cols["layer"].reshape(n, num_layers)
+    expected = np.asarray(meta["moe_layers"], dtype=layer_grid.dtype)
+    bad = np.flatnonzero((layer_grid != expected).any(axis=1))
+    if len(bad):
+        raise TraceError(
+            f"{source}: token rows {bad[0] * num_layers}..{bad[0] * num_layers + num_layers - 1} hold layers "
+            f"{layer_grid[bad[0]].tolist()}, expected the MoE layers {expected.tolist()} in order")
+    first = slice(None, None, num_layers)
+    for name in ("token", "step", "seq", "pos"):
+        grid = cols[name].reshape(n, num_layers)
+        split = np.flatnonzero((grid != grid[:, :1]).any(axis=1))
+        if len(split):
+            raise TraceError(f"{source}: rows of token {grid[split[0], 0]} disagree on {name}")
+    tokens = cols["token"][first]
+    if np.any(np.diff(tokens) <= 0):
+        raise TraceError(f"{source}: rows are not sorted by token")
+    def grid(name: str, width: int) -> np.ndarray | None:
+        return cols[name].reshape(n, num_layers, width) if name in cols else None
+    return Trace(
+        experts=grid("experts", top_k).astype(np.int16, copy=False),
+        step=cols["step"][first].astype(np.int64, copy=False),
+        seq=cols["seq"][first].astype(np.int32, copy=False),
+        pos=cols["pos"][first].astype(np.int32, copy=False),
+        token_id=cols["token_id"][first].astype(np.int32, copy=False),
+        phase=cols["phase"][first].astype(np.int8, copy=False),
+        meta=meta,
+        weights=grid("weights", top_k),
+        logits=grid("logits", int(meta["num_experts"])),
+        source=source,
+    )
+
+
+def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
+    """One column of a row group as a flat NumPy array (lists flattened)."""
+    col = table.column(name).combine_chunks()
+    if name == "phase":
+        text = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
+        values = np.asarray(text.to_pylist(), dtype=object)
+        unknown = set(values.tolist()) - set(PHASES)
+        if unknown:
+            raise TraceError(f"{source}: unknown phase {sorted(map(str, unknown))[0]!r} (expected prefill or decode)")
+        return (values == PHASES[DECODE]).astype(np.int8)
+    if name == "token_id":
+        return col.fill_null(-1).to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_list(col.type):
+        if col.null_count:
+            if name == "experts":
+                raise TraceError(f"{source}: null expert list in some row")
+            col = col.fill_null(pa.scalar([float("nan")] * col.type.list_size, col.type))
+        return col.flatten().to_numpy(zero_copy_only=False)
+    if col.null_count:
+        raise TraceError(f"{source}: column {name!r} has nulls")
+    return col.to_numpy(zero_copy_only=False)
+
+
+def storage_stats(path: str | os.PathLike) -> tuple[int, float]:
+    """(bytes on disk, compressed bytes per expert id in the experts column)."""
+    path = Path(path)
+    files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
+    id_bytes = ids = 0
+    for file in files:
+        metadata = _open_one(file).metadata
+        for group in range(metadata.num_row_groups):
+            row_group = metadata.row_group(group)
+            for index in range(row_group.num_columns):
+                column = row_group.column(index)
+                if column.path_in_schema.split(".")[0] == "experts":
+                    id_bytes += column.total_compressed_size
+                    ids += column.num_values
+    return sum(f.stat().st_size for f in files), (id_bytes / ids if ids else 0.0)

@@ -1,0 +1,60 @@
+"""RANDOM: evict a uniformly random resident outside the current request, seeded.
+
+The generator is splitmix64 (so results do not depend on NumPy or numba versions):
+draw ``slot = next() % residents`` over the resident slot array, redraw while the slot
+holds an expert of the current request. Slots are an array with swap-remove.
+"""
+
+import numpy as np
+from numba import njit, uint64
+
+from ._state import check_room, slots_add, slots_new, slots_remove
+
+_GOLDEN = uint64(0x9E3779B97F4A7C15)
+_MIX1 = uint64(0xBF58476D1CE4E5B9)
+_MIX2 = uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True, inline="always")
+def splitmix64(state):
+    """Returns (new state, output)."""
+    state = state + _GOLDEN
+    z = state
+    z = (z ^ (z >> uint64(30))) * _MIX1
+    z = (z ^ (z >> uint64(27))) * _MIX2
+    return state, z ^ (z >> uint64(31))
+
+
+@njit(cache=True)
+def simulate(keys, offsets, sizes, capacity, seed):
+    num_keys = sizes.shape[0]
+    slots, where = slots_new(num_keys)
+    count = 0
+    current = np.full(num_keys, -1, np.int64)
+    state = uint64(seed)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    used = 0
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        for j in range(lo, hi):
+            current[keys[j]] = r
+            if where[keys[j]] >= 0:
+                hits[r] += 1
+        candidates = count - (hits[r])
+        for j in range(lo, hi):
+            key = keys[j]
+            if where[key] < 0:
+                while used + sizes[key] > capacity:
+                    if candidates <= 0:
+                        check_room(used, sizes[key], capacity)
+                    while True:
+                        state, draw = splitmix64(state)
+                        victim = slots[np.int64(draw % uint64(count))]
+                        if current[victim] != r:
+                            break
+                    count = slots_remove(slots, where, count, victim)
+                    candidates -= 1
+                    used -= sizes[victim]
+                count = slots_add(slots, where, count, key)
+                used += sizes[key]
+    return hits
