@@ -106,12 +106,14 @@ def replay(
     hits = np.zeros((req.num_steps, num_layers), np.int64)
 
     if scope == "layer":
-        for layer in range(num_layers):
-            cap = capacity if memory_bytes is None else memory_bytes // num_layers // int(expert_bytes[layer])
+        caps = ([capacity] * num_layers if memory_bytes is None
+                else [memory_bytes // num_layers // int(b) for b in expert_bytes])
+        for layer, cap in enumerate(caps):
             _check_capacity(trace, cap, req, layer)
             keys, offsets = req.layer(layer)
             sizes = np.ones(num_experts, np.int64)
             hits[:, layer] = kernel(keys, offsets, sizes, np.int64(cap), np.int64(seed))
+        capacity = caps[0] if len(set(caps)) == 1 else None
     else:
         if memory_bytes is None:
             unit = np.ones(num_layers, np.int64)

@@ -1,0 +1,125 @@
+"""The ``moecache`` command: a thin click layer over the Python API.
+
+Bad input raises :class:`MoecacheError` anywhere below; the group turns it into one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from moecache.policies import POLICIES
+
+from . import __version__
+from .errors import MoecacheError
+from .replay import SCOPES, replay
+from .report import per_layer_table, result_summary, trace_summary
+from .synth import DEFAULT_EXPERT_BYTES, synth
+from .trace import Trace
+from .trace_io import open_parquet_files, storage_stats
+
+
+class _Commands(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MoecacheError as err:
+            click.echo(f"moecache: error: {err}", err=True)
+            ctx.exit(2)
+        except click.UsageError as err:
+            command = f" {err.ctx.info_name}" if err.ctx and err.ctx.parent else ""
+            click.echo(f"moecache: error: {err.format_message()} (see moecache{command} --help)",
+                       err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("moecache: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="moecache")
+def cli() -> None:
+    """Expert-cache simulation for Mixture-of-Experts models: capture, replay, compare."""
+
+
+@cli.command()
+@click.argument("trace", type=click.Path(dir_okay=True))
+def info(trace: str) -> None:
+    """Describe a trace: model, layers, experts, K, steps, tokens, size on disk."""
+    loaded = Trace.load(trace, weights=False)
+    files, _, _ = open_parquet_files(trace)
+    size, id_bytes = storage_stats(trace)
+    click.echo(trace_summary(loaded, trace, size, id_bytes, files[0].schema_arrow.names))
+
+
+@cli.command("replay")
+@click.argument("trace", type=click.Path(dir_okay=True))
+@click.option("--policy", "-p", type=click.Choice(POLICIES), default="lru", show_default=True,
+              help="Replacement policy.")
+@click.option("--capacity", "-c", type=int, help="Experts the cache holds (per layer in layer scope).")
+@click.option("--memory", help="Byte budget instead of --capacity, e.g. 8GiB (uses expert_bytes).")
+@click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True,
+              help="One cache per MoE layer, or one pool shared by all layers.")
+@click.option("--bandwidth", help="Fetch bandwidth for I/O time, e.g. 4GB/s.")
+@click.option("--latency", default="0", show_default=True, help="Fixed cost per fetched expert, e.g. 80us.")
+@click.option("--per-token", is_flag=True, help="Every token is its own step (no prefill unions).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random policy.")
+@click.option("--per-layer", is_flag=True, help="Also print one row per MoE layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def replay_command(trace: str, policy: str, capacity: int | None, memory: str | None, scope: str,
+                   bandwidth: str | None, latency: str, per_token: bool, seed: int,
+                   per_layer: bool, as_json: bool) -> None:
+    """Simulate an expert cache over TRACE and report hit rate, reuse and miss I/O."""
+    if capacity is None and memory is None:
+        raise MoecacheError("give --capacity N (experts) or --memory SIZE (bytes)")
+    loaded = Trace.load(trace, weights=False)
+    result = replay(loaded, policy, capacity, scope, memory=memory, bandwidth=bandwidth,
+                    latency=latency, per_token=per_token, seed=seed)
+    if as_json:
+        out = result.to_dict()
+        out["trace"] = trace
+        if per_layer:
+            out["per_layer"] = json.loads(result.per_layer.to_json(orient="records"))
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"trace           {trace}" + ("  [PARTIAL]" if loaded.partial else ""))
+    click.echo(result_summary(result))
+    if per_layer:
+        click.echo("")
+        click.echo(per_layer_table(result))
+
+
+@cli.command("synth")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Trace to write.")
+@click.option("--layers", type=int, default=8, show_default=True, help="MoE layers.")
+@click.option("--experts", type=int, default=64, show_default=True, help="Routed experts per layer (E).")
+@click.option("--top-k", type=int, default=8, show_default=True, help="Experts per token (K).")
+@click.option("--tokens", type=int, default=4096, show_default=True, help="Tokens in all.")
+@click.option("--sequences", type=int, default=1, show_default=True, help="Sequences the tokens split into.")
+@click.option("--prompt-len", type=int, default=0, show_default=True,
+              help="Leading tokens of each sequence served as one prefill step.")
+@click.option("--stickiness", type=float, default=0.5, show_default=True,
+              help="Probability that each expert of the previous token is kept.")
+@click.option("--skew", type=float, default=0.8, show_default=True,
+              help="Zipf exponent of expert popularity (0 = uniform).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--expert-bytes", type=int, default=DEFAULT_EXPERT_BYTES, show_default=True,
+              help="Bytes of one expert's weights, for miss bytes and memory budgets.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def synth_command(out: str, layers: int, experts: int, top_k: int, tokens: int, sequences: int,
+                  prompt_len: int, stickiness: float, skew: float, seed: int, expert_bytes: int,
+                  force: bool) -> None:
+    """Write a synthetic sticky, skewed routing trace (labelled synthetic)."""
+    trace = synth(layers, experts, top_k, tokens, sequences=sequences, prompt_len=prompt_len,
+                  stickiness=stickiness, skew=skew, seed=seed, expert_bytes=expert_bytes)
+    trace.save(out, overwrite=force)
+    click.echo(f"wrote {out}: {trace.num_tokens} tokens, {trace.num_steps} steps, "
+               f"{layers} layers, E={experts}, K={top_k}")
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(cli.main(prog_name="moecache"))

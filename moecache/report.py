@@ -1,0 +1,98 @@
+"""Plain-text rendering of traces and results for the terminal."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .replay import ReplayResult
+from .trace import DECODE, PREFILL, Trace
+from .units import format_bytes
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}%"
+
+
+def _rows(pairs: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in pairs)
+
+
+def trace_summary(trace: Trace, path: str | Path | None = None, size: int | None = None,
+                  id_bytes: float | None = None, columns: list[str] | None = None) -> str:
+    """What `moecache info` prints."""
+    meta = trace.meta
+    model = meta.get("model") or {}
+    sizes = trace.expert_bytes
+    phases = np.bincount(trace.phase, minlength=2)
+    pairs: list[tuple[str, object]] = [
+        ("trace", path or trace.source),
+        ("status", "PARTIAL (interrupted capture: holds every completed step)" if trace.partial else "complete"),
+        ("model", f"{model.get('name') or '-'} ({model.get('architecture') or '-'})"),
+        ("router", meta.get("router") or "-"),
+        ("layers", f"{trace.num_layers} MoE of {meta.get('num_layers', '-')}: {_layer_list(trace.layers)}"),
+        ("experts", f"E = {trace.num_experts}, top-K = {trace.top_k}, shared = {meta.get('num_shared_experts', 0)}"),
+        ("expert size", "-" if sizes is None else _sizes(sizes)),
+        ("dtype", meta.get("dtype") or "-"),
+        ("sequences", int(len(np.unique(trace.seq)))),
+        ("steps", trace.num_steps),
+        ("tokens", f"{trace.num_tokens} ({phases[PREFILL]} prefill, {phases[DECODE]} decode)"),
+        ("optional columns", ", ".join(
+            c for c in ("weights", "logits")
+            if c in (columns or []) or getattr(trace, c) is not None) or "none"),
+    ]
+    if size is not None:
+        pairs.append(("size on disk", format_bytes(size)))
+    if id_bytes is not None:
+        pairs.append(("bytes per expert id", f"{id_bytes:.3f} (int16 ids, zstd)"))
+    return _rows(pairs)
+
+
+def _layer_list(layers: np.ndarray) -> str:
+    values = layers.tolist()
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ",".join(map(str, values))
+
+
+def _sizes(sizes: np.ndarray) -> str:
+    unique = np.unique(sizes)
+    return format_bytes(int(unique[0])) if len(unique) == 1 else f"{format_bytes(int(sizes.min()))} to {format_bytes(int(sizes.max()))}"
+
+
+def result_summary(result: ReplayResult) -> str:
+    """What `moecache replay` prints: pooled metrics."""
+    if result.memory_bytes is not None:
+        budget = f"{format_bytes(result.memory_bytes)}" + (
+            f" (= {result.capacity} experts)" if result.capacity is not None else "")
+    else:
+        budget = f"{result.capacity} experts"
+    pairs: list[tuple[str, object]] = [
+        ("policy", result.policy),
+        ("scope", "per-layer caches" if result.scope == "layer" else "one pool for all layers"),
+        ("capacity", budget + (" per layer" if result.scope == "layer" else "")),
+        ("steps / tokens", f"{result.steps} / {result.tokens}"),
+        ("requests", result.requests),
+        ("hits", result.hits),
+        ("misses", f"{result.misses} ({result.cold_misses} cold)"),
+        ("hit rate", _pct(result.hit_rate)),
+        ("reuse rate", _pct(result.reuse_rate)),
+    ]
+    if result.miss_bytes is not None:
+        pairs += [("miss bytes", format_bytes(result.miss_bytes)),
+                  ("bytes per token", format_bytes(result.bytes_per_token or 0))]
+    if result.io_seconds is not None:
+        pairs += [("I/O time", f"{result.io_seconds:.3f} s"),
+                  ("I/O per token", f"{1e3 * (result.io_seconds_per_token or 0):.3f} ms")]
+    return _rows(pairs)
+
+
+def per_layer_table(result: ReplayResult) -> str:
+    frame = result.per_layer[["layer", "requests", "hits", "misses", "cold_misses"]].copy()
+    frame["hit_rate"] = result.per_layer["hit_rate"].map(_pct)
+    frame["reuse_rate"] = result.per_layer["reuse_rate"].map(_pct)
+    return pd.DataFrame(frame).to_string(index=False)
