@@ -85,8 +85,7 @@ def replay_command(trace: str, policy: str, capacity: int | None, memory: str | 
             out["per_layer"] = json.loads(result.per_layer.to_json(orient="records"))
         click.echo(json.dumps(out))
         return
-    click.echo(f"trace           {trace}" + ("  [PARTIAL]" if loaded.partial else ""))
-    click.echo(result_summary(result))
+    click.echo(result_summary(result, trace, loaded.partial))
     if per_layer:
         click.echo("")
         click.echo(per_layer_table(result))

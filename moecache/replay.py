@@ -96,10 +96,12 @@ def replay(
         raise MoecacheError(f"unknown scope {scope!r}: choose layer or global")
     if (capacity is None) == (memory is None):
         raise MoecacheError("give exactly one of capacity (experts) or memory (bytes)")
+    memory_bytes = None if memory is None else parse_bytes(memory, "memory")
+    bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
+    fetch_latency = parse_duration(latency)
     req = requests if requests is not None else Requests.from_trace(trace, per_token=per_token)
     num_layers, num_experts = trace.num_layers, trace.num_experts
     expert_bytes = trace.expert_bytes
-    memory_bytes = None if memory is None else parse_bytes(memory)
     if memory_bytes is not None and expert_bytes is None:
         raise MoecacheError(f"{trace.source}: memory budgets need expert_bytes in the trace metadata")
     kernel = KERNELS[policy]
@@ -130,9 +132,8 @@ def replay(
         if memory_bytes is not None and len(set(unit.tolist())) == 1:
             capacity = cap // int(unit[0])
 
-    return _result(trace, req, hits, policy, scope, capacity, memory_bytes,
-                   None if bandwidth is None else parse_bandwidth(bandwidth),
-                   parse_duration(latency))
+    return _result(trace, req, hits, policy, scope, capacity, memory_bytes, bytes_per_second,
+                   fetch_latency)
 
 
 def _check_capacity(trace: Trace, capacity: int, req: Requests, layer: int | None,

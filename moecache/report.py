@@ -31,11 +31,13 @@ def trace_summary(trace: Trace, path: str | Path | None = None, size: int | None
     phases = np.bincount(trace.phase, minlength=2)
     pairs: list[tuple[str, object]] = [
         ("trace", path or trace.source),
-        ("status", "PARTIAL (interrupted capture: holds every completed step)" if trace.partial else "complete"),
+        ("status", "PARTIAL (interrupted capture: holds every completed step)"
+         if trace.partial else "complete"),
         ("model", f"{model.get('name') or '-'} ({model.get('architecture') or '-'})"),
         ("router", meta.get("router") or "-"),
         ("layers", f"{trace.num_layers} MoE of {meta.get('num_layers', '-')}: {_layer_list(trace.layers)}"),
-        ("experts", f"E = {trace.num_experts}, top-K = {trace.top_k}, shared = {meta.get('num_shared_experts', 0)}"),
+        ("experts", f"E = {trace.num_experts}, top-K = {trace.top_k}, "
+                    f"shared = {meta.get('num_shared_experts', 0)}"),
         ("expert size", "-" if sizes is None else _sizes(sizes)),
         ("dtype", meta.get("dtype") or "-"),
         ("sequences", int(len(np.unique(trace.seq)))),
@@ -61,17 +63,22 @@ def _layer_list(layers: np.ndarray) -> str:
 
 def _sizes(sizes: np.ndarray) -> str:
     unique = np.unique(sizes)
-    return format_bytes(int(unique[0])) if len(unique) == 1 else f"{format_bytes(int(sizes.min()))} to {format_bytes(int(sizes.max()))}"
+    if len(unique) == 1:
+        return format_bytes(int(unique[0]))
+    return f"{format_bytes(int(sizes.min()))} to {format_bytes(int(sizes.max()))}"
 
 
-def result_summary(result: ReplayResult) -> str:
+def result_summary(result: ReplayResult, source: str | None = None, partial: bool = False) -> str:
     """What `moecache replay` prints: pooled metrics."""
     if result.memory_bytes is not None:
         budget = f"{format_bytes(result.memory_bytes)}" + (
             f" (= {result.capacity} experts)" if result.capacity is not None else "")
     else:
         budget = f"{result.capacity} experts"
-    pairs: list[tuple[str, object]] = [
+    pairs: list[tuple[str, object]] = []
+    if source:
+        pairs.append(("trace", f"{source}{'  [PARTIAL]' if partial else ''}"))
+    pairs += [
         ("policy", result.policy),
         ("scope", "per-layer caches" if result.scope == "layer" else "one pool for all layers"),
         ("capacity", budget + (" per layer" if result.scope == "layer" else "")),

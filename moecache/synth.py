@@ -77,7 +77,8 @@ def synth(
     rng = np.random.default_rng(seed)
     popularity = 1.0 / np.arange(1, experts + 1) ** skew
     cdf = np.cumsum(np.stack([rng.permutation(popularity) for _ in range(layers)]), axis=1)
-    seq = np.repeat(np.arange(sequences, dtype=np.int32), np.diff(np.linspace(0, tokens, sequences + 1).astype(np.int64)))
+    lengths = np.diff(np.linspace(0, tokens, sequences + 1).astype(np.int64))
+    seq = np.repeat(np.arange(sequences, dtype=np.int32), lengths)
     seq_starts = np.flatnonzero(np.diff(seq, prepend=-1))
     routed = _route(tokens, seq_starts, cdf, top_k, stickiness, int(rng.integers(2**31)))
     # a sequence's prompt tokens share one prefill step; every other token is its own step

@@ -247,12 +247,14 @@ def _validate(trace: Trace) -> None:
     if top_k < 1:
         raise TraceError(f"{src}: each row needs at least one expert (K = 0)")
     if int(meta.get("top_k", top_k)) != top_k:
-        raise TraceError(f"{src}: inconsistent K: rows hold {top_k} experts, metadata says top_k={meta['top_k']}")
+        raise TraceError(f"{src}: inconsistent K: rows hold {top_k} experts, "
+                         f"metadata says top_k={meta['top_k']}")
     if top_k > num_experts:
         raise TraceError(f"{src}: K = {top_k} exceeds num_experts = {num_experts}")
     layers = meta.get("moe_layers")
     if layers is None or len(layers) != num_layers:
-        raise TraceError(f"{src}: metadata moe_layers lists {0 if layers is None else len(layers)} layers, rows have {num_layers}")
+        listed = 0 if layers is None else len(layers)
+        raise TraceError(f"{src}: metadata moe_layers lists {listed} layers, rows have {num_layers}")
     if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
         raise TraceError(f"{src}: metadata moe_layers must be distinct and ascending, got {layers}")
     sizes = meta.get("expert_bytes")
@@ -270,20 +272,25 @@ def _validate(trace: Trace) -> None:
     high = int(ex.max())
     if high >= num_experts:
         where = np.argwhere(ex == high)[0]
-        raise TraceError(f"{src}: expert id {high} >= num_experts {num_experts} (token {where[0]}, layer {layers[where[1]]})")
+        raise TraceError(f"{src}: expert id {high} >= num_experts {num_experts} "
+                         f"(token {where[0]}, layer {layers[where[1]]})")
     if top_k > 1:
         ordered = np.sort(ex, axis=2)
         dup = np.argwhere((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2))
         if len(dup):
             t, li = dup[0]
-            raise TraceError(f"{src}: duplicate expert id in one row (token {t}, layer {layers[li]}: {ex[t, li].tolist()})")
+            raise TraceError(f"{src}: duplicate expert id in one row "
+                             f"(token {t}, layer {layers[li]}: {ex[t, li].tolist()})")
     back = np.flatnonzero(np.diff(trace.step) < 0)
     if len(back):
-        raise TraceError(f"{src}: steps are not sorted (token {back[0] + 1} has step {trace.step[back[0] + 1]} after {trace.step[back[0]]})")
+        at = back[0] + 1
+        raise TraceError(f"{src}: steps are not sorted "
+                         f"(token {at} has step {trace.step[at]} after {trace.step[at - 1]})")
     bad_phase = np.flatnonzero((trace.phase != PREFILL) & (trace.phase != DECODE))
     if len(bad_phase):
         raise TraceError(f"{src}: phase must be prefill or decode (token {bad_phase[0]})")
     if trace.weights is not None and trace.weights.shape != ex.shape:
         raise TraceError(f"{src}: weights have shape {trace.weights.shape}, experts {ex.shape}")
     if trace.logits is not None and trace.logits.shape != (n, num_layers, num_experts):
-        raise TraceError(f"{src}: logits have shape {trace.logits.shape}, expected {(n, num_layers, num_experts)}")
+        expected = (n, num_layers, num_experts)
+        raise TraceError(f"{src}: logits have shape {trace.logits.shape}, expected {expected}")

@@ -35,6 +35,13 @@ from .trace import (
 
 PARTS_SUFFIX = ".parts"
 _PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
+# counters climb by small steps: delta encoding stores them in a few bits per row
+_DELTA_COLUMNS = ("step", "token", "pos")
+_WRITE_OPTIONS = {
+    "compression": "zstd",
+    "use_dictionary": ["seq", "token_id", "phase", "layer", "experts.list.element"],
+    "column_encoding": {name: "DELTA_BINARY_PACKED" for name in _DELTA_COLUMNS},
+}
 
 
 def parts_dir(path: str | os.PathLike) -> Path:
@@ -47,6 +54,9 @@ def atomic_target(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
     return Path(tmp)
 
 
@@ -157,7 +167,7 @@ class TraceWriter:
         table = self._table(self._buffer)
         target = self.parts / f"part-{self._num_parts:06d}.parquet"
         tmp = atomic_target(target)
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, **_WRITE_OPTIONS)
         os.replace(tmp, target)
         self._num_parts += 1
         self.tokens_written += self._buffered
@@ -172,7 +182,7 @@ class TraceWriter:
         final_schema = self._schema.with_metadata({META_KEY: meta_json(final_meta)})
         tmp = atomic_target(self.path)
         try:
-            with pq.ParquetWriter(tmp, final_schema, compression="zstd") as out:
+            with pq.ParquetWriter(tmp, final_schema, **_WRITE_OPTIONS) as out:
                 for part in sorted(self.parts.glob("part-*.parquet")):
                     out.write_table(pq.read_table(part).replace_schema_metadata(final_schema.metadata))
             os.replace(tmp, self.path)
@@ -349,7 +359,8 @@ def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
         values = np.asarray(text.to_pylist(), dtype=object)
         unknown = set(values.tolist()) - set(PHASES)
         if unknown:
-            raise TraceError(f"{source}: unknown phase {sorted(map(str, unknown))[0]!r} (expected prefill or decode)")
+            first = sorted(map(str, unknown))[0]
+            raise TraceError(f"{source}: unknown phase {first!r} (expected prefill or decode)")
         return (values == PHASES[DECODE]).astype(np.int8)
     if name == "token_id":
         return col.fill_null(-1).to_numpy(zero_copy_only=False)

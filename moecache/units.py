@@ -23,28 +23,26 @@ def _split(text: str, what: str) -> tuple[float, str]:
     return float(match.group(1)), match.group(2).lower()
 
 
-def parse_bytes(text: str | int | float) -> int:
+def parse_bytes(text: str | int | float, what: str = "size") -> int:
     """Bytes from '8GiB', '512MB', '1.5G' (K/M/G/T alone are binary) or a plain number."""
     if isinstance(text, (int, float)):
         value, unit = float(text), ""
     else:
-        value, unit = _split(text, "size")
+        value, unit = _split(text, what)
     if unit not in _BYTE_UNITS:
-        raise MoecacheError(f"unknown size unit in {text!r}: use B, KB, MB, GB, KiB, MiB or GiB")
+        raise MoecacheError(f"unknown unit in {what} {text!r}: use B, KB, MB, GB, KiB, MiB or GiB")
     result = int(value * _BYTE_UNITS[unit])
     if result <= 0:
-        raise MoecacheError(f"size {text!r} must be positive")
+        raise MoecacheError(f"{what} {text!r} must be positive")
     return result
 
 
 def parse_bandwidth(text: str | int | float) -> float:
     """Bytes per second from '4GB/s', '900MiB/s' or a plain number of bytes per second."""
-    if isinstance(text, (int, float)):
-        return parse_bytes(text)
     cleaned = str(text).strip()
     if cleaned.lower().endswith("/s"):
         cleaned = cleaned[:-2]
-    return float(parse_bytes(cleaned))
+    return float(parse_bytes(cleaned, "bandwidth"))
 
 
 def parse_duration(text: str | int | float) -> float:

@@ -1,0 +1,180 @@
+"""Trace format v1: round trips, validation, streaming and crash safety."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import moecache as mc
+from moecache.trace_io import TraceWriter, parts_dir, storage_stats
+
+
+@pytest.fixture()
+def trace():
+    rng = np.random.default_rng(0)
+    experts = np.stack([[rng.permutation(16)[:4] for _ in range(3)] for _ in range(50)])
+    weights = rng.random((50, 3, 4)).astype(np.float32)
+    logits = rng.standard_normal((50, 3, 16)).astype(np.float16)
+    return mc.Trace.from_arrays(
+        experts, num_experts=16, weights=weights, seq=np.repeat([0, 1], 25),
+        layers=[1, 3, 5], expert_bytes=[100, 100, 200], meta={"router": "baseline"},
+        step=np.concatenate([[0] * 10, np.arange(1, 16), [16] * 10, np.arange(17, 32)]),
+        phase=np.tile(np.r_[[0] * 10, [1] * 15], 2), token_id=np.arange(50) % 7 - 1,
+        logits=logits)
+
+
+def test_round_trip_keeps_every_column(tmp_path, trace):
+    path = trace.save(tmp_path / "t.parquet")
+    back = mc.Trace.load(path, logits=True)
+    for name in ("experts", "step", "seq", "pos", "token_id", "phase", "weights", "logits"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(trace, name), err_msg=name)
+    assert back.meta == trace.meta
+    assert back.layers.tolist() == [1, 3, 5]
+    assert back.num_steps == 32 and back.pos[:3].tolist() == [0, 1, 2] and back.pos[25] == 0
+    light = mc.Trace.load(path, weights=False)
+    assert light.weights is None and light.logits is None
+
+
+def test_parquet_layout_is_one_row_per_token_and_layer(tmp_path, trace):
+    table = pq.read_table(trace.save(tmp_path / "t.parquet"))
+    assert table.num_rows == 50 * 3
+    assert table.schema.field("experts").type == pa.list_(pa.int16(), 4)
+    assert table.schema.field("logits").type == pa.list_(pa.float16(), 16)
+    assert table.column("layer").to_pylist()[:4] == [1, 3, 5, 1]
+    assert table.column("phase").to_pylist()[9:11] == ["prefill", "prefill"]
+    assert table.column("token_id").to_pylist()[:3] == [None, None, None]
+    meta = json.loads(table.schema.metadata[b"moecache"])
+    assert meta["format_version"] == 1 and meta["expert_bytes"] == [100, 100, 200]
+
+
+def test_ids_are_stored_compactly(tmp_path):
+    trace = mc.synth(layers=2, experts=64, top_k=8, tokens=5000, seed=1)
+    size, per_id = storage_stats(trace.save(tmp_path / "t.parquet"))
+    assert per_id < 1.0  # int16 ids with dictionary encoding and zstd
+    assert size < 5000 * 2 * 8
+
+
+def test_writer_refuses_to_overwrite(tmp_path, trace):
+    path = trace.save(tmp_path / "t.parquet")
+    with pytest.raises(mc.TraceError, match="already exists"):
+        trace.save(path, overwrite=False)
+
+
+def _blocks(trace, size):
+    for start in range(0, trace.num_tokens, size):
+        part = slice(start, start + size)
+        yield dict(experts=trace.experts[part], step=trace.step[part], seq=trace.seq[part],
+                   pos=trace.pos[part], phase=trace.phase[part], token_id=trace.token_id[part])
+
+
+def test_streaming_writer_flushes_parts_and_merges(tmp_path, trace):
+    path = tmp_path / "s.parquet"
+    with TraceWriter(path, trace.meta, flush_tokens=7) as writer:
+        for block in _blocks(trace, 5):
+            writer.write(**block)
+        assert len(list(parts_dir(path).glob("part-*.parquet"))) >= 5
+        assert not path.exists()
+    assert not parts_dir(path).exists()
+    back = mc.Trace.load(path)
+    np.testing.assert_array_equal(back.experts, trace.experts)
+    assert not back.partial
+    assert pq.ParquetFile(path).num_row_groups >= 5
+
+
+def test_interrupted_write_leaves_partial_trace_of_completed_blocks(tmp_path, trace):
+    path = tmp_path / "s.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        with TraceWriter(path, trace.meta, flush_tokens=1000) as writer:
+            for i, block in enumerate(_blocks(trace, 10)):
+                if i == 3:
+                    raise KeyboardInterrupt
+                writer.write(**block)
+    back = mc.Trace.load(path)
+    assert back.partial and back.num_tokens == 30
+    np.testing.assert_array_equal(back.experts, trace.experts[:30])
+
+
+def test_killed_write_leaves_loadable_parts(tmp_path, trace):
+    """A SIGKILL skips close(): the part folder itself is a readable partial trace."""
+    path = tmp_path / "s.parquet"
+    writer = TraceWriter(path, trace.meta, flush_tokens=10)
+    for block in _blocks(trace, 10):
+        writer.write(**block)
+    (parts_dir(path) / ".part-000099.parquet.tmp").write_bytes(b"PAR1 half written")
+    with pytest.raises(mc.TraceError, match="interrupted write left"):
+        mc.Trace.load(path)
+    back = mc.Trace.load(parts_dir(path))
+    assert back.partial and back.num_tokens == 50
+
+
+def _rewrite(tmp_path, trace, change):
+    path = trace.save(tmp_path / "t.parquet")
+    table = change(pq.read_table(path))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table, bad)
+    return bad
+
+
+def _set_experts(table, values):
+    k = table.schema.field("experts").type.list_size
+    column = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(values).reshape(-1), pa.int16()), k)
+    return table.set_column(table.schema.get_field_index("experts"), "experts", column)
+
+
+def _experts(table):
+    return table.column("experts").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1).copy()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.drop_columns(["experts"]), "missing column 'experts'"),
+    (lambda t: t.drop_columns(["step"]), "missing column 'step'"),
+    (lambda t: _set_experts(t, np.where(np.arange(t.num_rows * 4).reshape(-1, 4) == 5, 16, _experts(t))),
+     "expert id 16 >= num_experts 16"),
+    (lambda t: _set_experts(t, np.where(np.arange(t.num_rows * 4).reshape(-1, 4) == 5, -3, _experts(t))),
+     "negative expert id -3"),
+    (lambda t: _set_experts(t, np.concatenate([_experts(t)[:, :1], _experts(t)[:, :3]], axis=1)),
+     "duplicate expert id in one row"),
+    (lambda t: t.replace_schema_metadata({}), "not a moecache trace"),
+    (lambda t: t.slice(0, t.num_rows - 1), "not a whole number of tokens"),
+    (lambda t: t.set_column(1, "step", pa.array(np.repeat(np.arange(50)[::-1], 3))), "steps are not sorted"),
+])
+def test_reader_names_the_problem(tmp_path, trace, edit, message):
+    bad = _rewrite(tmp_path, trace, edit)
+    with pytest.raises(mc.TraceError, match=message) as info:
+        mc.Trace.load(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_inconsistent_k_is_rejected(tmp_path, trace):
+    path = trace.save(tmp_path / "t.parquet")
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"moecache"])
+    meta["top_k"] = 3
+    pq.write_table(table.replace_schema_metadata({b"moecache": json.dumps(meta)}), tmp_path / "k.parquet")
+    with pytest.raises(mc.TraceError, match="inconsistent K"):
+        mc.Trace.load(tmp_path / "k.parquet")
+
+
+def test_not_parquet_and_truncated(tmp_path, trace):
+    text = tmp_path / "notes.parquet"
+    text.write_text("hello\n")
+    with pytest.raises(mc.TraceError, match="not a Parquet file"):
+        mc.Trace.load(text)
+    data = trace.save(tmp_path / "t.parquet").read_bytes()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(mc.TraceError, match="truncated"):
+        mc.Trace.load(cut)
+
+
+@pytest.mark.parametrize("experts, message", [
+    (np.array([[[0, 0]]]), "duplicate expert id"),
+    (np.array([[[0, 9]]]), "expert id 9 >= num_experts 4"),
+    (np.array([[[-1, 2]]]), "negative expert id"),
+    (np.zeros((2, 2)), "shape"),
+])
+def test_from_arrays_validates(experts, message):
+    with pytest.raises(mc.TraceError, match=message):
+        mc.Trace.from_arrays(experts, num_experts=4)
