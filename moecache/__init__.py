@@ -8,6 +8,7 @@ True
 """
 
 from ._version import __version__
+from .curve import curve
 from .errors import MoecacheError, TraceError
 from .replay import ReplayResult, replay
 from .requests import Requests
@@ -21,6 +22,7 @@ __all__ = [
     "Trace",
     "TraceError",
     "__version__",
+    "curve",
     "replay",
     "synth",
 ]

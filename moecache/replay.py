@@ -132,8 +132,8 @@ def replay(
         if memory_bytes is not None and len(set(unit.tolist())) == 1:
             capacity = cap // int(unit[0])
 
-    return _result(trace, req, hits, policy, scope, capacity, memory_bytes, bytes_per_second,
-                   fetch_latency)
+    return summarize(trace, req, hits.sum(axis=0), policy, scope, capacity, memory_bytes,
+                     bytes_per_second, fetch_latency)
 
 
 def _check_capacity(trace: Trace, capacity: int, req: Requests, layer: int | None,
@@ -159,14 +159,15 @@ def _check_capacity(trace: Trace, capacity: int, req: Requests, layer: int | Non
             + (" or per-token steps (--per-token)" if req.num_steps < req.num_tokens else ""))
 
 
-def _result(trace: Trace, req: Requests, hits: np.ndarray, policy: str, scope: str,
-            capacity: int | None, memory_bytes: int | None, bandwidth: float | None,
-            latency: float) -> ReplayResult:
+def summarize(trace: Trace, req: Requests, layer_hits: np.ndarray, policy: str, scope: str,
+              capacity: int | None, memory_bytes: int | None = None,
+              bandwidth: float | None = None, latency: float = 0.0) -> ReplayResult:
+    """The result object for given hits per MoE layer; everything else comes from ``req``."""
     sizes = req.set_sizes
     per_layer = pd.DataFrame({
         "layer": trace.layers,
         "requests": sizes.sum(axis=0),
-        "hits": hits.sum(axis=0),
+        "hits": layer_hits,
         "cold_misses": req.cold.sum(axis=0),
         "reuse_hits": req.overlap.sum(axis=0),
         "reuse_requests": sizes[1:].sum(axis=0),

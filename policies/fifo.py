@@ -11,7 +11,7 @@ from numba import njit
 from ._state import check_room, list_append, list_new, list_unlink
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, seed):
     num_keys = sizes.shape[0]
     head = num_keys

@@ -12,7 +12,7 @@ from numba import njit
 from ._state import check_room, slots_add, slots_new, slots_remove
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, seed):
     num_keys = sizes.shape[0]
     slots, where = slots_new(num_keys)

@@ -24,7 +24,7 @@ def next_request(keys, offsets, num_keys):
     return nxt
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, seed):
     num_keys = sizes.shape[0]
     following = next_request(keys, offsets, num_keys)

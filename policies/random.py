@@ -25,7 +25,7 @@ def splitmix64(state):
     return state, z ^ (z >> uint64(31))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, seed):
     num_keys = sizes.shape[0]
     slots, where = slots_new(num_keys)

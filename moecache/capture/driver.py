@@ -1,0 +1,544 @@
+"""``capture()``: run a Hugging Face MoE model over prompts and stream its routing to a trace.
+
+Two modes:
+
+``generate`` (default)
+    ``model.generate`` with a KV cache, prompts in batches of ``batch_size`` (left
+    padded). Each model forward is one step: the prefill of a batch is one step holding
+    every real prompt token of the batch (phase ``prefill``), each decode forward is one
+    step holding one token per unfinished sequence (phase ``decode``). Padding is never
+    recorded. The last generated token is never forwarded, so N new tokens give N - 1
+    decode steps; a sequence that produced EOS stops being recorded (its EOS, like a last
+    token, is not forwarded for it).
+
+``forward``
+    Teacher forcing over the prompt texts: one forward (no cache) per batch, and every
+    real token becomes its own step, sequence after sequence, so that replay sees the
+    text as a batch-1 decode would. These rows have phase ``prefill`` because the tokens
+    are given, not generated. ``max_new_tokens`` is unused.
+
+Rows: ``seq`` is the prompt's index (after ``limit``), ``pos`` the token's position in
+its sequence (prompt tokens first, BOS included), ``token_id`` the token fed to the
+model. Experts are what each layer's router returned (see :mod:`.routers`), ordered by
+descending gate weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import os
+import platform
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import MoecacheError
+from ..trace import DECODE, PREFILL, build_meta, now_iso
+from .prompts import Prompts, load_prompts
+
+MODES = ("generate", "forward")
+DTYPES = {
+    "auto": "auto",
+    "float32": "float32", "fp32": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def capture(
+    model_path: str | os.PathLike,
+    prompts: str | os.PathLike | Sequence[str],
+    out: str | os.PathLike | None = None,
+    *,
+    mode: str = "generate",
+    max_new_tokens: int = 32,
+    batch_size: int = 1,
+    do_sample: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    save_logits: bool = False,
+    router_label: str = "baseline",
+    limit: int | None = None,
+    chat_template: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Capture the routing of the model at ``model_path`` over ``prompts`` into ``out``.
+
+    Loads the model and its tokenizer from the local folder (or the local Hugging Face
+    cache; nothing is downloaded) with ``AutoModelForCausalLM`` / ``AutoTokenizer``,
+    hooks its routers and writes a trace (format v1) with one row per (token, MoE
+    layer). ``prompts`` is a text file (one prompt a line), a JSONL file (``prompt`` or
+    ``text`` field) or a list of strings. See the module docstring for ``mode``.
+
+    Options map to ``moecache capture``: MODEL, --prompts, --out, --mode,
+    --max-new-tokens, --batch-size, --sample/--greedy (``do_sample``), --seed,
+    --device auto|cpu|cuda, --dtype auto|float32|float16|bfloat16, --save-logits
+    (store each router's full scores, float16), --router-label, --limit,
+    --chat-template (wrap each prompt as a user message of the tokenizer's chat
+    template), --force (``overwrite``). ``out`` defaults to ``traces/<model>.parquet``.
+
+    Output is streamed crash-safely: if the run is interrupted (KeyboardInterrupt or an
+    error) the trace of every completed step is written with metadata ``partial: true``
+    and the exception propagates. Returns the path written.
+    """
+    check_options(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype)
+    prompt_set = load_prompts(prompts, limit=limit)
+    out = default_out(model_path, mode) if out is None else Path(out)
+    check_out(out, overwrite=overwrite)
+    model, tokenizer = load_model(model_path, device=device, dtype=dtype)
+    return capture_model(
+        model, tokenizer, prompt_set, out, mode=mode, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, do_sample=do_sample, seed=seed, save_logits=save_logits,
+        router_label=router_label, chat_template=chat_template, overwrite=overwrite,
+        progress=progress, model_name=str(model_path))
+
+
+def capture_model(
+    model: Any,
+    tokenizer: Any,
+    prompts: str | os.PathLike | Sequence[str] | Prompts,
+    out: str | os.PathLike,
+    *,
+    mode: str = "generate",
+    max_new_tokens: int = 32,
+    batch_size: int = 1,
+    do_sample: bool = False,
+    seed: int = 0,
+    save_logits: bool = False,
+    router_label: str = "baseline",
+    limit: int | None = None,
+    chat_template: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> Path:
+    """:func:`capture` for a model and tokenizer already loaded (puts the model in eval mode)."""
+    torch = _torch()
+    from tqdm.auto import tqdm
+
+    from ..trace_io import TraceWriter
+    from .recorder import RoutingRecorder
+    from .routers import find_routers
+
+    check_options(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    prompt_set = load_prompts(prompts, limit=limit)
+    out = Path(out)
+    check_out(out, overwrite=overwrite)
+    model.eval()
+    info = find_routers(model, probe_token=_pad_id(model, tokenizer))
+    token_lists = encode_prompts(tokenizer, prompt_set.texts, chat_template=chat_template)
+    eos = _eos_ids(model, tokenizer)
+    meta = _meta(model, info, prompt_set, mode=mode, max_new_tokens=max_new_tokens,
+                 batch_size=batch_size, do_sample=do_sample, seed=seed,
+                 chat_template=chat_template, router_label=router_label,
+                 model_name=model_name, eos=eos)
+    torch.manual_seed(seed)
+    session_type = _GenerateSession if mode == "generate" else _ForwardSession
+    total = None if mode == "generate" else sum(len(t) for t in token_lists)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"capture {mode}",
+               disable=not progress, dynamic_ncols=True)
+    with (bar, TraceWriter(out, meta, with_weights=True, with_logits=save_logits,
+                           overwrite=overwrite) as writer,
+          RoutingRecorder(info.sites, with_logits=save_logits) as recorder):
+        session = session_type(model, tokenizer, recorder, writer, bar, eos=eos,
+                               max_new_tokens=max_new_tokens, do_sample=do_sample)
+        try:
+            with session, torch.no_grad():
+                for start in range(0, len(token_lists), batch_size):
+                    seqs = np.arange(start, min(start + batch_size, len(token_lists)))
+                    session.run_batch(seqs, [token_lists[i] for i in seqs])
+                    bar.set_postfix(prompts=f"{seqs[-1] + 1}/{len(token_lists)}", refresh=False)
+                session.drain()
+        except BaseException:
+            # keep every step whose forward completed; the writer then marks the file partial
+            with contextlib.suppress(Exception):
+                session.drain()
+            raise
+    return out
+
+
+# -- options, loading, prompts -------------------------------------------------------------
+
+def check_options(*, mode: str = "generate", max_new_tokens: int = 1, batch_size: int = 1,
+                  dtype: str = "auto") -> None:
+    if mode not in MODES:
+        raise MoecacheError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise MoecacheError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise MoecacheError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if str(dtype).removeprefix("torch.") not in DTYPES:
+        raise MoecacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def check_out(out: Path, *, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise MoecacheError(f"{out}: already exists (pass --force to overwrite)")
+    if out.is_dir():
+        raise MoecacheError(f"{out}: is a folder, expected a trace file path")
+
+
+def default_out(model_path: str | os.PathLike, mode: str = "generate") -> Path:
+    """``traces/<model folder name>[-forward].parquet``."""
+    name = Path(str(model_path).rstrip("/\\")).name or "model"
+    return Path("traces") / f"{name}{'-forward' if mode == 'forward' else ''}.parquet"
+
+
+def resolve_device(device: str):
+    torch = _torch()
+    device = str(device)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise MoecacheError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MoecacheError(f"--device {device}: no CUDA device is available")
+    return resolved
+
+
+def load_model(model_path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) from a local folder or the local Hugging Face cache, never the hub."""
+    torch = _torch()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise MoecacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = "auto" if DTYPES[name] == "auto" else getattr(torch, DTYPES[name])
+    target = resolve_device(device)
+    source = str(model_path)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": True}
+    if target.type == "cuda":
+        kwargs["device_map"] = str(target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        where = "" if Path(source).exists() else " (not a local folder nor in the local HF cache)"
+        raise MoecacheError(f"{source}: cannot load model{where}: {_first_line(err)}") from None
+    if target.type != "cuda":
+        model.to(target)
+    model.eval()
+    return model, tokenizer
+
+
+def encode_prompts(tokenizer: Any, texts: Sequence[str], *, chat_template: bool = False
+                   ) -> list[list[int]]:
+    """Token ids of each prompt (special tokens added; the chat template supplies its own)."""
+    token_lists = []
+    for number, text in enumerate(texts):
+        if chat_template:
+            if not getattr(tokenizer, "chat_template", None):
+                raise MoecacheError("--chat-template: the tokenizer has no chat template")
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        if not ids:
+            raise MoecacheError(f"prompt {number} is empty after tokenization")
+        token_lists.append([int(i) for i in ids])
+    return token_lists
+
+
+# -- sessions: drive the model, turn router outputs into trace rows ----------------------------
+
+class _Session:
+    """Shared bookkeeping: step counter, pending device copies, writing rows."""
+
+    def __init__(self, model, tokenizer, recorder, writer, bar, *, eos: np.ndarray,
+                 max_new_tokens: int, do_sample: bool):
+        self.model, self.tokenizer = model, tokenizer
+        self.recorder, self.writer, self.bar = recorder, writer, bar
+        self.eos = eos
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.pad = _pad_id(model, tokenizer)
+        self.device = _input_device(model)
+        self.step = 0
+        self.pending: deque = deque()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def drain(self) -> None:
+        """Write every pending step (waiting for its copy)."""
+        while self.pending:
+            self._process(*self.pending.popleft())
+
+    def _drain_ready(self) -> None:
+        """Write pending steps whose copies are done, always keeping at most one in flight."""
+        while self.pending and (len(self.pending) > 1 or self.pending[0][-1].ready()):
+            self._process(*self.pending.popleft())
+
+    def _write(self, arrays: dict[str, np.ndarray], keep: np.ndarray, *, step, seq, pos,
+               token_id, phase) -> None:
+        if not len(keep):
+            return
+        self.writer.write(
+            arrays["experts"][keep], step=step, seq=seq, pos=pos, token_id=token_id,
+            phase=phase, weights=arrays["weights"][keep],
+            logits=arrays["logits"][keep] if "logits" in arrays else None)
+        self.bar.update(len(keep))
+
+    def _process(self, *item) -> None:
+        raise NotImplementedError
+
+
+class _Batch:
+    """Prompts of one batch laid out in a (B, P) grid, left- or right-padded."""
+
+    def __init__(self, seqs: np.ndarray, token_lists: list[list[int]], *, left: bool, pad: int):
+        self.seqs = np.asarray(seqs, np.int32)
+        self.lens = np.array([len(t) for t in token_lists], np.int64)
+        self.size, self.width = len(token_lists), int(self.lens.max())
+        self.ids = np.full((self.size, self.width), pad, np.int64)
+        self.mask = np.zeros((self.size, self.width), np.int64)
+        for row, tokens in enumerate(token_lists):
+            cols = slice(self.width - len(tokens), None) if left else slice(0, len(tokens))
+            self.ids[row, cols] = tokens
+            self.mask[row, cols] = 1
+        self.offset = (self.width - self.lens) if left else np.zeros(self.size, np.int64)
+        self.finished = np.zeros(self.size, bool)
+        self.next_col = 0
+
+
+class _GenerateSession(_Session):
+    """``model.generate``; a hook pair on the model turns every forward into one step."""
+
+    def __enter__(self):
+        self._batch: _Batch | None = None
+        self._current = None
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after),
+        ]
+        self.generation_config = _generation_config(
+            self.model, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+            eos=self.eos, pad=self.pad)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def run_batch(self, seqs: np.ndarray, token_lists: list[list[int]]) -> None:
+        torch = _torch()
+        batch = _Batch(seqs, token_lists, left=True, pad=self.pad)
+        self._batch = batch
+        self.model.generate(
+            input_ids=torch.from_numpy(batch.ids).to(self.device),
+            attention_mask=torch.from_numpy(batch.mask).to(self.device),
+            generation_config=self.generation_config)
+        self._drain_ready()
+
+    def _before(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch = self._batch
+        if ids is None or batch is None or ids.dim() != 2 or ids.shape[0] != batch.size:
+            raise MoecacheError("capture: generate called the model without a (batch, tokens) "
+                                "input_ids tensor; this model's generate loop is not supported")
+        width = int(ids.shape[1])
+        start = batch.next_col
+        if start >= batch.width and width != 1:
+            raise MoecacheError(f"capture: a decode forward fed {width} tokens per sequence; "
+                                "generation without a KV cache is not supported")
+        batch.next_col += width
+        self.recorder.reset()
+        self._current = (start, width, ids if start + width > batch.width else None)
+
+    def _after(self, _module, _args, _output):
+        start, width, ids = self._current
+        extras = {"fed": ids} if ids is not None else None
+        self.pending.append((self._batch, start, width, self.recorder.take(extras)))
+        self._drain_ready()
+
+    def _process(self, batch: _Batch, start: int, width: int, pending) -> None:
+        arrays = pending.wait()
+        rows = batch.size * width
+        if arrays["experts"].shape[0] != rows:
+            raise MoecacheError(f"capture: routers saw {arrays['experts'].shape[0]} tokens in a "
+                                f"forward of {batch.size} x {width}")
+        cols = start + np.arange(width)[None, :]                      # (1, S)
+        if start + width <= batch.width:                              # prompt tokens
+            keep = batch.mask[:, start:start + width].astype(bool)
+            pos = cols - batch.offset[:, None]
+            token = batch.ids[:, start:start + width]
+            phase = PREFILL
+        else:                                                         # one generated token each
+            fed = arrays["fed"].reshape(batch.size, width)
+            new = start - batch.width + 1                             # 1-based generated index
+            is_eos = np.isin(fed[:, 0], self.eos)
+            keep = (~batch.finished & ~is_eos & (new < self.max_new_tokens))[:, None]
+            batch.finished |= is_eos
+            pos = np.broadcast_to((batch.lens + new - 1)[:, None], keep.shape)
+            token = fed
+            phase = DECODE
+        flat = np.flatnonzero(keep)                                   # batch-major order
+        if not len(flat):
+            return
+        grid_rows = flat // width
+        self._write(arrays, flat, step=np.full(len(flat), self.step, np.int64),
+                    seq=batch.seqs[grid_rows],
+                    pos=np.broadcast_to(pos, keep.shape).reshape(-1)[flat],
+                    token_id=token.reshape(-1)[flat], phase=np.full(len(flat), phase, np.int8))
+        self.step += 1
+
+
+class _ForwardSession(_Session):
+    """Teacher forcing: one forward per batch, each real token its own step."""
+
+    def run_batch(self, seqs: np.ndarray, token_lists: list[list[int]]) -> None:
+        torch = _torch()
+        batch = _Batch(seqs, token_lists, left=False, pad=self.pad)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # the LM head's output is not needed
+        self.recorder.reset()
+        self.model(input_ids=torch.from_numpy(batch.ids).to(self.device),
+                   attention_mask=torch.from_numpy(batch.mask).to(self.device), **kwargs)
+        self.pending.append((batch, self.recorder.take()))
+        self._drain_ready()
+
+    def _process(self, batch: _Batch, pending) -> None:
+        arrays = pending.wait()
+        keep = batch.mask.astype(bool)
+        flat = np.flatnonzero(keep)
+        if arrays["experts"].shape[0] != keep.size:
+            raise MoecacheError(f"capture: routers saw {arrays['experts'].shape[0]} tokens in a "
+                                f"forward of {batch.size} x {batch.width}")
+        steps = self.step + np.arange(len(flat), dtype=np.int64)
+        self._write(arrays, flat, step=steps, seq=batch.seqs[flat // batch.width],
+                    pos=(flat % batch.width).astype(np.int32),
+                    token_id=batch.ids.reshape(-1)[flat],
+                    phase=np.full(len(flat), PREFILL, np.int8))
+        self.step += len(flat)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _generation_config(model, *, max_new_tokens: int, do_sample: bool, eos: np.ndarray, pad: int):
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = max_new_tokens
+    config.max_length = None
+    config.min_new_tokens = None
+    config.min_length = 0
+    config.do_sample = do_sample
+    config.num_beams = 1
+    config.use_cache = True
+    config.disable_compile = True  # hooks record eagerly; compiled graphs would skip them
+    config.prefill_chunk_size = None
+    config.eos_token_id = [int(e) for e in eos] or None
+    config.pad_token_id = pad
+    config.return_dict_in_generate = False
+    if not do_sample:  # silence "temperature is set but do_sample=False" warnings
+        for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
+            if hasattr(config, name):
+                setattr(config, name, None)
+    return config
+
+
+def _eos_ids(model, tokenizer) -> np.ndarray:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return np.zeros(0, np.int64)
+    return np.atleast_1d(np.asarray(eos, np.int64))
+
+
+def _pad_id(model, tokenizer) -> int:
+    for value in (getattr(tokenizer, "pad_token_id", None),
+                  getattr(getattr(model, "generation_config", None), "pad_token_id", None)):
+        if isinstance(value, int):
+            return value
+    eos = _eos_ids(model, tokenizer)
+    return int(eos[0]) if len(eos) else 0
+
+
+def _input_device(model):
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.device
+
+
+def _meta(model, info, prompts: Prompts, *, mode, max_new_tokens, batch_size, do_sample, seed,
+          chat_template, router_label, model_name, eos) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    name = model_name or getattr(config, "_name_or_path", None) or type(model).__name__
+    return build_meta(info.num_experts, info.top_k, info.moe_layers, info.expert_bytes, {
+        "model": {
+            "name": str(name),
+            "revision": _revision(config, name),
+            "architecture": architectures[0],
+            "model_type": getattr(config, "model_type", None),
+        },
+        "num_layers": info.num_layers,
+        "num_shared_experts": info.num_shared_experts,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "router": router_label,
+        "capture": {
+            "mode": mode,
+            "prompts": prompts.source,
+            "prompts_sha256": prompts.sha256,
+            "num_prompts": len(prompts),
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens if mode == "generate" else None,
+            "do_sample": bool(do_sample),
+            "seed": seed,
+            "chat_template": bool(chat_template),
+            "eos_token_id": [int(e) for e in eos],
+            "device": str(_input_device(model)),
+            "router_module": info.router_class,
+            "router_path": info.router_path,
+            "moecache_version": __version__,
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "date": now_iso(),
+            "notes": info.notes,
+        },
+    })
+
+
+def _revision(config, name: str) -> str | None:
+    revision = getattr(config, "_commit_hash", None)
+    if revision:
+        return str(revision)
+    path = Path(name)
+    if path.parent.name == "snapshots":  # a Hugging Face cache snapshot folder
+        return path.name
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise MoecacheError("capture needs PyTorch and transformers: "
+                            "pip install 'moecache[capture]'") from None
+    return torch

@@ -1,0 +1,106 @@
+"""Metrics at every capacity: one stack pass for lru/lfu/opt, parallel replays otherwise."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from moecache.policies import POLICIES
+from moecache.policies.stack import LFU, LRU, OPT, stack_depths
+
+from .errors import MoecacheError
+from .replay import SCOPES, ReplayResult, replay, summarize
+from .requests import Requests
+from .trace import Trace
+from .units import parse_bandwidth, parse_duration
+
+STACK_POLICIES = {"lru": LRU, "lfu": LFU, "opt": OPT}
+
+
+def stack_hits(req: Requests, policy: str, scope: str) -> np.ndarray:
+    """Hits per MoE layer at every capacity: array (max capacity + 1, layers), row C = capacity C.
+
+    Rows below the largest step set are not meaningful (such capacities are invalid).
+    """
+    num_layers, num_experts = req.num_layers, req.num_experts
+    code = STACK_POLICIES[policy]
+    if scope == "layer":
+        hist = np.zeros((num_experts + 1, num_layers), np.int64)
+        for layer in range(num_layers):
+            keys, offsets = req.layer(layer)
+            depths = stack_depths(keys, offsets, num_experts, code)
+            hist[:, layer] = np.bincount(depths, minlength=num_experts + 1)
+    else:
+        keys, offsets = req.pooled()
+        depths = stack_depths(keys, offsets, num_layers * num_experts, code)
+        layer_of_entry = np.repeat(np.arange(len(offsets) - 1) % num_layers, np.diff(offsets))
+        size = num_layers * num_experts + 1
+        hist = np.bincount(depths * num_layers + layer_of_entry,
+                           minlength=size * num_layers).reshape(size, num_layers)
+    hist[0] = 0  # depth 0: first reference, a miss at every capacity
+    return np.cumsum(hist, axis=0)
+
+
+def curve(
+    trace: Trace,
+    policy: str = "lru",
+    scope: str = "layer",
+    *,
+    capacities: list[int] | None = None,
+    per_token: bool = False,
+    bandwidth: str | float | None = None,
+    latency: str | float = 0.0,
+    seed: int = 0,
+    requests: Requests | None = None,
+    workers: int | None = None,
+) -> pd.DataFrame:
+    """Replay metrics at many capacities, one row per capacity.
+
+    By default every valid capacity: from the largest step set to E (layer scope) or
+    L x E (global scope). ``lru``, ``lfu`` and ``opt`` take one pass whatever the number
+    of capacities; other policies replay each capacity, ``workers`` at a time.
+    """
+    if policy not in POLICIES:
+        raise MoecacheError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    if scope not in SCOPES:
+        raise MoecacheError(f"unknown scope {scope!r}: choose layer or global")
+    req = requests if requests is not None else Requests.from_trace(trace, per_token=per_token)
+    top = trace.num_experts * (trace.num_layers if scope == "global" else 1)
+    smallest = int(req.set_sizes.max()) if req.set_sizes.size else 1
+    if capacities is None:
+        capacities = list(range(smallest, top + 1))
+    capacities = sorted({int(c) for c in capacities})
+    if capacities and capacities[0] < smallest:
+        raise MoecacheError(f"{trace.source}: capacity {capacities[0]} is below the largest step set "
+                            f"({smallest} experts); capacities must be >= {smallest}")
+    bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
+    fetch_latency = parse_duration(latency)
+    if policy in STACK_POLICIES:
+        cumulative = stack_hits(req, policy, scope)
+        base = summarize(trace, req, cumulative[-1], policy, scope, None, None,
+                         bytes_per_second, fetch_latency)
+        rows = [_at(trace, base, cumulative[min(c, top)], c) for c in capacities]
+    else:
+        req.cold  # noqa: B018 - build the shared routing counts once, before the threads
+
+        def one(capacity: int) -> ReplayResult:
+            return replay(trace, policy, capacity, scope, bandwidth=bytes_per_second,
+                          latency=fetch_latency, seed=seed, requests=req)
+
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            rows = list(pool.map(one, capacities))
+    return pd.DataFrame([r.to_dict() for r in rows]).drop(columns=["memory_bytes"])
+
+
+def _at(trace: Trace, base: ReplayResult, layer_hits: np.ndarray, capacity: int) -> ReplayResult:
+    """``base`` (the routing-only figures) with the hits of one capacity."""
+    hits = int(layer_hits.sum())
+    layer_misses = base.per_layer["requests"].to_numpy() - layer_hits
+    sizes = trace.expert_bytes
+    return replace(base, capacity=capacity, hits=hits, misses=base.requests - hits,
+                   miss_bytes=None if sizes is None else int((layer_misses * sizes).sum()),
+                   per_layer=pd.DataFrame())

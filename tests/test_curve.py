@@ -1,0 +1,43 @@
+"""Whole curves: one stack pass must equal a replay at every capacity, exactly."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+import moecache as mc
+from moecache.policies import POLICIES
+
+from .strategies import make_trace, routings
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@given(data=routings(max_experts=8))
+def test_curve_equals_replay_at_every_capacity(policy, scope, data):
+    experts, step, num_experts = data
+    trace = make_trace(experts, step, num_experts, expert_bytes=7)
+    frame = mc.curve(trace, policy, scope, bandwidth="1MB/s")
+    smallest = int(mc.Requests.from_trace(trace).set_sizes.max())
+    top = num_experts * (trace.num_layers if scope == "global" else 1)
+    assert frame["capacity"].tolist() == list(range(smallest, top + 1))
+    for row in frame.itertuples():
+        single = mc.replay(trace, policy, row.capacity, scope, bandwidth="1MB/s").to_dict()
+        for key in ("hits", "misses", "cold_misses", "miss_bytes", "requests", "reuse_rate"):
+            assert getattr(row, key) == single[key], key
+        assert row.io_seconds == pytest.approx(single["io_seconds"])
+
+
+def test_curve_on_synthetic_trace_is_monotone_and_bounded():
+    trace = mc.synth(layers=4, experts=32, top_k=4, tokens=3000, seed=2)
+    lru, opt = mc.curve(trace, "lru"), mc.curve(trace, "opt")
+    assert np.all(np.diff(lru["hits"]) >= 0) and np.all(opt["hits"] >= lru["hits"])
+    assert lru["misses"].iloc[-1] == lru["cold_misses"].iloc[-1]
+    chosen = mc.curve(trace, "fifo", capacities=[4, 9, 40])
+    assert chosen["capacity"].tolist() == [4, 9, 40]
+    assert chosen["hits"].iloc[1] == mc.replay(trace, "fifo", 9).hits
+
+
+def test_curve_rejects_capacity_below_a_step_set():
+    trace = mc.synth(layers=1, experts=8, top_k=4, tokens=20, seed=0)
+    with pytest.raises(mc.MoecacheError, match="below the largest step set"):
+        mc.curve(trace, "lru", capacities=[3, 5])
