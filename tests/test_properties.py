@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from moecache.policies import POLICIES
 
 import moecache as mc
+from moecache.policies import POLICIES
 
 from .strategies import make_trace, routings
 
