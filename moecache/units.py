@@ -65,3 +65,23 @@ def format_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
+
+
+def parse_int_list(text: str, what: str = "capacities") -> list[int]:
+    """Integers from '8:64:4' (inclusive range with step), '8:64' (step 1) or '8,16,32'."""
+    values: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if ":" in part:
+                bounds = [int(x) for x in part.split(":")]
+                if len(bounds) not in (2, 3) or (len(bounds) == 3 and bounds[2] <= 0):
+                    raise ValueError
+                values.extend(range(bounds[0], bounds[1] + 1, bounds[2] if len(bounds) == 3 else 1))
+            elif part:
+                values.append(int(part))
+    except ValueError:
+        raise MoecacheError(f"cannot read {what} {text!r}: use START:STOP[:STEP] or a comma list") from None
+    if not values:
+        raise MoecacheError(f"{what} {text!r} names no value")
+    return sorted(set(values))

@@ -53,6 +53,11 @@ def simulate(requests: list[set], policy: str, capacity: int, size=lambda key: 1
         for key in request:
             uses[key] = uses.get(key, 0) + 1
         for key in sorted(request - cache):
+            if policy == "opt-bypass" and sum(size(k) for k in cache) + size(key) > capacity:
+                farthest = min([k for k in cache if k not in request] + [key],
+                               key=lambda k: (-next_use(k, now), k))
+                if farthest == key:
+                    continue  # streamed through without being cached
             while sum(size(k) for k in cache) + size(key) > capacity:
                 candidates = [k for k in cache if k not in request]
                 assert candidates, "capacity below one request"
@@ -62,7 +67,7 @@ def simulate(requests: list[set], policy: str, capacity: int, size=lambda key: 1
                     victim = min(candidates, key=lambda k: (inserted[k], k))
                 elif policy == "lfu":
                     victim = min(candidates, key=lambda k: (uses[k], last_use[k], k))
-                elif policy == "opt":
+                elif policy in ("opt", "opt-bypass"):
                     victim = min(candidates, key=lambda k: (-next_use(k, now), k))
                 elif policy == "random":
                     while True:

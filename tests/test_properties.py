@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moecache as mc
-from moecache.policies import POLICIES
+from moecache.policies import DEMAND_POLICIES, POLICIES
 
 from .strategies import make_trace, routings
 
@@ -32,8 +32,9 @@ def test_opt_beats_every_policy(scope, data, extra, seed):
     trace = make_trace(*data)
     capacity = largest_set(trace) + extra
     best = mc.replay(trace, "opt", capacity, scope=scope).hits
-    for policy in POLICIES:
+    for policy in DEMAND_POLICIES:
         assert mc.replay(trace, policy, capacity, scope=scope, seed=seed).hits <= best
+    assert mc.replay(trace, "opt-bypass", capacity, scope=scope).hits >= best
 
 
 @given(data=routings(), extra=st.integers(0, 10))
@@ -63,7 +64,7 @@ def test_full_capacity_leaves_only_cold_misses(policy, data):
 def test_every_policy_agrees_at_capacity_k(data):
     """At C = K with one token per step the cache always holds exactly the last step."""
     trace = make_trace(*data)
-    results = [mc.replay(trace, p, trace.top_k) for p in POLICIES]
+    results = [mc.replay(trace, p, trace.top_k) for p in DEMAND_POLICIES]
     assert len({r.hits for r in results}) == 1
     assert results[0].hits == results[0].per_layer["reuse_hits"].sum()
 
