@@ -15,11 +15,14 @@ from moecache.policies import POLICIES
 
 from . import __version__
 from .errors import MoecacheError
+from .curve import curve
 from .replay import SCOPES, replay
-from .report import per_layer_table, result_summary, trace_summary
+from .report import curve_table, per_layer_table, result_summary, trace_summary
 from .synth import DEFAULT_EXPERT_BYTES, synth
 from .trace import Trace
+from .tables import write_table
 from .trace_io import open_parquet_files, storage_stats
+from .units import parse_int_list
 
 
 class _Commands(click.Group):
@@ -89,6 +92,37 @@ def replay_command(trace: str, policy: str, capacity: int | None, memory: str | 
     if per_layer:
         click.echo("")
         click.echo(per_layer_table(result))
+
+
+@cli.command("curve")
+@click.argument("trace", type=click.Path(dir_okay=True))
+@click.option("--policy", "-p", type=click.Choice(POLICIES), default="lru", show_default=True)
+@click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True)
+@click.option("--capacities", help="START:STOP[:STEP] or a list, e.g. 8:64:4 (default: every valid one).")
+@click.option("--bandwidth", help="Fetch bandwidth for I/O time, e.g. 4GB/s.")
+@click.option("--latency", default="0", show_default=True, help="Fixed cost per fetched expert.")
+@click.option("--per-token", is_flag=True, help="Every token is its own step.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random policy.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the table (.csv or .parquet).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+def curve_command(trace: str, policy: str, scope: str, capacities: str | None, bandwidth: str | None,
+                  latency: str, per_token: bool, seed: int, out: str | None, force: bool,
+                  as_json: bool) -> None:
+    """Metrics at every capacity: one pass for lru, lfu and opt."""
+    loaded = Trace.load(trace, weights=False)
+    frame = curve(loaded, policy, scope, capacities=None if capacities is None else parse_int_list(capacities),
+                  per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed)
+    frame.insert(0, "trace", trace)
+    if out:
+        write_table(frame, out, overwrite=force)
+    if as_json:
+        click.echo(frame.to_json(orient="records"))
+    elif not out:
+        click.echo(f"{policy}, {scope} scope: {trace}")
+        click.echo(curve_table(frame))
+    else:
+        click.echo(f"wrote {out}: {len(frame)} capacities")
 
 
 @cli.command("synth")

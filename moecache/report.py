@@ -103,3 +103,15 @@ def per_layer_table(result: ReplayResult) -> str:
     frame["hit_rate"] = result.per_layer["hit_rate"].map(_pct)
     frame["reuse_rate"] = result.per_layer["reuse_rate"].map(_pct)
     return pd.DataFrame(frame).to_string(index=False)
+
+
+def curve_table(frame: pd.DataFrame) -> str:
+    """Capacity, hits, rates and (when known) bytes and I/O per token, one row per capacity."""
+    shown = pd.DataFrame({"capacity": frame["capacity"], "hits": frame["hits"],
+                          "misses": frame["misses"], "hit_rate": frame["hit_rate"].map(_pct),
+                          "reuse_rate": frame["reuse_rate"].map(_pct)})
+    if frame["bytes_per_token"].notna().any():
+        shown["MiB/token"] = (frame["bytes_per_token"] / 2**20).map(lambda v: f"{v:.2f}")
+    if frame["io_seconds_per_token"].notna().any():
+        shown["I/O ms/token"] = (frame["io_seconds_per_token"] * 1e3).map(lambda v: f"{v:.3f}")
+    return shown.to_string(index=False)
