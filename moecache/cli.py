@@ -18,6 +18,7 @@ from .errors import MoecacheError
 from .curve import curve
 from .replay import SCOPES, replay
 from .report import curve_table, per_layer_table, result_summary, trace_summary
+from .sweep import results_paths, sweep
 from .synth import DEFAULT_EXPERT_BYTES, synth
 from .trace import Trace
 from .tables import write_table
@@ -123,6 +124,41 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
         click.echo(curve_table(frame))
     else:
         click.echo(f"wrote {out}: {len(frame)} capacities")
+
+
+@cli.command("sweep")
+@click.argument("traces", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("--policies", default="lru,lfu,opt", show_default=True, help="Comma list of policies.")
+@click.option("--scopes", default="layer", show_default=True, help="Comma list: layer, global.")
+@click.option("--capacities", help="START:STOP[:STEP] or a list (default: every valid capacity).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Results table; written as .parquet and .csv side by side.")
+@click.option("--resume", is_flag=True, help="Keep the finished cells of an existing --out.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--bandwidth", help="Fetch bandwidth for I/O time, e.g. 4GB/s.")
+@click.option("--latency", default="0", show_default=True, help="Fixed cost per fetched expert.")
+@click.option("--per-token", is_flag=True, help="Every token is its own step.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="Local threads, or a dask.distributed cluster.")
+@click.option("--scheduler", help="Address of a running dask scheduler (default: a local cluster).")
+@click.option("--workers", type=int, help="Parallel cells (default: all cores).")
+def sweep_command(traces: tuple[str, ...], policies: str, scopes: str, capacities: str | None,
+                  out: str, resume: bool, force: bool, bandwidth: str | None, latency: str,
+                  per_token: bool, seed: int, executor: str, scheduler: str | None,
+                  workers: int | None) -> None:
+    """Replay TRACES under every policy, scope and capacity into one tidy table."""
+    table = sweep(traces, _names(policies), _names(scopes),
+                  None if capacities is None else parse_int_list(capacities), out=out,
+                  resume=resume, overwrite=force, per_token=per_token, bandwidth=bandwidth,
+                  latency=latency, seed=seed, executor=executor, scheduler=scheduler,
+                  workers=workers)
+    parquet, csv = results_paths(out)
+    click.echo(f"wrote {parquet} and {csv}: {len(table)} rows")
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 @cli.command("synth")

@@ -5,66 +5,137 @@ order, ``offsets`` (int64, one more than the requests) delimiting each request, 
 keys are distinct and ascending; ``sizes`` (int64 per key) and ``capacity`` in the same
 units. It returns the hits of every request (int32). Keys of the current request are
 never eviction candidates (DESIGN section 3).
+
+All of a request's misses are admitted together after its victims are evicted. That
+equals admitting them one by one in ascending id order: victims are never keys of the
+request and their order does not change during it, so one miss after another evicts a
+prefix of the same victim order, and together they evict its shortest prefix that
+makes room for all of them.
 """
 
 import numpy as np
 from numba import njit
 
-# -- doubly linked list over keys, with sentinel node ``head == len(keys)`` -----------
+
+@njit(cache=True)
+def no_room():
+    raise ValueError("capacity is below the size of one request")
+
+
+# -- doubly linked list over keys ----------------------------------------------------
+# Nodes 0..N-1 are keys, N is the list's sentinel ``head`` and N+1 a ``sink``: a key
+# that is not on the list points to the sink, so unlinking it is a harmless no-op and
+# the hot loops need no branch.
 
 
 @njit(cache=True, inline="always")
 def list_new(num_keys):
-    links = np.empty((2, num_keys + 1), np.int64)  # row 0: prev, row 1: next
-    links[:, :] = num_keys
-    return links
+    """(prev, next, head): an empty list; every key points to the sink."""
+    prev = np.full(num_keys + 2, num_keys + 1, np.int32)
+    nxt = np.full(num_keys + 2, num_keys + 1, np.int32)
+    head = num_keys
+    prev[head] = head
+    nxt[head] = head
+    return prev, nxt, head
 
 
 @njit(cache=True, inline="always")
-def list_unlink(links, key):
-    prev, nxt = links[0, key], links[1, key]
-    links[1, prev] = nxt
-    links[0, nxt] = prev
+def list_unlink(prev, nxt, key):
+    """Take ``key`` off the list (a no-op for a key that is not on it)."""
+    before, after = prev[key], nxt[key]
+    nxt[before] = after
+    prev[after] = before
+    sink = prev.shape[0] - 1
+    prev[key] = sink
+    nxt[key] = sink
 
 
 @njit(cache=True, inline="always")
-def list_append(links, head, key):
+def list_append(prev, nxt, head, key):
     """Insert ``key`` just before the sentinel, i.e. at the newest end."""
-    last = links[0, head]
-    links[1, last] = key
-    links[0, key] = last
-    links[1, key] = head
-    links[0, head] = key
+    last = prev[head]
+    nxt[last] = key
+    prev[key] = last
+    nxt[key] = head
+    prev[head] = key
 
 
-# -- unordered set of resident keys with O(1) add and remove --------------------------
+# -- resident slots with a dense priority per slot -----------------------------------
+# ``slots[:count]`` lists the residents, ``where[key]`` is a key's slot (-1 if absent) and
+# ``rank[s]`` the eviction rank of the key in slot ``s``: the kernel evicts the lowest.
+# Keeping ranks in slot order makes the victim search one contiguous scan.
 
 
 @njit(cache=True, inline="always")
 def slots_new(num_keys):
-    """``slots[:count]`` lists residents; ``where[key]`` is its slot or -1."""
-    return np.empty(num_keys, np.int64), np.full(num_keys, -1, np.int64)
+    return (np.empty(num_keys, np.int64), np.full(num_keys, -1, np.int64),
+            np.empty(num_keys, np.int64))
 
 
 @njit(cache=True, inline="always")
-def slots_remove(slots, where, count, key):
-    """Swap-remove ``key``; returns the new count."""
-    index = where[key]
-    last = slots[count - 1]
-    slots[index] = last
-    where[last] = index
+def slots_remove(slots, where, rank, count, index):
+    """Swap-remove the key in slot ``index``; returns the new count."""
+    last = count - 1
+    key = slots[index]
+    moved = slots[last]
+    slots[index] = moved
+    rank[index] = rank[last]
+    where[moved] = index
     where[key] = -1
-    return count - 1
+    return last
 
 
 @njit(cache=True, inline="always")
-def slots_add(slots, where, count, key):
+def slots_add(slots, where, rank, count, key, value):
     slots[count] = key
     where[key] = count
+    rank[count] = value
     return count + 1
 
 
+PINNED = np.iinfo(np.int64).max  # rank of a key of the current request: never a victim
+
+
+@njit(cache=True, inline="always")
+def lowest_slot(rank, count):
+    """Slot holding the lowest rank (the first of equals); fails if every resident is pinned."""
+    best = 0
+    for s in range(1, count):
+        if rank[s] < rank[best]:
+            best = s
+    if count == 0 or rank[best] == PINNED:
+        no_room()
+    return best
+
+
+# -- 64-bit expert masks, for caches over at most 64 keys of unit size ----------------
+
+MASK_KEYS = 64
+
+
 @njit(cache=True)
-def check_room(used, size, capacity):
-    if used + size > capacity:
-        raise ValueError("capacity is below the size of one request")
+def fits_masks(sizes):
+    """True when the mask kernels apply: at most 64 keys, all of size 1."""
+    if sizes.shape[0] > MASK_KEYS:
+        return False
+    for size in sizes:
+        if size != 1:
+            return False
+    return True
+
+
+@njit(cache=True, inline="always")
+def request_mask(keys, lo, hi):
+    mask = np.uint64(0)
+    for j in range(lo, hi):
+        mask |= np.uint64(1) << np.uint64(keys[j])
+    return mask
+
+
+@njit(cache=True, inline="always")
+def popcount(mask):
+    count = 0
+    while mask:
+        mask &= mask - np.uint64(1)
+        count += 1
+    return count

@@ -1,44 +1,103 @@
 """FIFO: evict the earliest inserted expert; ties (inserted by one request) -> smallest id.
 
-Invariant: the linked list orders residents by insertion, misses of one request being
-appended in ascending id order; hits do not move. The victim is the first list entry
-that is not part of the current request (marked in ``current``).
+Two exact implementations of the same order, chosen by ``simulate``:
+
+* masks (at most 64 keys, unit sizes): ``groups[t]`` holds, as a 64-bit mask, the keys
+  inserted by request ``t`` and still cached. Invariant: the groups partition the
+  residents by insertion, so victims are the lowest bits of the oldest groups, skipping
+  keys of the current request, which stay where they are.
+* list (any size): a linked list orders residents by insertion, the misses of one
+  request appended in ascending id order; hits do not move. Victims are taken from the
+  head, skipping keys of the current request (marked in ``current``).
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
 
-from ._state import check_room, list_append, list_new, list_unlink
+from ._state import fits_masks, list_append, list_new, list_unlink, no_room, popcount, request_mask
 
 
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, seed):
+    if fits_masks(sizes):
+        return simulate_masks(keys, offsets, capacity)
+    return simulate_list(keys, offsets, sizes, capacity)
+
+
+@njit(cache=True, nogil=True)
+def simulate_masks(keys, offsets, capacity):
+    num_requests = offsets.shape[0] - 1
+    groups = np.zeros(num_requests, np.uint64)
+    hits = np.zeros(num_requests, np.int32)
+    resident = uint64(0)
+    count = 0
+    oldest = 0
+    for r in range(num_requests):
+        lo, hi = offsets[r], offsets[r + 1]
+        step = request_mask(keys, lo, hi)
+        found = popcount(step & resident)
+        hits[r] = found
+        misses = hi - lo - found
+        evict = count + misses - capacity
+        if evict > 0:
+            if evict > count - found:
+                no_room()
+            count -= evict
+            g = oldest
+            while evict > 0:
+                group = groups[g]
+                take = group & ~step
+                while take and evict > 0:
+                    lowest = take & (~take + uint64(1))
+                    take ^= lowest
+                    group ^= lowest
+                    resident ^= lowest
+                    evict -= 1
+                groups[g] = group
+                g += 1
+            while oldest < r and groups[oldest] == 0:
+                oldest += 1
+        count += misses
+        groups[r] = step & ~resident
+        resident |= step
+    return hits
+
+
+@njit(cache=True, nogil=True)
+def simulate_list(keys, offsets, sizes, capacity):
     num_keys = sizes.shape[0]
-    head = num_keys
-    links = list_new(num_keys)
-    resident = np.zeros(num_keys, np.bool_)
-    current = np.full(num_keys + 1, -1, np.int64)
+    prev, nxt, head = list_new(num_keys)
+    resident = np.zeros(num_keys, np.int32)
+    current = np.full(num_keys + 2, -1, np.int64)  # request that last asked for each node
     hits = np.zeros(offsets.shape[0] - 1, np.int32)
     used = 0
     for r in range(hits.shape[0]):
         lo, hi = offsets[r], offsets[r + 1]
-        for j in range(lo, hi):
-            current[keys[j]] = r
-            if resident[keys[j]]:
-                hits[r] += 1
+        found = 0
+        need = 0
         for j in range(lo, hi):
             key = keys[j]
-            if not resident[key]:
-                while used + sizes[key] > capacity:
-                    victim = links[1, head]
-                    while current[victim] == r:
-                        victim = links[1, victim]
-                    if victim == head:
-                        check_room(used, sizes[key], capacity)
-                    list_unlink(links, victim)
-                    resident[victim] = False
-                    used -= sizes[victim]
-                resident[key] = True
-                used += sizes[key]
-                list_append(links, head, key)
+            current[key] = r
+            here = resident[key]
+            found += here
+            need += (1 - here) * sizes[key]
+        hits[r] = found
+        node = nxt[head]
+        while used + need > capacity:
+            while current[node] == r:
+                node = nxt[node]
+            if node == head:
+                no_room()
+            victim = node
+            node = nxt[node]
+            list_unlink(prev, nxt, victim)
+            resident[victim] = 0
+            used -= sizes[victim]
+        used += need
+        if found < hi - lo:
+            for j in range(lo, hi):
+                key = keys[j]
+                if resident[key] == 0:
+                    resident[key] = 1
+                    list_append(prev, nxt, head, key)
     return hits

@@ -1,43 +1,101 @@
 """LRU: evict the least recently used expert; ties (same request) -> smallest id.
 
-Invariant: the linked list orders residents from least to most recent, and the keys of
-one request sit next to each other in ascending id order, so the list head is always the
-victim DESIGN prescribes. During a request its own residents are taken off the list,
-which makes them ineligible without any check in the eviction loop.
+Two exact implementations of the same order, chosen by ``simulate``:
+
+* masks (at most 64 keys, unit sizes): ``groups[t]`` is the set of keys whose latest
+  request is ``t`` and that are still cached, as a 64-bit mask. Invariant: the groups
+  partition the residents by last use, so victims are the lowest bits (smallest ids) of
+  the oldest non-empty groups; a request clears its keys from their old groups first,
+  so they are never victims.
+* stream (any size): the request stream itself is the recency list, its entries being
+  in (request, ascending id) order, which is LRU's eviction order. Invariant: entry
+  ``j`` is a live resident iff ``latest[keys[j]] == j`` and it lies at or after the
+  eviction ``pointer``, before which every entry is dead; evicting advances the pointer
+  to the next live entry, so each entry is passed once.
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
 
-from ._state import check_room, list_append, list_new, list_unlink
+from ._state import fits_masks, no_room
 
 
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, seed):
+    if fits_masks(sizes):
+        return simulate_masks(keys, offsets, capacity)
+    return simulate_stream(keys, offsets, sizes, capacity)
+
+
+@njit(cache=True, nogil=True)
+def simulate_masks(keys, offsets, capacity):
+    num_requests = offsets.shape[0] - 1
+    groups = np.zeros(num_requests + 1, np.uint64)  # the extra group absorbs first uses
+    latest = np.full(64, num_requests, np.int64)
+    hits = np.zeros(num_requests, np.int32)
+    resident = uint64(0)
+    count = 0
+    oldest = 0
+    for r in range(num_requests):
+        lo, hi = offsets[r], offsets[r + 1]
+        step = uint64(0)
+        found = 0
+        for j in range(lo, hi):
+            key = uint64(keys[j])
+            bit = uint64(1) << key
+            step |= bit
+            found += (resident >> key) & uint64(1)
+            groups[latest[keys[j]]] &= ~bit
+            latest[keys[j]] = r
+        hits[r] = found
+        misses = hi - lo - found
+        evict = count + misses - capacity
+        if evict > 0:
+            if evict > count - found:
+                no_room()
+            count -= evict
+            while evict > 0:
+                group = groups[oldest]
+                if group == 0:
+                    oldest += 1
+                    continue
+                lowest = group & (~group + uint64(1))
+                groups[oldest] = group ^ lowest
+                resident ^= lowest
+                evict -= 1
+        count += misses
+        resident |= step
+        groups[r] = step
+    return hits
+
+
+@njit(cache=True, nogil=True)
+def simulate_stream(keys, offsets, sizes, capacity):
     num_keys = sizes.shape[0]
-    head = num_keys
-    links = list_new(num_keys)
-    resident = np.zeros(num_keys, np.bool_)
+    latest = np.full(num_keys, -1, np.int64)  # the last entry of ``keys`` holding each key
+    resident = np.zeros(num_keys, np.int64)
     hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    pointer = 0
     used = 0
     for r in range(hits.shape[0]):
         lo, hi = offsets[r], offsets[r + 1]
-        for j in range(lo, hi):
-            if resident[keys[j]]:
-                hits[r] += 1
-                list_unlink(links, keys[j])
+        found = 0
+        need = 0
         for j in range(lo, hi):
             key = keys[j]
-            if not resident[key]:
-                while used + sizes[key] > capacity:
-                    victim = links[1, head]
-                    if victim == head:
-                        check_room(used, sizes[key], capacity)
-                    list_unlink(links, victim)
-                    resident[victim] = False
-                    used -= sizes[victim]
-                resident[key] = True
-                used += sizes[key]
-        for j in range(lo, hi):
-            list_append(links, head, keys[j])
+            here = resident[key]
+            found += here
+            need += (1 - here) * sizes[key]
+            latest[key] = j
+            resident[key] = 1
+        hits[r] = found
+        while used + need > capacity:
+            while latest[keys[pointer]] != pointer:
+                pointer += 1
+            if pointer >= lo:
+                no_room()
+            resident[keys[pointer]] = 0
+            used -= sizes[keys[pointer]]
+            pointer += 1
+        used += need
     return hits

@@ -1,14 +1,15 @@
 """OPT (Belady): evict the resident whose next request is farthest (never -> +inf);
 ties -> smallest id. The offline optimum under demand admission (every miss is kept).
 
-Invariant: ``next_use[k]`` is, for a resident ``k``, the index of the next request that
-contains it (``never`` if none); one backward pass gives it for every entry of ``keys``.
+Invariant: a resident's slot rank is ``-(next request * N + N - 1 - key)``, so the lowest
+rank is the farthest next use and, among equals (never requested again), the smallest
+id. Next requests come from one backward pass; current keys are pinned.
 """
 
 import numpy as np
 from numba import njit
 
-from ._state import check_room, slots_add, slots_new, slots_remove
+from ._state import PINNED, lowest_slot, slots_add, slots_new, slots_remove
 
 
 @njit(cache=True)
@@ -24,40 +25,40 @@ def next_request(keys, offsets, num_keys):
     return nxt
 
 
+@njit(cache=True, inline="always")
+def opt_rank(next_use, key, num_keys):
+    """Eviction rank: lowest for the farthest next use, then the smallest id."""
+    return -(next_use * num_keys + (num_keys - 1 - key))
+
+
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, seed):
     num_keys = sizes.shape[0]
     following = next_request(keys, offsets, num_keys)
-    slots, where = slots_new(num_keys)
+    slots, where, rank = slots_new(num_keys)
     count = 0
-    next_use = np.zeros(num_keys, np.int64)
-    current = np.full(num_keys, -1, np.int64)
     hits = np.zeros(offsets.shape[0] - 1, np.int32)
     used = 0
     for r in range(hits.shape[0]):
         lo, hi = offsets[r], offsets[r + 1]
+        need = 0
         for j in range(lo, hi):
-            key = keys[j]
-            if where[key] >= 0:
+            s = where[keys[j]]
+            if s >= 0:
                 hits[r] += 1
-            next_use[key] = following[j]
-            current[key] = r
+                rank[s] = PINNED
+            else:
+                need += sizes[keys[j]]
+        while used + need > capacity:
+            victim = lowest_slot(rank, count)
+            used -= sizes[slots[victim]]
+            count = slots_remove(slots, where, rank, count, victim)
+        used += need
         for j in range(lo, hi):
             key = keys[j]
-            if where[key] < 0:
-                while used + sizes[key] > capacity:
-                    victim = -1
-                    for s in range(count):
-                        k = slots[s]
-                        if current[k] == r:
-                            continue
-                        if (victim < 0 or next_use[k] > next_use[victim]
-                                or (next_use[k] == next_use[victim] and k < victim)):
-                            victim = k
-                    if victim < 0:
-                        check_room(used, sizes[key], capacity)
-                    count = slots_remove(slots, where, count, victim)
-                    used -= sizes[victim]
-                count = slots_add(slots, where, count, key)
-                used += sizes[key]
+            value = opt_rank(following[j], key, num_keys)
+            if where[key] >= 0:
+                rank[where[key]] = value
+            else:
+                count = slots_add(slots, where, rank, count, key, value)
     return hits

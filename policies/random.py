@@ -1,14 +1,15 @@
 """RANDOM: evict a uniformly random resident outside the current request, seeded.
 
-The generator is splitmix64 (so results do not depend on NumPy or numba versions):
-draw ``slot = next() % residents`` over the resident slot array, redraw while the slot
-holds an expert of the current request. Slots are an array with swap-remove.
+The generator is splitmix64 (so results do not depend on NumPy or numba versions).
+Misses are admitted one by one in ascending id order; each eviction draws
+``slot = next() % residents`` over the resident slot array (swap-remove on eviction,
+append on admission) and redraws while the slot holds a key of the current request.
 """
 
 import numpy as np
 from numba import njit, uint64
 
-from ._state import check_room, slots_add, slots_new, slots_remove
+from ._state import no_room, slots_add, slots_new, slots_remove
 
 _GOLDEN = uint64(0x9E3779B97F4A7C15)
 _MIX1 = uint64(0xBF58476D1CE4E5B9)
@@ -28,7 +29,7 @@ def splitmix64(state):
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, seed):
     num_keys = sizes.shape[0]
-    slots, where = slots_new(num_keys)
+    slots, where, rank = slots_new(num_keys)
     count = 0
     current = np.full(num_keys, -1, np.int64)
     state = uint64(seed)
@@ -40,21 +41,22 @@ def simulate(keys, offsets, sizes, capacity, seed):
             current[keys[j]] = r
             if where[keys[j]] >= 0:
                 hits[r] += 1
-        candidates = count - (hits[r])
+        candidates = count - hits[r]
         for j in range(lo, hi):
             key = keys[j]
-            if where[key] < 0:
-                while used + sizes[key] > capacity:
-                    if candidates <= 0:
-                        check_room(used, sizes[key], capacity)
-                    while True:
-                        state, draw = splitmix64(state)
-                        victim = slots[np.int64(draw % uint64(count))]
-                        if current[victim] != r:
-                            break
-                    count = slots_remove(slots, where, count, victim)
-                    candidates -= 1
-                    used -= sizes[victim]
-                count = slots_add(slots, where, count, key)
-                used += sizes[key]
+            if where[key] >= 0:
+                continue
+            while used + sizes[key] > capacity:
+                if candidates <= 0:
+                    no_room()
+                while True:
+                    state, draw = splitmix64(state)
+                    index = np.int64(draw % uint64(count))
+                    if current[slots[index]] != r:
+                        break
+                used -= sizes[slots[index]]
+                count = slots_remove(slots, where, rank, count, index)
+                candidates -= 1
+            count = slots_add(slots, where, rank, count, key, 0)
+            used += sizes[key]
     return hits

@@ -99,3 +99,15 @@ def test_hand_worked_lru_example():
     assert r.per_layer["reuse_hits"].tolist() == [1 + 0 + 1, 2 + 0 + 0]
     assert r.reuse_rate == 4 / 12
     assert r.miss_bytes == 5 * 10 + 5 * 20
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@given(data=routings(max_layers=2, max_experts=90, max_tokens=25), extra=st.integers(0, 40))
+def test_more_than_64_experts_match_reference(policy, data, extra):
+    """Past 64 keys the lru and fifo kernels leave their 64-bit mask representation."""
+    experts, step, num_experts = data
+    trace = make_trace(experts, step, num_experts)
+    capacity = reference_replay(experts, step, "lru", num_experts)["max_set"] + extra
+    for scope in ("layer", "global"):
+        result = mc.replay(trace, policy, capacity, scope=scope)
+        assert_matches(result, reference_replay(experts, step, policy, capacity, scope=scope))
