@@ -14,14 +14,14 @@ import click
 from moecache.policies import POLICIES
 
 from . import __version__
-from .errors import MoecacheError
 from .curve import curve
+from .errors import MoecacheError
 from .replay import SCOPES, replay
 from .report import curve_table, per_layer_table, result_summary, trace_summary
 from .sweep import results_paths, sweep
 from .synth import DEFAULT_EXPERT_BYTES, synth
-from .trace import Trace
 from .tables import write_table
+from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
 from .units import parse_int_list
 
@@ -112,8 +112,9 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
                   as_json: bool) -> None:
     """Metrics at every capacity: one pass for lru, lfu and opt."""
     loaded = Trace.load(trace, weights=False)
-    frame = curve(loaded, policy, scope, capacities=None if capacities is None else parse_int_list(capacities),
-                  per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed)
+    chosen = None if capacities is None else parse_int_list(capacities)
+    frame = curve(loaded, policy, scope, capacities=chosen, per_token=per_token, bandwidth=bandwidth,
+                  latency=latency, seed=seed)
     frame.insert(0, "trace", trace)
     if out:
         write_table(frame, out, overwrite=force)

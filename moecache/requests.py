@@ -16,33 +16,41 @@ from numba import njit
 
 from .trace import Trace
 
+# trailing-zero count of a one-bit uint64 by de Bruijn multiplication: bit i -> slot -> i
+_DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
+_BIT_INDEX = np.zeros(64, np.int16)
+for _i in range(64):
+    _BIT_INDEX[((1 << _i) * int(_DE_BRUIJN) % 2**64) >> 58] = _i
+
 
 @njit(cache=True)
 def _step_unions(experts, step_starts, num_experts):
-    """Union of the step's tokens' experts per (step, layer), ascending; CSR step-major."""
+    """Union of the step's tokens' experts per (step, layer), ascending; CSR step-major.
+
+    Each set is gathered as a bit mask over the experts (which also merges the tokens
+    of a multi-token step) and read back lowest bit first, i.e. in ascending id order.
+    """
     num_tokens, num_layers, top_k = experts.shape
     num_steps = step_starts.shape[0] - 1
     ids = np.empty(num_tokens * num_layers * top_k, np.int16)
     offsets = np.zeros(num_steps * num_layers + 1, np.int64)
-    seen = np.full(num_experts, -1, np.int64)
+    mask = np.zeros((num_experts + 63) // 64, np.uint64)
     fill = 0
     for t in range(num_steps):
         for layer in range(num_layers):
-            r = t * num_layers + layer
-            start = fill
             for token in range(step_starts[t], step_starts[t + 1]):
                 for k in range(top_k):
                     e = experts[token, layer, k]
-                    if seen[e] != r:
-                        seen[e] = r
-                        # insertion sort keeps the set ascending (sets are small)
-                        pos = fill
-                        while pos > start and ids[pos - 1] > e:
-                            ids[pos] = ids[pos - 1]
-                            pos -= 1
-                        ids[pos] = e
-                        fill += 1
-            offsets[r + 1] = fill
+                    mask[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
+            for word in range(mask.shape[0]):
+                bits = mask[word]
+                mask[word] = 0
+                while bits:
+                    lowest = bits & (~bits + np.uint64(1))
+                    ids[fill] = word * 64 + _BIT_INDEX[(lowest * _DE_BRUIJN) >> np.uint64(58)]
+                    fill += 1
+                    bits ^= lowest
+            offsets[t * num_layers + layer + 1] = fill
     return ids[:fill], offsets
 
 
@@ -76,21 +84,18 @@ def _global_keys(ids, offsets, num_layers, num_experts):
 def _routing_counts(ids, offsets, num_layers, num_experts):
     """Per request: cold (first-ever) references and overlap with the same layer's previous step."""
     num_requests = offsets.shape[0] - 1
-    cold = np.zeros(num_requests, np.int64)
-    overlap = np.zeros(num_requests, np.int64)
-    seen = np.zeros((num_layers, num_experts), np.bool_)
-    last_step = np.full((num_layers, num_experts), -1, np.int64)
+    cold = np.zeros(num_requests, np.int32)
+    overlap = np.zeros(num_requests, np.int32)
+    never = -2  # not -1, which would count as "the step before step 0"
+    last_step = np.full(num_layers * num_experts, never, np.int32)
     for r in range(num_requests):
-        layer = r % num_layers
+        base = (r % num_layers) * num_experts
         t = r // num_layers
         for j in range(offsets[r], offsets[r + 1]):
-            e = ids[j]
-            if not seen[layer, e]:
-                seen[layer, e] = True
-                cold[r] += 1
-            if t > 0 and last_step[layer, e] == t - 1:
-                overlap[r] += 1
-            last_step[layer, e] = t
+            seen = last_step[base + ids[j]]
+            cold[r] += seen == never
+            overlap[r] += seen == t - 1
+            last_step[base + ids[j]] = t
     return cold, overlap
 
 
@@ -106,11 +111,16 @@ class Requests:
 
     @classmethod
     def from_trace(cls, trace: Trace, *, per_token: bool = False) -> Requests:
-        """Build the requests; ``per_token`` makes every token its own step."""
-        starts = (np.arange(trace.num_tokens + 1, dtype=np.int64) if per_token
-                  else trace.step_starts())
-        ids, offsets = _step_unions(trace.experts, starts, trace.num_experts)
-        return cls(ids, offsets, trace.num_layers, trace.num_experts, trace.num_tokens)
+        """The requests of a trace (built once, then cached on it); ``per_token`` makes
+        every token its own step."""
+        key = ("requests", per_token)
+        if key not in trace.cache:
+            starts = (np.arange(trace.num_tokens + 1, dtype=np.int64) if per_token
+                      else trace.step_starts())
+            ids, offsets = _step_unions(trace.experts, starts, trace.num_experts)
+            trace.cache[key] = cls(ids, offsets, trace.num_layers, trace.num_experts,
+                                   trace.num_tokens)
+        return trace.cache[key]
 
     @property
     def num_steps(self) -> int:
@@ -138,6 +148,8 @@ class Requests:
 
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys, offsets) of the l-th MoE layer's requests, keys = expert ids."""
+        if self.num_layers == 1:
+            return self.ids, self.offsets
         return _layer_column(self.ids, self.offsets, self.num_layers, index)
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:

@@ -65,7 +65,8 @@ class Trace:
 
     ``experts[n, l]`` holds the K expert ids token ``n`` was routed to in the l-th MoE
     layer (model layer ``layers[l]``), in the router's rank order. Tokens sharing a
-    ``step`` value are served together (a prefill chunk or a batch).
+    ``step`` value are served together (a prefill chunk or a batch). Treat a trace as
+    immutable: the step sets built for replay are cached on it.
     """
 
     experts: np.ndarray
@@ -78,6 +79,7 @@ class Trace:
     weights: np.ndarray | None = None
     logits: np.ndarray | None = None
     source: str = field(default="<memory>")
+    cache: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -16,8 +16,8 @@ from ._state import PINNED, lowest_slot, slots_add, slots_new, slots_remove
 def next_request(keys, offsets, num_keys):
     """For each entry ``j`` of ``keys``, the next request holding ``keys[j]``, or R if none."""
     num_requests = offsets.shape[0] - 1
-    upcoming = np.full(num_keys, num_requests, np.int64)
-    nxt = np.empty(keys.shape[0], np.int64)
+    upcoming = np.full(num_keys, num_requests, np.int32)
+    nxt = np.empty(keys.shape[0], np.int32)  # int32 halves the memory traffic of this pass
     for r in range(num_requests - 1, -1, -1):
         for j in range(offsets[r], offsets[r + 1]):
             nxt[j] = upcoming[keys[j]]
@@ -28,7 +28,7 @@ def next_request(keys, offsets, num_keys):
 @njit(cache=True, inline="always")
 def opt_rank(next_use, key, num_keys):
     """Eviction rank: lowest for the farthest next use, then the smallest id."""
-    return -(next_use * num_keys + (num_keys - 1 - key))
+    return -(np.int64(next_use) * num_keys + (num_keys - 1 - key))
 
 
 @njit(cache=True, nogil=True)

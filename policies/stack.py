@@ -42,7 +42,7 @@ def stack_depths(keys, offsets, num_keys, policy):
     major = np.zeros(num_keys, np.int64)
     minor = np.zeros(num_keys, np.int64)
     uses = np.zeros(num_keys, np.int64)
-    following = next_request(keys, offsets, num_keys) if policy == OPT else np.zeros(0, np.int64)
+    following = next_request(keys, offsets, num_keys) if policy == OPT else np.zeros(0, np.int32)
     depths = np.zeros(keys.shape[0], np.int64)
     for r in range(num_requests):
         lo, hi = offsets[r], offsets[r + 1]

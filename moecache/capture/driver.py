@@ -188,7 +188,10 @@ def check_out(out: Path, *, overwrite: bool) -> None:
 
 def default_out(model_path: str | os.PathLike, mode: str = "generate") -> Path:
     """``traces/<model folder name>[-forward].parquet``."""
-    name = Path(str(model_path).rstrip("/\\")).name or "model"
+    path = Path(str(model_path).rstrip("/\\"))
+    name = path.name or "model"
+    if path.parent.name == "snapshots":  # HF cache: models--Org--Name/snapshots/<sha>
+        name = path.parent.parent.name.split("--")[-1] or name
     return Path("traces") / f"{name}{'-forward' if mode == 'forward' else ''}.parquet"
 
 
@@ -325,13 +328,13 @@ class _GenerateSession(_Session):
     def __enter__(self):
         self._batch: _Batch | None = None
         self._current = None
+        self.generation_config = _generation_config(
+            self.model, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+            eos=self.eos, pad=self.pad)
         self._handles = [
             self.model.register_forward_pre_hook(self._before, with_kwargs=True),
             self.model.register_forward_hook(self._after),
         ]
-        self.generation_config = _generation_config(
-            self.model, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-            eos=self.eos, pad=self.pad)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -384,7 +387,7 @@ class _GenerateSession(_Session):
         else:                                                         # one generated token each
             fed = arrays["fed"].reshape(batch.size, width)
             new = start - batch.width + 1                             # 1-based generated index
-            is_eos = np.isin(fed[:, 0], self.eos)
+            is_eos = (fed[:, :1] == self.eos[None, :]).any(axis=1)
             keep = (~batch.finished & ~is_eos & (new < self.max_new_tokens))[:, None]
             batch.finished |= is_eos
             pos = np.broadcast_to((batch.lens + new - 1)[:, None], keep.shape)
@@ -444,6 +447,8 @@ def _generation_config(model, *, max_new_tokens: int, do_sample: bool, eos: np.n
     config.use_cache = True
     config.disable_compile = True  # hooks record eagerly; compiled graphs would skip them
     config.prefill_chunk_size = None
+    config.stop_strings = None  # rows stopped by other criteria would be fed padding
+    config.max_time = None
     config.eos_token_id = [int(e) for e in eos] or None
     config.pad_token_id = pad
     config.return_dict_in_generate = False

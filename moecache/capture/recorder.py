@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import MoecacheError
-from .routers import RouterSite, parse_router_output
+from .routers import RouterSite
 
 _FP16_MAX = 65504.0
 
@@ -51,7 +51,9 @@ class RoutingRecorder:
         self.sites = list(sites)
         self.with_logits = with_logits
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.reset()
+        self._outputs: list = [None] * len(self.sites)
+        self._calls = [0] * len(self.sites)
+        self._once = [1] * len(self.sites)
 
     # -- hooks ------------------------------------------------------------------------
     def __enter__(self) -> RoutingRecorder:
@@ -73,25 +75,21 @@ class RoutingRecorder:
         self._handles = []
 
     def _hook(self, number: int):
-        site = self.sites[number]
+        # Lean on purpose: runs in every MoE layer of every forward. It only keeps a
+        # reference to the output; the format was validated by the probe forward.
+        outputs, calls = self._outputs, self._calls
 
         def hook(_module, _args, output):
-            parsed = parse_router_output(output)
-            if parsed is None:
-                raise MoecacheError(f"router {site.name} returned an unexpected output")
-            logits = None
-            if self.with_logits:
-                logits = parsed.logits.detach().float().clamp(-_FP16_MAX, _FP16_MAX).half()
-            self._outputs[number] = (parsed.indices.detach(), parsed.weights.detach(), logits)
-            self._calls[number] += 1
+            outputs[number] = output
+            calls[number] += 1
 
         return hook
 
     # -- steps ------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget what the routers returned so far (call before each model forward)."""
-        self._outputs: list[tuple | None] = [None] * len(self.sites)
-        self._calls = [0] * len(self.sites)
+        self._outputs[:] = [None] * len(self.sites)
+        self._calls[:] = [0] * len(self.sites)
 
     def take(self, extras: Mapping[str, torch.Tensor] | None = None) -> PendingStep:
         """The routing of the forward that just ran, as a :class:`PendingStep`.
@@ -102,20 +100,35 @@ class RoutingRecorder:
         recording scores, plus the given ``extras``. N counts the forward's token rows
         in the model's flattening order (batch-major), padding included.
         """
-        for number, calls in enumerate(self._calls):
-            if calls != 1:
-                what = "did not run" if calls == 0 else f"ran {calls} times"
-                raise MoecacheError(f"router {self.sites[number].name} {what} in one model forward")
-        device = self._outputs[0][0].device
-        indices = torch.stack([o[0].to(device, non_blocking=True) for o in self._outputs], dim=1)
-        weights = torch.stack([o[1].to(device, non_blocking=True).float() for o in self._outputs],
-                              dim=1)
+        if self._calls != self._once:
+            for number, calls in enumerate(self._calls):
+                if calls != 1:
+                    what = "did not run" if calls == 0 else f"ran {calls} times"
+                    raise MoecacheError(
+                        f"router {self.sites[number].name} {what} in one model forward")
+        outputs = self._outputs
+        device = outputs[0][2].device
+        top_k = outputs[0][2].shape[-1]
+        indices = torch.stack([o[2].reshape(-1, top_k).to(device, non_blocking=True)
+                               for o in outputs], dim=1)
+        weights = torch.stack([self._weights(o, top_k).to(device, non_blocking=True)
+                               for o in outputs], dim=1).float()
         weights, order = torch.sort(weights, dim=-1, descending=True, stable=True)
         tensors = {"experts": indices.gather(-1, order).to(torch.int16), "weights": weights}
         if self.with_logits:
-            tensors["logits"] = torch.stack(
-                [o[2].to(device, non_blocking=True) for o in self._outputs], dim=1)
+            width = outputs[0][0].shape[-1]
+            logits = torch.stack([o[0].reshape(-1, width).to(device, non_blocking=True)
+                                  for o in outputs], dim=1)
+            tensors["logits"] = logits.float().clamp_(-_FP16_MAX, _FP16_MAX).half()
         if extras:
             tensors.update(extras)
         self.reset()
         return PendingStep(tensors)
+
+    @staticmethod
+    def _weights(output, top_k: int) -> torch.Tensor:
+        weights = output[1]
+        if weights.shape[-1] == top_k:
+            return weights.reshape(-1, top_k)
+        # weights given for all E experts: keep those of the chosen ones
+        return weights.reshape(-1, weights.shape[-1]).gather(1, output[2].reshape(-1, top_k))

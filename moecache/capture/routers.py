@@ -123,7 +123,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     expected = getattr(text_config, "num_hidden_layers", None)
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if isinstance(layers, nn.ModuleList) and (expected is None or len(layers) == expected):
+    if isinstance(layers, nn.ModuleList) and len(layers):
         return "model.layers", layers
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
@@ -141,9 +141,12 @@ def find_routers(model: nn.Module, *, probe_token: int = 0) -> MoeModelInfo:
     """Locate and validate the router of every MoE layer of ``model`` (one probe forward)."""
     layers_path, layers = find_decoder_layers(model)
     candidates: list[tuple[int, str, nn.Module, nn.Module]] = []
+    expert_blocks: list[str] = []
     for index, layer in enumerate(layers):
         for name, module in layer.named_modules():
             parts = name.split(".")
+            if parts[-1] == "experts":
+                expert_blocks.append(f"{layers_path}.{index}.{name}")
             if parts[-1] not in ROUTER_NAMES or type(module) is nn.Linear:
                 continue
             if "experts" in parts[:-1]:
@@ -151,6 +154,9 @@ def find_routers(model: nn.Module, *, probe_token: int = 0) -> MoeModelInfo:
             parent = layer.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else layer
             candidates.append((index, f"{layers_path}.{index}.{name}", module, parent))
     if not candidates:
+        if expert_blocks:
+            raise MoecacheError(f"{_arch(model)}: unsupported MoE layer: {expert_blocks[0]} has "
+                                "no router module named 'gate' or 'router'")
         raise MoecacheError(f"{_arch(model)}: no MoE layers (no router module named "
                             f"'gate' or 'router' in {layers_path}): nothing to capture")
 
@@ -186,6 +192,10 @@ def find_routers(model: nn.Module, *, probe_token: int = 0) -> MoeModelInfo:
         if rejected:
             raise MoecacheError(f"{_arch(model)}: unsupported router: {rejected[0]} "
                                 "(expected (router_logits, topk_weights, topk_indices))")
+        if expert_blocks:
+            raise MoecacheError(f"{_arch(model)}: unsupported MoE layer: no module beside "
+                                f"{expert_blocks[0]} returns (router_logits, topk_weights, "
+                                "topk_indices)")
         raise MoecacheError(f"{_arch(model)}: no MoE layers (no router module returns "
                             "(router_logits, topk_weights, topk_indices)): nothing to capture")
     if len(shapes) > 1:
@@ -240,7 +250,7 @@ def count_shared_experts(config: Any, block: nn.Module) -> int:
     """Shared (always active) experts per MoE layer, per the config; 1 if only a module says so."""
     config = _text_config(config)
     for key in _SHARED_KEYS:
-        value = getattr(config, key, None)
+        value = _get(config, key)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     for name in _SHARED_MODULES:
@@ -253,10 +263,7 @@ def config_value(config: Any, keys: tuple[str, ...]) -> int | None:
     """The first integer config attribute among ``keys`` (text config of multimodal models)."""
     config = _text_config(config)
     for key in keys:
-        try:
-            value = getattr(config, key, None)
-        except AttributeError:
-            value = None
+        value = _get(config, key)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
@@ -270,6 +277,14 @@ def _check_config(model: nn.Module, info: MoeModelInfo) -> None:
     experts = config_value(model.config, _NUM_EXPERTS_KEYS)
     if experts is not None and experts != info.num_experts:
         info.notes.append(f"config num_experts {experts} != router width {info.num_experts}")
+
+
+def _get(config: Any, key: str) -> Any:
+    """``getattr(config, key, None)``, also for per-layer keys of heterogeneous configs."""
+    try:
+        return getattr(config, key, None)
+    except (AttributeError, RuntimeError):  # AmbiguousGlobalPerLayerAttributeError
+        return None
 
 
 def _looks_like_router(module: nn.Module) -> bool:
