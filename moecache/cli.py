@@ -7,7 +7,9 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -127,6 +129,60 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
         click.echo(f"wrote {out}: {len(frame)} capacities")
 
 
+@cli.command("capture")
+@click.argument("model", type=click.Path())
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+              help="Text file (one prompt a line) or JSONL with a 'prompt' or 'text' field.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False),
+              help="Trace to write (default: traces/<model>.parquet).")
+@click.option("--mode", type=click.Choice(["generate", "forward"]), default="generate", show_default=True,
+              help="generate: prefill step, then one step per new token; forward: teacher-forced, "
+                   "one step per token of the text.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--sample/--greedy", default=False, show_default=True, help="Sampled or greedy decoding.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampled decoding.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")
+@click.option("--save-logits", is_flag=True, help="Also store full router scores (for rerouting).")
+@click.option("--router-label", default="baseline", show_default=True, help="e.g. baseline, remoe.")
+@click.option("--limit", type=int, help="Use only the first N prompts.")
+@click.option("--chat-template", is_flag=True, help="Wrap each prompt in the model's chat template.")
+@click.option("--force", is_flag=True, help="Overwrite an existing trace.")
+def capture_command(model: str, prompts: str, out: str | None, mode: str, max_new_tokens: int,
+                    batch_size: int, sample: bool, seed: int, device: str, dtype: str,
+                    save_logits: bool, router_label: str, limit: int | None, chat_template: bool,
+                    force: bool) -> None:
+    """Run a local Hugging Face MoE MODEL over prompts and record its routing as a trace.
+
+    Ctrl-C or SIGTERM stops cleanly: the trace then holds every completed step and is
+    marked partial.
+    """
+    from .capture import capture, default_out
+
+    target = Path(out) if out else default_out(model, mode)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        written = capture(model, prompts, target, mode=mode, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, do_sample=sample, seed=seed, device=device,
+                          dtype=dtype, save_logits=save_logits, router_label=router_label,
+                          limit=limit, chat_template=chat_template, overwrite=force)
+    except KeyboardInterrupt:
+        if target.exists():
+            click.echo(f"moecache: interrupted; partial trace of every completed step in {target}",
+                       err=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    trace = Trace.load(written, weights=False)
+    click.echo(f"wrote {written}: {trace.num_tokens} tokens, {trace.num_steps} steps, "
+               f"{trace.num_layers} MoE layers, E={trace.num_experts}, K={trace.top_k}")
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @cli.command("sweep")
 @click.argument("traces", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--policies", default="lru,lfu,opt", show_default=True, help="Comma list of policies.")
@@ -193,3 +249,7 @@ def synth_command(out: str, layers: int, experts: int, top_k: int, tokens: int, 
 def main() -> None:
     """Console entry point."""
     sys.exit(cli.main(prog_name="moecache"))
+
+
+if __name__ == "__main__":
+    main()
