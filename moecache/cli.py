@@ -16,10 +16,12 @@ import click
 from moecache.policies import POLICIES
 
 from . import __version__
+from .compare import BANDWIDTH_PRESETS, compare
 from .curve import curve
 from .errors import MoecacheError
 from .replay import SCOPES, replay
-from .report import curve_table, per_layer_table, result_summary, trace_summary
+from .report import comparison_table, curve_table, per_layer_table, result_summary, trace_summary
+from .reroute import reroute
 from .sweep import results_paths, sweep
 from .synth import DEFAULT_EXPERT_BYTES, synth
 from .tables import write_table
@@ -218,6 +220,61 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+@cli.command("reroute")
+@click.argument("trace", type=click.Path(dir_okay=True))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Rerouted trace.")
+@click.option("--mode", type=click.Choice(["recent", "cache"]), default="recent", show_default=True,
+              help="Favour experts used in the last --window steps, or resident in an LRU cache.")
+@click.option("--bias", type=float, default=1.0, show_default=True, help="Added to favoured scores.")
+@click.option("--window", type=int, default=1, show_default=True, help="Steps of history (recent).")
+@click.option("--capacity", type=int, help="Cache size per layer (cache mode).")
+@click.option("--label", help="Router label of the new trace (default rerouted-MODE).")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+def reroute_command(trace: str, out: str, mode: str, bias: float, window: int, capacity: int | None,
+                    label: str | None, force: bool) -> None:
+    """Emulate a reuse-biased router offline from the router scores saved in TRACE."""
+    original = Trace.load(trace, logits=_has_logits(trace))
+    rerouted, fidelity = reroute(original, mode=mode, bias=bias, window=window, capacity=capacity,
+                                 label=label)
+    rerouted.save(out, overwrite=force)
+    before = replay(original, "lru", original.num_experts).reuse_rate
+    after = replay(rerouted, "lru", rerouted.num_experts).reuse_rate
+    click.echo(f"wrote {out} (router {rerouted.meta['router']}): reuse {100 * before:.2f}% -> "
+               f"{100 * after:.2f}%, overlap with the original top-K {100 * fidelity.overlap:.2f}%, "
+               f"gate mass kept {100 * fidelity.gate_mass:.2f}%")
+
+
+def _has_logits(path: str) -> bool:
+    files, _, _ = open_parquet_files(path)
+    return "logits" in files[0].schema_arrow.names
+
+
+@cli.command("compare")
+@click.argument("base", type=click.Path(dir_okay=True))
+@click.argument("remoe", type=click.Path(dir_okay=True))
+@click.option("--capacity", "capacities", default="16,32", show_default=True,
+              help="Capacities (START:STOP[:STEP] or a list).")
+@click.option("--policies", default="lru,lfu,opt", show_default=True)
+@click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True)
+@click.option("--bandwidth", "bandwidths", default="ufs4,nvme4,pcie4x16", show_default=True,
+              help=f"Profiles: presets ({', '.join(BANDWIDTH_PRESETS)}) or values like 3GB/s.")
+@click.option("--compute-ms", type=float, help="Compute time per token without I/O, for the speedup.")
+@click.option("--per-token", is_flag=True, help="Every token is its own step.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Also write the table (.csv/.parquet).")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records.")
+def compare_command(base: str, remoe: str, capacities: str, policies: str, scope: str, bandwidths: str,
+                    compute_ms: float | None, per_token: bool, out: str | None, force: bool,
+                    as_json: bool) -> None:
+    """Baseline router against a ReMoE router: reuse, hit rates, bytes and I/O per token."""
+    frame = compare(Trace.load(base, weights=False), Trace.load(remoe, weights=False),
+                    capacities=parse_int_list(capacities), policies=_names(policies), scope=scope,
+                    bandwidths=_names(bandwidths), compute_ms=compute_ms, per_token=per_token)
+    if out:
+        write_table(frame, out, overwrite=force)
+    click.echo(frame.to_json(orient="records") if as_json else comparison_table(frame))
+
+
 @cli.command("synth")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Trace to write.")
 @click.option("--layers", type=int, default=8, show_default=True, help="MoE layers.")
@@ -234,13 +291,15 @@ def _names(text: str) -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--expert-bytes", type=int, default=DEFAULT_EXPERT_BYTES, show_default=True,
               help="Bytes of one expert's weights, for miss bytes and memory budgets.")
+@click.option("--logits", is_flag=True, help="Also write router scores and gate weights.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def synth_command(out: str, layers: int, experts: int, top_k: int, tokens: int, sequences: int,
                   prompt_len: int, stickiness: float, skew: float, seed: int, expert_bytes: int,
-                  force: bool) -> None:
+                  logits: bool, force: bool) -> None:
     """Write a synthetic sticky, skewed routing trace (labelled synthetic)."""
     trace = synth(layers, experts, top_k, tokens, sequences=sequences, prompt_len=prompt_len,
-                  stickiness=stickiness, skew=skew, seed=seed, expert_bytes=expert_bytes)
+                  stickiness=stickiness, skew=skew, seed=seed, expert_bytes=expert_bytes,
+                  logits=logits)
     trace.save(out, overwrite=force)
     click.echo(f"wrote {out}: {trace.num_tokens} tokens, {trace.num_steps} steps, "
                f"{layers} layers, E={experts}, K={top_k}")

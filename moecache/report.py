@@ -115,3 +115,29 @@ def curve_table(frame: pd.DataFrame) -> str:
     if frame["io_seconds_per_token"].notna().any():
         shown["I/O ms/token"] = (frame["io_seconds_per_token"] * 1e3).map(lambda v: f"{v:.3f}")
     return shown.to_string(index=False)
+
+
+def comparison_table(frame: pd.DataFrame) -> str:
+    """The `moecache compare` table: base and ReMoE side by side with their change."""
+    base, remoe = frame.columns[4], frame.columns[5]
+    lines = []
+    for row in frame.itertuples(index=False):
+        metric, policy, capacity, bandwidth, before, after, change, change_pp = row
+        what = metric
+        if policy is not None and metric != "reuse rate":
+            what += f" {policy}"
+        if capacity is not None and not pd.isna(capacity):
+            what += f" @C={int(capacity)}"
+        if bandwidth is not None and not pd.isna(bandwidth):
+            what += f", {bandwidth}"
+        if metric in ("reuse rate", "hit rate"):
+            cells = (_pct(before), _pct(after), f"{change_pp:+.2f} pp ({100 * change:+.1f}%)")
+        elif metric == "decode speedup":
+            cells = ("1.00x", f"{after:.2f}x", f"{100 * change:+.1f}%")
+        else:
+            cells = (f"{before:.3f}", f"{after:.3f}", f"{100 * change:+.1f}%")
+        lines.append((what, *cells))
+    header = ("", str(base), str(remoe), "change")
+    widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(4)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  " + "  ".join(f"{r[i]:>{widths[i]}}" for i in (1, 2, 3))
+                     for r in [header, *lines])

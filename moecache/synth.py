@@ -62,8 +62,15 @@ def synth(
     skew: float = 0.8,
     seed: int = 0,
     expert_bytes: int | None = DEFAULT_EXPERT_BYTES,
+    logits: bool = False,
 ) -> Trace:
-    """A synthetic trace of ``tokens`` tokens split evenly over ``sequences``."""
+    """A synthetic trace of ``tokens`` tokens split evenly over ``sequences``.
+
+    ``logits=True`` adds router scores consistent with the routing (and softmax gate
+    weights): E standard normal draws per token and layer, sorted, the K largest given
+    to the routed experts in rank order and the rest shuffled over the others, so that
+    offline rerouting (``moecache reroute``) sees realistic score margins.
+    """
     if min(layers, experts, top_k, tokens, sequences) < 1:
         raise MoecacheError("layers, experts, top_k, tokens and sequences must be positive")
     if top_k > experts:
@@ -84,9 +91,36 @@ def synth(
     # a sequence's prompt tokens share one prefill step; every other token is its own step
     prefill = positions(seq) < prompt_len
     step = np.cumsum(~prefill | (np.diff(seq, prepend=-1) != 0)) - 1
+    scores = _scores(routed, experts, rng) if logits else None
+    weights = None
+    if scores is not None:
+        chosen = np.take_along_axis(scores, routed.astype(np.int64), axis=2)
+        weights = np.exp(chosen - scores.max(axis=2, keepdims=True))
+        weights /= np.exp(scores - scores.max(axis=2, keepdims=True)).sum(axis=2, keepdims=True)
     return Trace.from_arrays(routed, num_experts=experts, seq=seq, expert_bytes=expert_bytes,
                              meta=_meta(layers, experts, top_k, stickiness, skew, seed),
-                             step=step, phase=np.where(prefill, PREFILL, DECODE))
+                             step=step, phase=np.where(prefill, PREFILL, DECODE),
+                             weights=weights, logits=scores)
+
+
+def _scores(routed: np.ndarray, experts: int, rng: np.random.Generator) -> np.ndarray:
+    """Router scores whose top-K, in order, is ``routed`` (see :func:`synth`)."""
+    tokens, layers, top_k = routed.shape
+    draws = -np.sort(-rng.standard_normal((tokens, layers, experts)), axis=2).astype(np.float16)
+    # keep the routed experts strictly on top once rounded to float16
+    below = np.nextafter(draws[:, :, top_k - 1:top_k], np.float16(-np.inf))
+    draws[:, :, top_k:] = np.minimum(draws[:, :, top_k:], below)
+    others = np.argsort(rng.random((tokens, layers, experts)), axis=2)  # random order of ids
+    is_routed = np.zeros((tokens, layers, experts), bool)
+    np.put_along_axis(is_routed, routed.astype(np.int64), True, axis=2)
+    # unrouted ids in random order fill the slots after the K routed ones
+    order = np.take_along_axis(is_routed, others, axis=2)
+    unrouted_first = np.argsort(order, axis=2, kind="stable")
+    rest = np.take_along_axis(others, unrouted_first, axis=2)[:, :, :experts - top_k]
+    ranking = np.concatenate([routed.astype(np.int64), rest], axis=2)
+    scores = np.empty((tokens, layers, experts), np.float16)
+    np.put_along_axis(scores, ranking, draws, axis=2)
+    return scores
 
 
 def _meta(layers: int, experts: int, top_k: int, stickiness: float, skew: float, seed: int) -> dict:
