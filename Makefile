@@ -4,12 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # This machine keeps a CPU build of torch 2.13.0 on disk; elsewhere use e.g. `make TORCH_PIN=torch`.
 TORCH_PIN ?= torch==2.13.0
-TRACE ?= traces/sample-synthetic.parquet
+
+include experiments/config.mk
 
 CORE := $(VENV)/.core-installed
 FULL := $(VENV)/.full-installed
+MC := $(BIN)/moecache
 
-.PHONY: env run test lint bench clean
+.PHONY: env run test lint bench bench-capture sweep plots compare pipeline sample-traces clean
 
 env: $(FULL)
 
@@ -23,18 +25,51 @@ $(FULL): $(CORE)
 	$(BIN)/pip install -q -e '.[capture,dev]'
 	touch $@
 
+# The main job on the shipped traces: describe, replay, compare baseline with ReMoE-like routing.
 run: $(CORE)
-	$(BIN)/moecache info $(TRACE)
-	$(BIN)/moecache replay $(TRACE) --policy lru --capacity 16 --bandwidth 4GB/s
+	$(MC) info $(BASE_TRACE)
+	@echo
+	$(MC) replay $(BASE_TRACE) --policy lru --capacity 16 --bandwidth $(BANDWIDTH)
+	@echo
+	$(MC) compare $(BASE_TRACE) $(REMOE_TRACE) --capacity $(COMPARE_CAPACITIES) \
+	    --bandwidth $(COMPARE_BANDWIDTHS) --compute-ms $(COMPUTE_MS)
 
 test: $(FULL)
 	$(BIN)/python -m pytest
 
 lint: $(FULL)
-	$(BIN)/ruff check moecache policies tests benchmarks experiments
+	$(BIN)/ruff check moecache policies tests benchmarks
 
 bench: $(FULL)
 	$(BIN)/python benchmarks/bench_replay.py
+
+bench-capture: $(FULL)
+	$(BIN)/python benchmarks/bench_capture.py
+
+# -- experiments (settings in experiments/config.mk) -----------------------------------
+
+sweep: $(CORE)
+	$(MC) sweep $(BASE_TRACE) $(REMOE_TRACE) --policies $(POLICIES) --scopes $(SCOPES) \
+	    --capacities $(CAPACITIES) --bandwidth $(BANDWIDTH) --out $(RESULTS)/sweep.parquet --resume
+
+plots: $(CORE)
+	$(MC) plot $(RESULTS)/sweep.parquet --out $(RESULTS)/figures --bootstrap $(BOOTSTRAP)
+
+compare: $(CORE)
+	@mkdir -p $(RESULTS)
+	$(MC) compare $(BASE_TRACE) $(REMOE_TRACE) --capacity $(COMPARE_CAPACITIES) \
+	    --bandwidth $(COMPARE_BANDWIDTHS) --compute-ms $(COMPUTE_MS) \
+	    --out $(RESULTS)/compare.csv --force | tee $(RESULTS)/compare.txt
+
+# Whole pipeline on the shipped sample traces: sweep, plots, comparison table.
+pipeline: sweep plots compare
+
+# Rebuild the shipped synthetic pair (deterministic).
+sample-traces: $(CORE)
+	$(MC) synth --out traces/sample-synthetic.parquet --layers 8 --experts 64 --top-k 8 \
+	    --tokens 4096 --sequences 4 --stickiness 0.5 --skew 0.8 --seed 0 --logits --force
+	$(MC) reroute traces/sample-synthetic.parquet --out traces/sample-rerouted.parquet \
+	    $(REROUTE_ARGS) --force
 
 clean:
 	rm -rf $(VENV) build *.egg-info
