@@ -135,3 +135,11 @@ def save_tiny_model(arch: str, path: str | Path, *, seed: int = 0, eos_token_id:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+if __name__ == "__main__":  # python -m tests.tiny_models ARCH DIR: a model to try capture on
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] not in ARCHS:
+        sys.exit(f"usage: python -m tests.tiny_models {{{','.join(ARCHS)}}} DIR")
+    print(save_tiny_model(sys.argv[1], sys.argv[2]))
