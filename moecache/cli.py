@@ -185,6 +185,40 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@cli.command("import")
+@click.argument("source", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Trace to write.")
+@click.option("--map", "mapping", help="Field=column pairs, e.g. experts=topk_ids,layer=layer,"
+              "token=token_idx,seq=req_id (fields: experts, weights, layer, token, seq, pos, step, "
+              "phase, token_id).")
+@click.option("--num-experts", type=int, help="E (default: the largest id + 1, recorded as inferred).")
+@click.option("--layers", help="The model's MoE layer ids, e.g. 1:23 or 1,3,5 (rows of others are reported).")
+@click.option("--model", help="Model name or path for the metadata.")
+@click.option("--router-label", default="imported", show_default=True)
+@click.option("--expert-bytes", help="Bytes of one expert, e.g. 16MiB (for miss bytes and --memory).")
+@click.option("--step", "step_mode", type=click.Choice(["column", "token", "prefill"]),
+              help="Steps from a step column, one per token, or one per prefill run (default: the "
+                   "step column if present, else one per token).")
+@click.option("--order", type=click.Choice(["token", "file"]), default="token", show_default=True,
+              help="Order tokens by the token column, or by first appearance in the file.")
+@click.option("--skip-warmup", type=int, default=0, show_default=True, help="Drop the first N tokens.")
+@click.option("--drop-problems", is_flag=True,
+              help="Drop (and count) incomplete, duplicate and warm-up rows instead of failing.")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+def import_command(source: str, out: str, mapping: str | None, num_experts: int | None, layers: str | None,
+                   model: str | None, router_label: str, expert_bytes: str | None, step_mode: str | None,
+                   order: str, skip_warmup: int, drop_problems: bool, force: bool) -> None:
+    """Turn routing logs (JSONL, CSV, Parquet rows or .npy/.npz arrays) into a trace."""
+    from .importer import import_routing
+
+    report = import_routing(
+        source, out, mapping=mapping, num_experts=num_experts, model=model, router_label=router_label,
+        expert_bytes=expert_bytes, layers=None if layers is None else parse_int_list(layers, "layers"),
+        step=step_mode, order=order, skip_warmup=skip_warmup,
+        on_problem="drop" if drop_problems else "error", overwrite=force)
+    click.echo(report.summary())
+
+
 @cli.command("sweep")
 @click.argument("traces", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--policies", default="lru,lfu,opt", show_default=True, help="Comma list of policies.")
