@@ -283,6 +283,29 @@ def _has_logits(path: str) -> bool:
     return "logits" in files[0].schema_arrow.names
 
 
+@cli.command("plot")
+@click.argument("results", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the figures.")
+@click.option("--traces", multiple=True, type=click.Path(dir_okay=True),
+              help="Trace files for the reuse figures (default: the paths in the table).")
+@click.option("--window", type=int, default=16, show_default=True, help="Largest window of reuse vs window.")
+@click.option("--bootstrap", type=int, default=0, show_default=True,
+              help="Confidence bands from N resamples of whole sequences (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option("--format", "formats", multiple=True, default=("png", "pdf"), show_default=True)
+def plot_command(results: str, out: str, traces: tuple[str, ...], window: int, bootstrap: int, seed: int,
+                 formats: tuple[str, ...]) -> None:
+    """Figures from a sweep table: hit rate and bytes per token vs capacity, reuse vs window,
+    per-layer reuse."""
+    from .plots import plot_results
+
+    written = plot_results(results, out, traces=list(traces) or None, bootstrap=bootstrap,
+                           max_window=window, formats=formats, seed=seed,
+                           on_note=lambda note: click.echo(f"moecache: note: {note}", err=True))
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 @cli.command("compare")
 @click.argument("base", type=click.Path(dir_okay=True))
 @click.argument("remoe", type=click.Path(dir_okay=True))
