@@ -185,6 +185,54 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@cli.group("remoe")
+def remoe_group() -> None:
+    """ReMoE: router-only fine-tuning for expert reuse."""
+
+
+@remoe_group.command("finetune")
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, type=click.Path(),
+              help="Training text: plain text (documents split by blank lines) or JSONL with 'text'.")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Folder for the fine-tuned checkpoint.")
+@click.option("--locality-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the temporal-locality term.")
+@click.option("--window", type=int, default=1, show_default=True,
+              help="Reward router mass on experts used in the previous W tokens.")
+@click.option("--kl-weight", type=float, default=1.0, show_default=True,
+              help="Weight of the KL anchor to the original model's outputs.")
+@click.option("--lm-weight", type=float, default=1.0, show_default=True, help="Weight of next-token loss.")
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="Training dtype.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+def remoe_finetune_command(model: str, data: str, out: str, locality_weight: float, window: int,
+                           kl_weight: float, lm_weight: float, steps: int, lr: float, seq_len: int,
+                           batch_size: int, device: str, dtype: str, seed: int, force: bool) -> None:
+    """Fine-tune only the routers of MODEL for expert reuse, anchored to the original outputs.
+
+    Ctrl-C or SIGTERM stops training and saves what was trained (marked interrupted).
+    """
+    from .remoe import finetune
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        report = finetune(model, data, out, locality_weight=locality_weight, window=window,
+                          kl_weight=kl_weight, lm_weight=lm_weight, steps=steps, lr=lr, seq_len=seq_len,
+                          batch_size=batch_size, device=device, dtype=dtype, seed=seed, overwrite=force)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo(f"wrote {out}: {report.steps} steps, reuse {100 * report.reuse_before:.2f}% -> "
+               f"{100 * report.reuse_after:.2f}% on held-in text"
+               + (" (interrupted: partial training saved)" if report.interrupted else ""))
+    if report.interrupted:
+        raise SystemExit(130)
+
+
 @cli.command("import")
 @click.argument("source", type=click.Path())
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Trace to write.")
