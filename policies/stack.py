@@ -20,34 +20,75 @@ reported.
 import numpy as np
 from numba import njit
 
+from ._state import popcount
 from .opt import next_request
 
 LRU, LFU, OPT = 0, 1, 2
 _PINNED = np.iinfo(np.int64).max
 
 
-@njit(cache=True, inline="always")
-def _lower(major, minor, a, b):
-    """True if key ``a`` has lower priority (is evicted before) key ``b``."""
-    return major[a] < major[b] or (major[a] == major[b] and minor[a] < minor[b])
-
-
 @njit(cache=True, nogil=True)
 def stack_depths(keys, offsets, num_keys, policy):
     """Stack depth (1-based) of every entry of ``keys`` when requested; 0 = never seen."""
+    if policy == LRU and num_keys <= 64:
+        return lru_depths_masks(keys, offsets)
+    return priority_stack_depths(keys, offsets, num_keys, policy)
+
+
+@njit(cache=True, nogil=True)
+def lru_depths_masks(keys, offsets):
+    """LRU depths for at most 64 keys, without a stack.
+
+    For LRU the priority stack at the start of a request is the order of (last use, id),
+    and a key of the request keeps its position until served (pinned keys never move
+    while the carry passes them), so its depth is one plus the keys ranked above it at
+    the start: ``above[x]``, a 64-bit mask kept for every key. Invariant: between
+    requests, ``above[x]`` holds the keys whose (last use, id) is greater than x's.
+    """
+    above = np.zeros(64, np.uint64)
+    seen = np.uint64(0)
+    depths = np.zeros(keys.shape[0], np.int64)
+    one = np.uint64(1)
+    for r in range(offsets.shape[0] - 1):
+        lo, hi = offsets[r], offsets[r + 1]
+        served = np.uint64(0)
+        for j in range(lo, hi):
+            x = keys[j]
+            bit = one << np.uint64(x)
+            if seen & bit:
+                depths[j] = 1 + popcount(above[x])
+            served |= bit
+        seen |= served
+        for y in range(64):
+            above[y] |= served
+        for j in range(lo, hi):
+            x = keys[j]
+            # keys of the same request rank above x iff their id is larger
+            above[x] = served & ~((one << np.uint64(x)) | ((one << np.uint64(x)) - one))
+    return depths
+
+
+@njit(cache=True, nogil=True)
+def priority_stack_depths(keys, offsets, num_keys, policy):
+    """Mattson's update for any of the three policies (see the module docstring).
+
+    The stack keeps each entry's priority (``major``, ``minor``) beside its key, so the
+    carry loop reads contiguous memory; ``depth_of`` maps keys to positions.
+    """
     num_requests = offsets.shape[0] - 1
     stack = np.empty(num_keys, np.int64)
+    major = np.empty(num_keys, np.int64)
+    minor = np.empty(num_keys, np.int64)
     depth_of = np.zeros(num_keys, np.int64)  # current 1-based position, 0 if absent
     size = 0
-    major = np.zeros(num_keys, np.int64)
-    minor = np.zeros(num_keys, np.int64)
     uses = np.zeros(num_keys, np.int64)
     following = next_request(keys, offsets, num_keys) if policy == OPT else np.zeros(0, np.int32)
     depths = np.zeros(keys.shape[0], np.int64)
     for r in range(num_requests):
         lo, hi = offsets[r], offsets[r + 1]
         for j in range(lo, hi):
-            major[keys[j]] = _PINNED
+            if depth_of[keys[j]] > 0:
+                major[depth_of[keys[j]] - 1] = _PINNED
         for j in range(lo, hi):
             x = keys[j]
             d = depth_of[x]
@@ -55,30 +96,29 @@ def stack_depths(keys, offsets, num_keys, policy):
             if d == 1:
                 continue
             bottom = size if d == 0 else d - 1  # deepest level the carry passes
-            carry = stack[0] if size > 0 else x
-            for i in range(1, bottom):
-                here = stack[i]
-                if _lower(major, minor, here, carry):
-                    stack[i] = carry
-                    depth_of[carry] = i + 1
-                    carry = here
+            if size > 0:
+                carry, carry_major, carry_minor = stack[0], major[0], minor[0]
+                for i in range(1, bottom):
+                    if major[i] < carry_major or (major[i] == carry_major and minor[i] < carry_minor):
+                        here, here_major, here_minor = stack[i], major[i], minor[i]
+                        stack[i], major[i], minor[i] = carry, carry_major, carry_minor
+                        depth_of[carry] = i + 1
+                        carry, carry_major, carry_minor = here, here_major, here_minor
+                slot = size if d == 0 else d - 1
+                stack[slot], major[slot], minor[slot] = carry, carry_major, carry_minor
+                depth_of[carry] = slot + 1
             if d == 0:
-                if size > 0:
-                    stack[size] = carry
-                    depth_of[carry] = size + 1
                 size += 1
-            else:
-                stack[d - 1] = carry
-                depth_of[carry] = d
-            stack[0] = x
+            stack[0], major[0], minor[0] = x, _PINNED, 0
             depth_of[x] = 1
         for j in range(lo, hi):
             k = keys[j]
             uses[k] += 1
+            at = depth_of[k] - 1
             if policy == LRU:
-                major[k], minor[k] = r, k
+                major[at], minor[at] = r, k
             elif policy == LFU:
-                major[k], minor[k] = uses[k], r * num_keys + k
+                major[at], minor[at] = uses[k], r * num_keys + k
             else:
-                major[k], minor[k] = -following[j], k
+                major[at], minor[at] = -following[j], k
     return depths

@@ -41,3 +41,15 @@ def test_curve_rejects_capacity_below_a_step_set():
     trace = mc.synth(layers=1, experts=8, top_k=4, tokens=20, seed=0)
     with pytest.raises(mc.MoecacheError, match="below the largest step set"):
         mc.curve(trace, "lru", capacities=[3, 5])
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "opt"])
+@given(data=routings(max_layers=2, max_experts=90, max_tokens=25))
+def test_curve_past_64_experts_equals_replay(policy, data):
+    """Past 64 keys the lru curve leaves its 64-bit mask shortcut for the general stack."""
+    experts, step, num_experts = data
+    trace = make_trace(experts, step, num_experts)
+    for scope in ("layer", "global"):
+        frame = mc.curve(trace, policy, scope)
+        for row in frame.itertuples():
+            assert row.hits == mc.replay(trace, policy, row.capacity, scope).hits
