@@ -80,7 +80,10 @@ def _start_long_capture(model_dir, tmp_path):
     out = tmp_path / "long.parquet"
     cmd = [sys.executable, "-m", "moecache.cli", "capture", str(model_dir), "--prompts", str(many),
            "--out", str(out), "--max-new-tokens", "40", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a background job inherits an ignored SIGINT (then Python never raises KeyboardInterrupt):
+    # give the child the default disposition, as a terminal's foreground process has
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(parts_dir(out).glob("part-*.parquet")):  # wait for a committed block
         assert proc.poll() is None, proc.communicate()
@@ -93,7 +96,7 @@ def _start_long_capture(model_dir, tmp_path):
 def test_terminated_capture_leaves_partial_trace(model_dir, tmp_path, sig):
     proc, out = _start_long_capture(model_dir, tmp_path)
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "partial trace" in stderr and "Traceback" not in stderr
     trace = mc.Trace.load(out)
