@@ -14,13 +14,9 @@ from functools import cached_property
 import numpy as np
 from numba import njit
 
-from .trace import Trace
+from moecache.policies._state import bit_index
 
-# trailing-zero count of a one-bit uint64 by de Bruijn multiplication: bit i -> slot -> i
-_DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
-_BIT_INDEX = np.zeros(64, np.int16)
-for _i in range(64):
-    _BIT_INDEX[((1 << _i) * int(_DE_BRUIJN) % 2**64) >> 58] = _i
+from .trace import Trace
 
 
 @njit(cache=True)
@@ -47,7 +43,7 @@ def _step_unions(experts, step_starts, num_experts):
                 mask[word] = 0
                 while bits:
                     lowest = bits & (~bits + np.uint64(1))
-                    ids[fill] = word * 64 + _BIT_INDEX[(lowest * _DE_BRUIJN) >> np.uint64(58)]
+                    ids[fill] = word * 64 + bit_index(lowest)
                     fill += 1
                     bits ^= lowest
             offsets[t * num_layers + layer + 1] = fill

@@ -141,3 +141,16 @@ def popcount(mask):
         mask &= mask - np.uint64(1)
         count += 1
     return count
+
+
+# index of a one-bit mask by de Bruijn multiplication: bit i -> table slot -> i
+_DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
+_BIT_INDEX = np.zeros(64, np.int64)
+for _i in range(64):
+    _BIT_INDEX[((1 << _i) * int(_DE_BRUIJN) % 2**64) >> 58] = _i
+
+
+@njit(cache=True, inline="always")
+def bit_index(one_bit):
+    """i for the mask ``1 << i``."""
+    return _BIT_INDEX[(one_bit * _DE_BRUIJN) >> np.uint64(58)]

@@ -2,11 +2,12 @@
 
 Two exact implementations of the same order, chosen by ``simulate``:
 
-* masks (at most 64 keys, unit sizes): ``groups[t]`` is the set of keys whose latest
-  request is ``t`` and that are still cached, as a 64-bit mask. Invariant: the groups
-  partition the residents by last use, so victims are the lowest bits (smallest ids) of
-  the oldest non-empty groups; a request clears its keys from their old groups first,
-  so they are never victims.
+* masks (at most 64 keys, unit sizes): ``groups[t]`` holds, as a 64-bit mask, the keys
+  request ``t`` used that have not been evicted since. A bit is live iff ``latest[key]
+  == t``; older bits of re-used keys are dropped lazily when eviction reaches them.
+  Invariant: the live bits partition the residents by last use, so victims are the
+  lowest live bits (smallest ids) of the oldest groups; keys of the current request
+  are live only in the newest group, never reached by eviction.
 * stream (any size): the request stream itself is the recency list, its entries being
   in (request, ascending id) order, which is LRU's eviction order. Invariant: entry
   ``j`` is a live resident iff ``latest[keys[j]] == j`` and it lies at or after the
@@ -17,7 +18,7 @@ Two exact implementations of the same order, chosen by ``simulate``:
 import numpy as np
 from numba import njit, uint64
 
-from ._state import fits_masks, no_room
+from ._state import bit_index, fits_masks, no_room, popcount
 
 
 @njit(cache=True, nogil=True)
@@ -30,8 +31,8 @@ def simulate(keys, offsets, sizes, capacity, seed):
 @njit(cache=True, nogil=True)
 def simulate_masks(keys, offsets, capacity):
     num_requests = offsets.shape[0] - 1
-    groups = np.zeros(num_requests + 1, np.uint64)  # the extra group absorbs first uses
-    latest = np.full(64, num_requests, np.int64)
+    groups = np.zeros(num_requests, np.uint64)
+    latest = np.full(64, -1, np.int64)
     hits = np.zeros(num_requests, np.int32)
     resident = uint64(0)
     count = 0
@@ -39,14 +40,10 @@ def simulate_masks(keys, offsets, capacity):
     for r in range(num_requests):
         lo, hi = offsets[r], offsets[r + 1]
         step = uint64(0)
-        found = 0
         for j in range(lo, hi):
-            key = uint64(keys[j])
-            bit = uint64(1) << key
-            step |= bit
-            found += (resident >> key) & uint64(1)
-            groups[latest[keys[j]]] &= ~bit
+            step |= uint64(1) << uint64(keys[j])
             latest[keys[j]] = r
+        found = popcount(step & resident)
         hits[r] = found
         misses = hi - lo - found
         evict = count + misses - capacity
@@ -61,8 +58,9 @@ def simulate_masks(keys, offsets, capacity):
                     continue
                 lowest = group & (~group + uint64(1))
                 groups[oldest] = group ^ lowest
-                resident ^= lowest
-                evict -= 1
+                if latest[bit_index(lowest)] == oldest:  # live: the LRU victim
+                    resident ^= lowest
+                    evict -= 1
         count += misses
         resident |= step
         groups[r] = step
