@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from moecache.policies import POLICIES
-from moecache.policies.stack import LFU, LRU, OPT, stack_depths
+from moecache.policies.stack import LFU, LRU, OPT, depth_histogram
 
 from .errors import MoecacheError
 from .replay import SCOPES, ReplayResult, replay, summarize
@@ -32,15 +32,10 @@ def stack_hits(req: Requests, policy: str, scope: str) -> np.ndarray:
         hist = np.zeros((num_experts + 1, num_layers), np.int64)
         for layer in range(num_layers):
             keys, offsets = req.layer(layer)
-            depths = stack_depths(keys, offsets, num_experts, code)
-            hist[:, layer] = np.bincount(depths, minlength=num_experts + 1)
+            hist[:, layer] = depth_histogram(keys, offsets, num_experts, code, 1)[:, 0]
     else:
         keys, offsets = req.pooled()
-        depths = stack_depths(keys, offsets, num_layers * num_experts, code)
-        layer_of_entry = np.repeat(np.arange(len(offsets) - 1) % num_layers, np.diff(offsets))
-        size = num_layers * num_experts + 1
-        hist = np.bincount(depths * num_layers + layer_of_entry,
-                           minlength=size * num_layers).reshape(size, num_layers)
+        hist = depth_histogram(keys, offsets, num_layers * num_experts, code, num_layers)
     hist[0] = 0  # depth 0: first reference, a miss at every capacity
     return np.cumsum(hist, axis=0)
 

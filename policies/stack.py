@@ -28,15 +28,17 @@ _PINNED = np.iinfo(np.int64).max
 
 
 @njit(cache=True, nogil=True)
-def stack_depths(keys, offsets, num_keys, policy):
-    """Stack depth (1-based) of every entry of ``keys`` when requested; 0 = never seen."""
+def depth_histogram(keys, offsets, num_keys, policy, groups):
+    """Counts of stack depths, shape (num_keys + 1, groups): row d counts the requested
+    entries found at depth d (1-based; 0 = never seen before), column ``r % groups`` of
+    their request r (the MoE layer, in global scope)."""
     if policy == LRU and num_keys <= 64:
-        return lru_depths_masks(keys, offsets)
-    return priority_stack_depths(keys, offsets, num_keys, policy)
+        return lru_depths_masks(keys, offsets, num_keys, groups)
+    return priority_stack_depths(keys, offsets, num_keys, policy, groups)
 
 
 @njit(cache=True, nogil=True)
-def lru_depths_masks(keys, offsets):
+def lru_depths_masks(keys, offsets, num_keys, groups):
     """LRU depths for at most 64 keys, without a stack.
 
     For LRU the priority stack at the start of a request is the order of (last use, id),
@@ -47,7 +49,7 @@ def lru_depths_masks(keys, offsets):
     """
     above = np.zeros(64, np.uint64)
     seen = np.uint64(0)
-    depths = np.zeros(keys.shape[0], np.int64)
+    hist = np.zeros((num_keys + 1, groups), np.int64)
     one = np.uint64(1)
     for r in range(offsets.shape[0] - 1):
         lo, hi = offsets[r], offsets[r + 1]
@@ -55,8 +57,7 @@ def lru_depths_masks(keys, offsets):
         for j in range(lo, hi):
             x = keys[j]
             bit = one << np.uint64(x)
-            if seen & bit:
-                depths[j] = 1 + popcount(above[x])
+            hist[1 + popcount(above[x]) if seen & bit else 0, r % groups] += 1
             served |= bit
         seen |= served
         for y in range(64):
@@ -65,11 +66,11 @@ def lru_depths_masks(keys, offsets):
             x = keys[j]
             # keys of the same request rank above x iff their id is larger
             above[x] = served & ~((one << np.uint64(x)) | ((one << np.uint64(x)) - one))
-    return depths
+    return hist
 
 
 @njit(cache=True, nogil=True)
-def priority_stack_depths(keys, offsets, num_keys, policy):
+def priority_stack_depths(keys, offsets, num_keys, policy, groups):
     """Mattson's update for any of the three policies (see the module docstring).
 
     The stack keeps each entry's priority (``major``, ``minor``) beside its key, so the
@@ -83,7 +84,7 @@ def priority_stack_depths(keys, offsets, num_keys, policy):
     size = 0
     uses = np.zeros(num_keys, np.int64)
     following = next_request(keys, offsets, num_keys) if policy == OPT else np.zeros(0, np.int32)
-    depths = np.zeros(keys.shape[0], np.int64)
+    hist = np.zeros((num_keys + 1, groups), np.int64)
     for r in range(num_requests):
         lo, hi = offsets[r], offsets[r + 1]
         for j in range(lo, hi):
@@ -92,7 +93,7 @@ def priority_stack_depths(keys, offsets, num_keys, policy):
         for j in range(lo, hi):
             x = keys[j]
             d = depth_of[x]
-            depths[j] = d
+            hist[d, r % groups] += 1
             if d == 1:
                 continue
             bottom = size if d == 0 else d - 1  # deepest level the carry passes
@@ -121,4 +122,4 @@ def priority_stack_depths(keys, offsets, num_keys, policy):
                 major[at], minor[at] = uses[k], r * num_keys + k
             else:
                 major[at], minor[at] = -following[j], k
-    return depths
+    return hist
