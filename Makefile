@@ -11,7 +11,8 @@ CORE := $(VENV)/.core-installed
 FULL := $(VENV)/.full-installed
 MC := $(BIN)/moecache
 
-.PHONY: env run test lint bench bench-capture sweep plots compare pipeline sample-traces clean
+.PHONY: env run test lint bench bench-capture sweep plots compare pipeline sample-traces toy-model \
+	remoe-experiment clean
 
 env: $(FULL)
 
@@ -29,7 +30,7 @@ $(FULL): $(CORE)
 run: $(CORE)
 	$(MC) info $(BASE_TRACE)
 	@echo
-	$(MC) replay $(BASE_TRACE) --policy lru --capacity 16 --bandwidth $(BANDWIDTH)
+	$(MC) replay $(BASE_TRACE) --policy lru --capacity 8 --bandwidth $(BANDWIDTH)
 	@echo
 	$(MC) compare $(BASE_TRACE) $(REMOE_TRACE) --capacity $(COMPARE_CAPACITIES) \
 	    --bandwidth $(COMPARE_BANDWIDTHS) --compute-ms $(COMPUTE_MS)
@@ -38,7 +39,7 @@ test: $(FULL)
 	$(BIN)/python -m pytest
 
 lint: $(FULL)
-	$(BIN)/ruff check moecache policies tests benchmarks
+	$(BIN)/ruff check moecache policies tests benchmarks experiments
 
 bench: $(FULL)
 	$(BIN)/python benchmarks/bench_replay.py
@@ -66,10 +67,23 @@ pipeline: sweep plots compare
 
 # Rebuild the shipped synthetic pair (deterministic).
 sample-traces: $(CORE)
-	$(MC) synth --out traces/sample-synthetic.parquet --layers 8 --experts 64 --top-k 8 \
+	$(MC) synth --out $(SAMPLE_TRACE) --layers 8 --experts 64 --top-k 8 \
 	    --tokens 4096 --sequences 4 --stickiness 0.5 --skew 0.8 --seed 0 --logits --force
-	$(MC) reroute traces/sample-synthetic.parquet --out traces/sample-rerouted.parquet \
+	$(MC) reroute $(SAMPLE_TRACE) --out $(REROUTED_TRACE) \
 	    $(REROUTE_ARGS) --force
+
+# -- ReMoE on a model trained here (issue 5) ----------------------------------------------
+TOY_MODEL ?= models/toy-moe
+TOY_ARGS ?=
+REMOE_ARGS ?=
+
+# Train the toy OLMoE-style MoE from scratch on CPU (stdlib sources; ~7-12 min on 2 cores).
+toy-model: $(FULL)
+	$(BIN)/python experiments/toy_model.py --out $(TOY_MODEL) $(TOY_ARGS)
+
+# ReMoE router fine-tuning of the toy model: locality sweep, traces, compare/sweep/plots.
+remoe-experiment: $(FULL)
+	$(BIN)/python experiments/remoe_experiment.py --model $(TOY_MODEL) $(REMOE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

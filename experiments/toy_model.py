@@ -1,0 +1,225 @@
+"""Train a small OLMoE-style MoE language model from scratch on CPU (``make toy-model``).
+
+Corpus: the ``.py`` files of the running Python's standard library (``sysconfig``
+stdlib path; test suites, ``site-packages`` and ``idlelib`` left out), in sorted path
+order, or any UTF-8 text file given with ``--corpus`` (cut into documents of about
+4,000 characters at line breaks). Every ``--heldout-every``-th document is held out,
+so held-out text comes from separate files. Only the first ``--max-train-chars`` of
+training text are used. Written to ``--data-dir``: ``train.jsonl``, ``heldout.jsonl``
+(one ``{"text": ...}`` document a line, the format of ``moecache.remoe.data``) and
+``heldout_prompts.jsonl`` (held-out token blocks decoded back to text, the prompts of
+the forward-mode captures).
+
+Tokenizer: byte-level BPE (``tokenizers``) trained on the training split, vocabulary
+``--vocab`` (default 4096), ``<|endoftext|>`` as BOS/EOS, ``<pad>``.
+
+Model: ``OlmoeConfig`` (4 layers, hidden 128, 32 fine-grained experts of width 128,
+top-4, 4 heads). Trained with its normal LM loss plus the architecture's own
+load-balancing auxiliary loss (``router_aux_loss_coef`` 0.01; it is a baseline model,
+as OLMoE itself was pretrained), AdamW, linear warm-up then cosine decay, packed
+blocks of ``--seq-len`` tokens. Seeded; ``save_pretrained`` + tokenizer to ``--out``
+with ``output_router_logits`` off. Prints the held-out perplexity at the end and
+writes ``toy_train.json`` (settings, time, losses) beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from moecache.remoe import load_texts, pack_blocks
+
+SKIP_PARTS = {"test", "tests", "site-packages", "idlelib", "__pycache__", "dist-packages"}
+EOS = "<|endoftext|>"
+PAD = "<pad>"
+
+
+def stdlib_documents() -> list[str]:
+    """The stdlib ``.py`` sources (sorted relative paths), one document per file."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        if SKIP_PARTS & set(path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            docs.append(text)
+    return docs
+
+
+def file_documents(path: Path, size: int = 4000) -> list[str]:
+    """A text file cut into documents of about ``size`` characters at line breaks."""
+    docs, current = [], []
+    length = 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        current.append(line)
+        length += len(line)
+        if length >= size:
+            docs.append("".join(current))
+            current, length = [], 0
+    if "".join(current).strip():
+        docs.append("".join(current))
+    return docs
+
+
+def split(docs: list[str], every: int, max_train: int, max_heldout: int) -> tuple[list[str], list[str]]:
+    """Every ``every``-th document held out; both splits cut at a character budget."""
+    train, heldout = [], []
+    for number, doc in enumerate(docs):
+        target, budget = (heldout, max_heldout) if number % every == every - 1 else (train, max_train)
+        if sum(map(len, target)) < budget:
+            target.append(doc)
+    return train, heldout
+
+
+def write_jsonl(path: Path, texts: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for text in texts:
+            out.write(json.dumps({"text": text}) + "\n")
+
+
+def build_tokenizer(texts: list[str], vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD)
+
+
+def build_model(tokenizer, args):
+    from transformers import AutoModelForCausalLM, OlmoeConfig
+
+    config = OlmoeConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.expert_width,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        num_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=1024,
+        router_aux_loss_coef=args.aux_coef, output_router_logits=False, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return AutoModelForCausalLM.from_config(config, experts_implementation=args.experts_impl)
+
+
+@torch.no_grad()
+def perplexity(model, blocks: np.ndarray, batch_size: int = 8) -> float:
+    """exp(mean next-token cross-entropy) over packed blocks (n, T), teacher-forced."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.as_tensor(blocks[start:start + batch_size])
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total += float(loss) * n
+        count += n
+    return math.exp(total / count)
+
+
+def heldout_blocks(tokenizer, data_dir: Path, seq_len: int, max_blocks: int) -> np.ndarray:
+    return pack_blocks(tokenizer, load_texts(data_dir / "heldout.jsonl"), seq_len, max_blocks=max_blocks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--out", type=Path, default=Path("models/toy-moe"))
+    add("--data-dir", type=Path, default=Path("models/toy-data"))
+    add("--corpus", type=Path, help="a UTF-8 text file instead of the Python stdlib sources")
+    add("--max-train-chars", type=int, default=2_000_000)
+    add("--max-heldout-chars", type=int, default=400_000)
+    add("--heldout-every", type=int, default=20)
+    add("--vocab", type=int, default=4096)
+    add("--layers", type=int, default=4)
+    add("--hidden", type=int, default=128)
+    add("--heads", type=int, default=4)
+    add("--experts", type=int, default=32)
+    add("--top-k", type=int, default=4)
+    add("--expert-width", type=int, default=128)
+    add("--aux-coef", type=float, default=0.01, help="load-balancing loss weight (0: off)")
+    add("--steps", type=int, default=240)
+    add("--batch-size", type=int, default=16)
+    add("--seq-len", type=int, default=128)
+    add("--lr", type=float, default=4e-3)
+    add("--warmup", type=int, default=20)
+    add("--eval-blocks", type=int, default=64, help="held-out blocks of 256 tokens for perplexity")
+    add("--prompts", type=int, default=32, help="held-out prompts of 256 tokens for captures")
+    add("--threads", type=int, default=2)
+    add("--experts-impl", default="grouped_mm", help="transformers experts implementation")
+    add("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    docs = file_documents(args.corpus) if args.corpus else stdlib_documents()
+    train, heldout = split(docs, args.heldout_every, args.max_train_chars, args.max_heldout_chars)
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(args.data_dir / "train.jsonl", train)
+    write_jsonl(args.data_dir / "heldout.jsonl", heldout)
+    tokenizer = build_tokenizer(train, args.vocab)
+    blocks = pack_blocks(tokenizer, train, args.seq_len)
+    held = heldout_blocks(tokenizer, args.data_dir, 256, args.eval_blocks)
+    prompts = heldout_blocks(tokenizer, args.data_dir, 256, args.prompts)
+    write_jsonl(args.data_dir / "heldout_prompts.jsonl", [tokenizer.decode(b) for b in prompts])
+    print(f"corpus: {len(train)} train / {len(heldout)} held-out documents, {blocks.size:,} train tokens "
+          f"({len(blocks)} blocks of {args.seq_len}), {held.size:,} held-out tokens; "
+          f"tokenizer {time.perf_counter() - started:.0f}s")
+
+    model = build_model(tokenizer, args)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: OLMoE {args.layers} layers, hidden {args.hidden}, {args.experts} experts "
+          f"top-{args.top_k}, {params / 1e6:.2f}M parameters")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(blocks))
+    model.train()
+    history, t0 = [], time.perf_counter()
+    bar = tqdm(range(args.steps), desc="toy-moe pretrain", unit="step", dynamic_ncols=True)
+    for step in bar:
+        pick = order[(np.arange(args.batch_size) + step * args.batch_size) % len(order)]
+        ids = torch.as_tensor(blocks[pick])
+        out = model(input_ids=ids, labels=ids, output_router_logits=args.aux_coef > 0, use_cache=False)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        aux = 0.0 if getattr(out, "aux_loss", None) is None else out.aux_loss.item()
+        lm = out.loss.item() - args.aux_coef * aux
+        if step % 10 == 0 or step == args.steps - 1:
+            history.append(dict(step=step, lm=lm, aux=aux, lr=sched.get_last_lr()[0]))
+            bar.set_postfix(lm=f"{lm:.3f}", aux=f"{aux:.3f}")
+    train_s = time.perf_counter() - t0
+    ppl = perplexity(model, held)
+    model.config.output_router_logits = False
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    report = dict(settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                  parameters=params, train_tokens=int(blocks.size),
+                  tokens_seen=args.steps * args.batch_size * args.seq_len, train_s=round(train_s, 1),
+                  total_s=round(time.perf_counter() - started, 1), heldout_ppl=ppl,
+                  heldout_tokens=int(held.size), history=history)
+    (args.out / "toy_train.json").write_text(json.dumps(report, indent=1))
+    print(f"trained {args.steps} steps in {train_s / 60:.1f} min; held-out perplexity {ppl:.2f} "
+          f"({held.size:,} tokens); saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
