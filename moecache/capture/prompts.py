@@ -71,7 +71,7 @@ def _read_file(path: Path) -> Prompts:
         raise MoecacheError(f"{path}: not UTF-8 text (byte {err.start})") from None
     lines = text.splitlines()
     if path.suffix.lower() in JSONL_SUFFIXES:
-        texts = [_json_prompt(path, number, line)
+        texts = [json_text(path, number, line, JSON_FIELDS)
                  for number, line in enumerate(lines, 1) if line.strip()]
     else:
         texts = [line for line in lines if line.strip()]
@@ -80,14 +80,16 @@ def _read_file(path: Path) -> Prompts:
     return Prompts(texts, str(path), hashlib.sha256(raw).hexdigest(), len(texts))
 
 
-def _json_prompt(path: Path, number: int, line: str) -> str:
+def json_text(path: Path, number: int, line: str, fields: tuple[str, ...]) -> str:
+    """The first string field of ``fields`` in JSONL line ``number`` of ``path``."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise MoecacheError(f"{path}:{number}: not valid JSON ({err.msg})") from None
     if isinstance(record, dict):
-        for name in JSON_FIELDS:
+        for name in fields:
             value = record.get(name)
             if isinstance(value, str):
                 return value
-    raise MoecacheError(f"{path}:{number}: expected an object with a string 'prompt' or 'text' field")
+    wanted = " or ".join(repr(name) for name in fields)
+    raise MoecacheError(f"{path}:{number}: expected an object with a string {wanted} field")

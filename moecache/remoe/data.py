@@ -23,7 +23,6 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..capture.prompts import json_text
 from ..errors import MoecacheError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -64,7 +64,7 @@ def load_texts(data: str | os.PathLike | Sequence[str]) -> list[str]:
     except UnicodeDecodeError as err:
         raise MoecacheError(f"{path}: not UTF-8 text (byte {err.start})") from None
     if path.suffix.lower() in JSONL_SUFFIXES:
-        texts = [_json_text(path, number, line)
+        texts = [json_text(path, number, line, JSON_FIELDS)
                  for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -107,16 +107,3 @@ def pack_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int, *,
     if max_blocks is not None:
         count = min(count, max_blocks)
     return stream[:count * seq_len].reshape(count, seq_len)
-
-
-def _json_text(path: Path, number: int, line: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise MoecacheError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-    if isinstance(record, dict):
-        for name in JSON_FIELDS:
-            value = record.get(name)
-            if isinstance(value, str):
-                return value
-    raise MoecacheError(f"{path}:{number}: expected an object with a string 'text' field")
