@@ -25,7 +25,14 @@ from moecache.capture.routers import find_routers  # noqa: E402
 from moecache.errors import MoecacheError  # noqa: E402
 from moecache.trace import DECODE, PREFILL  # noqa: E402
 
-from .tiny_models import ARCHS, PROMPTS, build_tokenizer, save_tiny_model, tiny_configs  # noqa: E402
+from .tiny_models import (  # noqa: E402
+    ARCHS,
+    PROMPTS,
+    build_tokenizer,
+    mixtral_with_unsupported_router,
+    save_tiny_model,
+    tiny_configs,
+)
 
 MAX_NEW = 6
 ROUTER_ATTR = {"gpt_oss": "router"}
@@ -360,38 +367,12 @@ def test_dense_model_is_refused(tmp_path):
     assert not (tmp_path / "t.parquet").exists()
 
 
-class _ScoresAndIndicesRouter(torch.nn.Module):
-    """A router in another format: (scores, indices), like Llama-4's (scores, logits)."""
-
-    def __init__(self):
-        super().__init__()
-        self.top_k = 2
-        self.weight = torch.nn.Parameter(torch.randn(8, 32))
-
-    def forward(self, hidden):
-        scores = torch.nn.functional.linear(hidden, self.weight)
-        return scores, scores.topk(2, dim=-1).indices
-
-
-class _OddMoeBlock(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.router = _ScoresAndIndicesRouter()
-
-    def forward(self, hidden):
-        self.router(hidden.reshape(-1, hidden.shape[-1]))
-        return hidden
-
-
 def test_unsupported_router_is_refused():
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(tiny_configs(56)["mixtral"])
-    for layer in model.model.layers:
-        layer.mlp = _OddMoeBlock()
-    with pytest.raises(MoecacheError, match=r"unsupported router: _ScoresAndIndicesRouter at "
+    model = mixtral_with_unsupported_router()
+    with pytest.raises(MoecacheError, match=r"unsupported router: ScoresAndIndicesRouter at "
                                             r"model.layers.0.mlp.router returns \(\(2, 8\) float32"):
         find_routers(model)
+
 
 
 def test_missing_model_folder(tmp_path):

@@ -32,7 +32,13 @@ from moecache.remoe import (  # noqa: E402
     score_kind,
 )
 
-from .tiny_models import PROMPTS, SENTENCES, build_tokenizer, save_tiny_model, tiny_configs  # noqa: E402
+from .tiny_models import (  # noqa: E402
+    PROMPTS,
+    SENTENCES,
+    build_tokenizer,
+    mixtral_with_unsupported_router,
+    save_tiny_model,
+)
 
 ARCHS = ("olmoe", "qwen2_moe", "deepseek_v3")  # softmax, softmax + shared/dense, sigmoid + bias/groups
 FAST = dict(steps=30, lr=3e-2, seq_len=32, batch_size=4, progress=False, log_every=10)
@@ -323,35 +329,8 @@ def test_dense_model_is_refused(tmp_path, data_file):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
 
 
-class _ScoresAndIndicesRouter(torch.nn.Module):
-    """A router whose output format capture does not support: (scores, indices)."""
-
-    def __init__(self):
-        super().__init__()
-        self.top_k = 2
-        self.weight = torch.nn.Parameter(torch.randn(8, 32))
-
-    def forward(self, hidden):
-        scores = torch.nn.functional.linear(hidden, self.weight)
-        return scores, scores.topk(2, dim=-1).indices
-
-
-class _OddMoeBlock(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.router = _ScoresAndIndicesRouter()
-
-    def forward(self, hidden):
-        self.router(hidden.reshape(-1, hidden.shape[-1]))
-        return hidden
-
-
 def test_unsupported_router_is_refused():
-    from transformers import AutoModelForCausalLM
-
     tokenizer = build_tokenizer()
-    model = AutoModelForCausalLM.from_config(tiny_configs(len(tokenizer))["mixtral"])
-    for layer in model.model.layers:
-        layer.mlp = _OddMoeBlock()
-    with pytest.raises(MoecacheError, match="unsupported router: _ScoresAndIndicesRouter"):
+    model = mixtral_with_unsupported_router(len(tokenizer))
+    with pytest.raises(MoecacheError, match="unsupported router: ScoresAndIndicesRouter"):
         finetune_model(model, tokenizer, ["hello world the cache"], progress=False)

@@ -137,6 +137,37 @@ def save_tiny_model(arch: str, path: str | Path, *, seed: int = 0, eos_token_id:
     return path
 
 
+def mixtral_with_unsupported_router(vocab_size: int = 56):
+    """A tiny Mixtral whose MoE blocks route through a module returning (scores, indices),
+    a format capture does not support (like Llama-4's (scores, logits))."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    class ScoresAndIndicesRouter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.top_k = 2
+            self.weight = torch.nn.Parameter(torch.randn(8, 32))
+
+        def forward(self, hidden):
+            scores = torch.nn.functional.linear(hidden, self.weight)
+            return scores, scores.topk(2, dim=-1).indices
+
+    class OddMoeBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = ScoresAndIndicesRouter()
+
+        def forward(self, hidden):
+            self.router(hidden.reshape(-1, hidden.shape[-1]))
+            return hidden
+
+    model = AutoModelForCausalLM.from_config(tiny_configs(vocab_size)["mixtral"])
+    for layer in model.model.layers:
+        layer.mlp = OddMoeBlock()
+    return model
+
+
 if __name__ == "__main__":  # python -m tests.tiny_models ARCH DIR: a model to try capture on
     import sys
 
