@@ -16,7 +16,7 @@ Methodology
   by path with moecache's real loader (``moecache.capture.load_model``, i.e.
   ``AutoModelForCausalLM`` / ``AutoTokenizer`` with ``local_files_only``). Both
   variants then use that one loaded model.
-* Prompts: the fixed ``PROMPTS`` below (8 texts of 9 to 34 tokens), ``--batch-size``
+* Prompts: the fixed ``PROMPTS`` below (8 texts of 11 to 33 tokens, BOS included), ``--batch-size``
   at a time, left padded, exactly as the capture driver batches them.
 * (a) ``generate``: tokenization (``encode_prompts``), the driver's batching
   (``_Batch``) and ``model.generate(input_ids, attention_mask, generation_config=...)``
@@ -29,7 +29,7 @@ Methodology
 * Same work in both: EOS is disabled for both variants (the generation config's
   ``eos_token_id`` is set to an id outside the vocabulary, so no sequence stops
   early), hence every prompt generates exactly ``max_new_tokens`` tokens in both. This
-  is checked after the timings: every ``generate`` output has ``max_new_tokens`` new
+  is checked on the warm-up runs: every ``generate`` output has ``max_new_tokens`` new
   tokens, the trace has one row per prompt token and per fed generated token (the
   last generated token is never forwarded), and its decode rows hold the very tokens
   that plain ``generate`` produced (greedy, so they must match); the script exits with
@@ -39,8 +39,12 @@ Methodology
   variant, then ``--repeat`` rounds, interleaved, alternating which variant goes first
   in a round, so that machine noise hits both. The overhead is
   ``best(capture) / best(generate) - 1`` (best-of-N; the median-of-N ratio is printed
-  too). Threads: ``torch.set_num_threads(--threads)`` (default: all cores), the same
-  for both.
+  too), as is the share of the rounds' time some task waited for a CPU (Linux PSI):
+  other load on the machine makes single runs slower by far more than 5%, so rerun
+  when that share is not ~0%. Threads: ``torch.set_num_threads(--threads)``
+  (default: all cores), the same for both; on a shared machine ``--threads 1`` is
+  far less sensitive to other load (an OpenMP team stalls whenever one of its
+  threads is descheduled).
 * Breakdown (informational, after the timed rounds): one more capture run with
   ``perf_counter`` wrappers around the driver's per-step callbacks (model pre-/post-
   forward hooks, ``RoutingRecorder.take``, row building, ``TraceWriter.write``) and
@@ -78,6 +82,7 @@ from moecache.capture import capture_model, encode_prompts, load_model
 from moecache.capture import driver as capture_driver
 from moecache.capture import recorder as capture_recorder
 from moecache.capture import routers as capture_routers
+from moecache.errors import MoecacheError
 
 GOAL = 0.05  # capture may cost at most 5% more than plain generate (CPU, hidden >= 256)
 
@@ -202,11 +207,11 @@ def run_capture(model, tokenizer, args, out: Path) -> Path:
                          batch_size=args.batch_size, overwrite=True, progress=False)
 
 
-def cpu_pressure() -> float | None:
-    """Linux PSI: % of the last minute some task waited for a CPU (other load on the machine)."""
+def cpu_stall_us() -> int | None:
+    """Linux PSI: total microseconds some task waited for a CPU (other load on the machine)."""
     try:
         with open("/proc/pressure/cpu") as f:
-            return float(f.readline().split()[2].split("=")[1])
+            return int(f.readline().split()[4].split("=")[1])
     except (OSError, IndexError, ValueError):
         return None
 
@@ -266,22 +271,31 @@ class Timers:
     def __init__(self):
         self.total: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.active: set[str] = set()
         self._restore: list[tuple[object, str, object]] = []
 
-    def wrap(self, owner, name: str, label: str) -> None:
+    def wrap(self, owner, name: str, label: str, outside: str | None = None) -> None:
+        """Time ``owner.name`` as ``label``; calls made while ``outside`` is not running are
+        also added up as ``label + " outside"``."""
         original = getattr(owner, name)
-        total, calls = self.total, self.calls
+        total, calls, active = self.total, self.calls, self.active
         total[label], calls[label] = 0.0, 0
+        total[f"{label} outside"] = 0.0
         clock = time.perf_counter
 
         @functools.wraps(original)
         def wrapper(*a, **k):
+            active.add(label)
             start = clock()
             try:
                 return original(*a, **k)
             finally:
-                total[label] += clock() - start
+                seconds = clock() - start
+                active.discard(label)
+                total[label] += seconds
                 calls[label] += 1
+                if outside is not None and outside not in active:
+                    total[f"{label} outside"] += seconds
 
         self._restore.append((owner, name, original))
         setattr(owner, name, wrapper)
@@ -331,7 +345,8 @@ def breakdown(model, tokenizer, args, folder: Path, device: torch.device, steps:
         timers.wrap(capture_driver._GenerateSession, "_before", "model pre-hook")
         timers.wrap(capture_driver._GenerateSession, "_after", "model post-hook")
         timers.wrap(capture_recorder.RoutingRecorder, "take", "RoutingRecorder.take")
-        timers.wrap(capture_driver._GenerateSession, "_process", "rows (_process)")
+        timers.wrap(capture_driver._GenerateSession, "_process", "rows (_process)",
+                    outside="model post-hook")
         timers.wrap(trace_io.TraceWriter, "write", "TraceWriter.write")
         timers.wrap(trace_io.TraceWriter, "flush", "TraceWriter.flush")
         seconds, _, _ = timed(
@@ -347,10 +362,12 @@ def breakdown(model, tokenizer, args, folder: Path, device: torch.device, steps:
     for label, depth in per_step:
         print(f"  {'  ' * depth}{label:<{34 - 2 * depth}} {timers.total[label] * us:8.1f} us/step"
               f"  ({timers.calls[label]} calls)")
+    after = timers.total["rows (_process) outside"]
+    print(f"  {'rows built after generate returns':<34} {after * us:8.1f} us/step")
     hooks = per_call * moe_layers
     print(f"  {'router hook dispatch':<34} {hooks * 1e6:8.1f} us/step"
           f"  ({moe_layers} MoE layers x {per_call * 1e6:.2f} us, micro-benchmark)")
-    recorder = (timers.total["model pre-hook"] + timers.total["model post-hook"]) / steps + hooks
+    recorder = (timers.total["model pre-hook"] + timers.total["model post-hook"] + after) / steps + hooks
     step_plain = plain / steps
     print(f"  {'per-step Python overhead':<34} {recorder * 1e6:8.1f} us/step"
           f"  = {recorder / step_plain:.2%} of a plain generate step ({step_plain * 1e3:.2f} ms)")
@@ -447,6 +464,7 @@ def main(argv=None) -> int:
         cpu_times: dict[str, list[float]] = {name: [] for name in variants}
         results = {name: fn() for name, fn in variants.items()}  # warm-up (untimed)
         problems = check_same_work(results["generate"], results["capture"], tokenizer, args)
+        stall, start = cpu_stall_us(), time.perf_counter()
         for round_number in range(args.repeat):
             order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
             for name in order:
@@ -473,10 +491,11 @@ def main(argv=None) -> int:
         else:
             print("check: same tokens generated by both variants "
                   f"({generated} new tokens; trace rows match)")
-        pressure = cpu_pressure()
-        if pressure is not None and pressure > 5 and device.type == "cpu":
-            print(f"note: other processes competed for the CPU during the rounds (PSI cpu some "
-                  f"avg60 {pressure:.0f}%); best-of-N filters part of that noise, rerun when idle")
+        if stall is not None and device.type == "cpu":
+            share = (cpu_stall_us() - stall) / 1e6 / (time.perf_counter() - start)
+            print(f"CPU contention during the rounds: a task waited for a CPU {share:.0%} of the time "
+                  "(Linux PSI)" + ("; best-of-N filters part of that noise, rerun when idle"
+                                   if share > 0.05 else ""))
         passed = overhead <= GOAL
         verdict = "PASS" if passed else "FAIL"
         note = " (quick run: indicative only)" if args.quick else ""
@@ -490,4 +509,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except MoecacheError as err:  # e.g. --device cuda without a GPU, --model not loadable
+        sys.exit(f"bench_capture.py: {err}")
