@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from ._version import __version__
 from .errors import TraceError
 
 FORMAT_VERSION = 1
@@ -210,10 +209,6 @@ def now_iso() -> str:
 
 def meta_json(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
-
-
-def version_string() -> str:
-    return f"moecache {__version__}"
 
 
 def _as_ids(experts: np.ndarray, source: str) -> np.ndarray:
