@@ -19,6 +19,15 @@ from .trace import Trace
 from .units import parse_bandwidth, parse_duration
 
 STACK_POLICIES = {"lru": LRU, "lfu": LFU, "opt": OPT}
+PRIORITY_LIMIT = 2**63  # the stack packs each priority into one int64
+
+
+def one_pass(req: Requests, policy: str) -> bool:
+    """Whether the stack pass applies: a stack policy whose priorities fit (LFU's need
+    (requests + 1) x (entries + 1) below the limit, about 3e9 entries)."""
+    if policy != "lfu":
+        return policy in STACK_POLICIES
+    return len(req.offsets) * (len(req.ids) + 1) < PRIORITY_LIMIT
 
 
 def stack_hits(req: Requests, policy: str, scope: str) -> np.ndarray:
@@ -57,7 +66,8 @@ def curve(
 
     By default every valid capacity: from the largest step set to E (layer scope) or
     L x E (global scope). ``lru``, ``lfu`` and ``opt`` take one pass whatever the number
-    of capacities; other policies replay each capacity, ``workers`` at a time.
+    of capacities; other policies (and LFU past about 3e9 requested experts) replay each
+    capacity, ``workers`` at a time.
     """
     if policy not in POLICIES:
         raise MoecacheError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -74,7 +84,7 @@ def curve(
                             f"({smallest} experts); capacities must be >= {smallest}")
     bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
     fetch_latency = parse_duration(latency)
-    if policy in STACK_POLICIES:
+    if one_pass(req, policy):
         cumulative = stack_hits(req, policy, scope)
         base = summarize(trace, req, cumulative[-1], policy, scope, None, None,
                          bytes_per_second, fetch_latency)

@@ -5,16 +5,21 @@ when the key is requested (LRU: last use; LFU: uses, then last use; OPT: next us
 they are stack algorithms: a cache of C experts always holds the top C entries of one
 stack, and a request hits every capacity at least as deep as the key's stack position.
 
-Invariant of the update (Mattson et al., 1970): when key ``x`` at depth ``d`` is
-requested, ``carry`` is, at level i, the lowest-priority entry of ``stack[:i]``: the
-victim of the cache of size i. It sinks until level ``d`` (or the bottom, for a key
-never seen), each level keeping the higher-priority of ``carry`` and its own entry.
+DESIGN's set requests (misses admitted together, never evicting a key of the current
+request) make the whole request one update. A request R of n keys leaves the cache of
+size C >= n holding R and the C - n highest-priority other entries it held before. So
+the new stack is R on top, then, level by level, whatever keeps that true: walking down
+the old stack with ``need`` = keys of R not yet passed (absent keys included), the
+entries passed that are not in R and not yet placed form the *candidates*, the lowest
+``need`` of them (the ones every cache this small has evicted). Below level n each
+level places exactly one entry, the highest of (candidates + the entry found there),
+and a level holding a key of R lets one candidate go (``need`` drops). The walk stops
+below the deepest key of R (only when no key of R is new: otherwise at the bottom,
+where the remaining candidates extend the stack). Cost: one walk to the deepest key of
+the request, instead of one Mattson carry per key.
 
-DESIGN's set requests are served key by key in ascending id order with every key of
-the request pinned at top priority until the request ends, which reproduces "misses
-are admitted in ascending id order and never evict a key of the current request" for
-every capacity at least the largest set; smaller capacities are invalid and not
-reported.
+Capacities below a request's size are invalid and not reported; depths shallower than
+the largest set are counted but carry no meaning.
 """
 
 import numpy as np
@@ -41,10 +46,9 @@ def depth_histogram(keys, offsets, num_keys, policy, groups):
 def lru_depths_masks(keys, offsets, num_keys, groups):
     """LRU depths for at most 64 keys, without a stack.
 
-    For LRU the priority stack at the start of a request is the order of (last use, id),
-    and a key of the request keeps its position until served (pinned keys never move
-    while the carry passes them), so its depth is one plus the keys ranked above it at
-    the start: ``above[x]``, a 64-bit mask kept for every key. Invariant: between
+    For LRU the caches of every valid capacity hold the most recent keys by (last use,
+    id), so a key's depth is one plus the keys ranked above it at the start of the
+    request: ``above[x]``, a 64-bit mask kept for every key. Invariant: between
     requests, ``above[x]`` holds the keys whose (last use, id) is greater than x's.
     """
     above = np.zeros(64, np.uint64)
@@ -69,57 +73,86 @@ def lru_depths_masks(keys, offsets, num_keys, groups):
     return hist
 
 
+@njit(cache=True, nogil=True, inline="always")
+def insert_sorted(keys, priorities, count, key, priority):
+    """Insert into the first ``count`` entries, kept in ascending priority; returns the new count."""
+    at = count
+    while at > 0 and priorities[at - 1] > priority:
+        keys[at], priorities[at] = keys[at - 1], priorities[at - 1]
+        at -= 1
+    keys[at], priorities[at] = key, priority
+    return count + 1
+
+
 @njit(cache=True, nogil=True)
 def priority_stack_depths(keys, offsets, num_keys, policy, groups):
-    """Mattson's update for any of the three policies (see the module docstring).
+    """The request-at-once update of the module docstring, for any of the three policies.
 
-    The stack keeps each entry's priority (``major``, ``minor``) beside its key, so the
-    carry loop reads contiguous memory; ``depth_of`` maps keys to positions.
+    Priorities are single int64 values (unique, so no tie is left to break): LRU the
+    entry index j (requests in order, keys ascending within one: last use, then id);
+    LFU ``uses * (J + 1) + j``; OPT ``-(next request * N + N - 1 - key)``. The stack keeps
+    each entry's priority beside its key (the walk reads contiguous memory), a pinned
+    value marks the keys of the current request, and ``depth_of`` maps keys to levels.
+    The caller guarantees LFU's priority fits: (R + 1) * (J + 1) < 2**63.
     """
     num_requests = offsets.shape[0] - 1
+    entries = keys.shape[0]
     stack = np.empty(num_keys, np.int64)
-    major = np.empty(num_keys, np.int64)
-    minor = np.empty(num_keys, np.int64)
-    depth_of = np.zeros(num_keys, np.int64)  # current 1-based position, 0 if absent
+    priority = np.empty(num_keys, np.int64)
+    depth_of = np.zeros(num_keys, np.int64)  # 1-based level, 0 if never requested
     size = 0
+    candidate = np.empty(num_keys, np.int64)  # ascending priority
+    candidate_priority = np.empty(num_keys, np.int64)
     uses = np.zeros(num_keys, np.int64)
     following = next_request(keys, offsets, num_keys) if policy == OPT else np.zeros(0, np.int32)
     hist = np.zeros((num_keys + 1, groups), np.int64)
     for r in range(num_requests):
         lo, hi = offsets[r], offsets[r + 1]
+        n = hi - lo
+        group = r % groups
+        deepest = 0
+        new = 0
         for j in range(lo, hi):
-            if depth_of[keys[j]] > 0:
-                major[depth_of[keys[j]] - 1] = _PINNED
-        for j in range(lo, hi):
-            x = keys[j]
-            d = depth_of[x]
-            hist[d, r % groups] += 1
-            if d == 1:
-                continue
-            bottom = size if d == 0 else d - 1  # deepest level the carry passes
-            if size > 0:
-                carry, carry_major, carry_minor = stack[0], major[0], minor[0]
-                for i in range(1, bottom):
-                    if major[i] < carry_major or (major[i] == carry_major and minor[i] < carry_minor):
-                        here, here_major, here_minor = stack[i], major[i], minor[i]
-                        stack[i], major[i], minor[i] = carry, carry_major, carry_minor
-                        depth_of[carry] = i + 1
-                        carry, carry_major, carry_minor = here, here_major, here_minor
-                slot = size if d == 0 else d - 1
-                stack[slot], major[slot], minor[slot] = carry, carry_major, carry_minor
-                depth_of[carry] = slot + 1
-            if d == 0:
-                size += 1
-            stack[0], major[0], minor[0] = x, _PINNED, 0
-            depth_of[x] = 1
-        for j in range(lo, hi):
-            k = keys[j]
-            uses[k] += 1
-            at = depth_of[k] - 1
-            if policy == LRU:
-                major[at], minor[at] = r, k
-            elif policy == LFU:
-                major[at], minor[at] = uses[k], r * num_keys + k
+            d = depth_of[keys[j]]
+            hist[d, group] += 1
+            if d > 0:
+                priority[d - 1] = _PINNED
+                deepest = max(deepest, d)
             else:
-                major[at], minor[at] = -following[j], k
+                new += 1
+        stop = size if new > 0 else max(deepest, n)
+        count = 0
+        for level in range(stop):
+            key, value = stack[level], priority[level]
+            if level < n:  # the top n levels go to the request
+                if value != _PINNED:
+                    count = insert_sorted(candidate, candidate_priority, count, key, value)
+            # below: keep the highest of the entry and the candidates here (count >= 1,
+            # as a key of the request still lies below)
+            elif value == _PINNED or value < candidate_priority[count - 1]:
+                count -= 1
+                placed = candidate[count]
+                stack[level], priority[level] = placed, candidate_priority[count]
+                depth_of[placed] = level + 1
+                if value != _PINNED:
+                    count = insert_sorted(candidate, candidate_priority, count, key, value)
+        level = max(stop, n)
+        while count > 0:  # the stack grows by the new keys
+            count -= 1
+            stack[level], priority[level] = candidate[count], candidate_priority[count]
+            depth_of[candidate[count]] = level + 1
+            level += 1
+        size += new
+        for j in range(lo, hi):
+            key = keys[j]
+            level = j - lo
+            stack[level] = key
+            depth_of[key] = level + 1
+            uses[key] += 1
+            if policy == LRU:
+                priority[level] = j
+            elif policy == LFU:
+                priority[level] = uses[key] * (entries + 1) + j
+            else:
+                priority[level] = -(np.int64(following[j]) * num_keys + (num_keys - 1 - key))
     return hist

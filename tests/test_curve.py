@@ -1,6 +1,9 @@
 """Whole curves: one stack pass must equal a replay at every capacity, exactly."""
 
+import importlib
+
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given
 
@@ -8,6 +11,8 @@ import moecache as mc
 from moecache.policies import POLICIES
 
 from .strategies import make_trace, routings
+
+curve_module = importlib.import_module("moecache.curve")  # the package exports the function
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -53,3 +58,11 @@ def test_curve_past_64_experts_equals_replay(policy, data):
         frame = mc.curve(trace, policy, scope)
         for row in frame.itertuples():
             assert row.hits == mc.replay(trace, policy, row.capacity, scope).hits
+
+
+def test_lfu_curve_past_its_priority_range_falls_back_to_replays(monkeypatch):
+    trace = mc.synth(layers=2, experts=16, top_k=4, tokens=200, seed=3)
+    one_pass = mc.curve(trace, "lfu", "global")
+    monkeypatch.setattr(curve_module, "PRIORITY_LIMIT", 1000)
+    assert not curve_module.one_pass(mc.Requests.from_trace(trace), "lfu")
+    pd.testing.assert_frame_equal(mc.curve(trace, "lfu", "global"), one_pass)
