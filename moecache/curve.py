@@ -88,7 +88,7 @@ def curve(
         cumulative = stack_hits(req, policy, scope)
         base = summarize(trace, req, cumulative[-1], policy, scope, None, None,
                          bytes_per_second, fetch_latency)
-        rows = [_at(trace, base, cumulative[min(c, top)], c) for c in capacities]
+        rows = _rows(trace, base, cumulative[np.minimum(capacities, top)], capacities)
     else:
         req.cold  # noqa: B018 - build the shared routing counts once, before the threads
 
@@ -101,11 +101,14 @@ def curve(
     return pd.DataFrame([r.to_dict() for r in rows]).drop(columns=["memory_bytes"])
 
 
-def _at(trace: Trace, base: ReplayResult, layer_hits: np.ndarray, capacity: int) -> ReplayResult:
-    """``base`` (the routing-only figures) with the hits of one capacity."""
-    hits = int(layer_hits.sum())
-    layer_misses = base.per_layer["requests"].to_numpy() - layer_hits
+def _rows(trace: Trace, base: ReplayResult, layer_hits: np.ndarray, capacities: list[int]
+          ) -> list[ReplayResult]:
+    """``base`` (the routing-only figures) with the hits of each capacity, ``layer_hits``
+    (capacities, layers); ``per_layer`` stays base's (the curve's table leaves it out)."""
+    hits = layer_hits.sum(axis=1)
     sizes = trace.expert_bytes
-    return replace(base, capacity=capacity, hits=hits, misses=base.requests - hits,
-                   miss_bytes=None if sizes is None else int((layer_misses * sizes).sum()),
-                   per_layer=pd.DataFrame())
+    miss_bytes = [None] * len(capacities) if sizes is None else \
+        ((base.per_layer["requests"].to_numpy() - layer_hits) * sizes).sum(axis=1)
+    return [replace(base, capacity=c, hits=int(h), misses=base.requests - int(h),
+                    miss_bytes=None if b is None else int(b))
+            for c, h, b in zip(capacities, hits, miss_bytes, strict=True)]

@@ -6,17 +6,19 @@ they are stack algorithms: a cache of C experts always holds the top C entries o
 stack, and a request hits every capacity at least as deep as the key's stack position.
 
 DESIGN's set requests (misses admitted together, never evicting a key of the current
-request) make the whole request one update. A request R of n keys leaves the cache of
+request) make the whole request one update: a request R of n keys leaves the cache of
 size C >= n holding R and the C - n highest-priority other entries it held before. So
-the new stack is R on top, then, level by level, whatever keeps that true: walking down
-the old stack with ``need`` = keys of R not yet passed (absent keys included), the
-entries passed that are not in R and not yet placed form the *candidates*, the lowest
-``need`` of them (the ones every cache this small has evicted). Below level n each
-level places exactly one entry, the highest of (candidates + the entry found there),
-and a level holding a key of R lets one candidate go (``need`` drops). The walk stops
-below the deepest key of R (only when no key of R is new: otherwise at the bottom,
-where the remaining candidates extend the stack). Cost: one walk to the deepest key of
-the request, instead of one Mattson carry per key.
+the new stack is R on top, and one walk down the old stack rebuilds the rest. It keeps
+the *candidates*, the entries passed that are not in R and not yet placed again; with
+``need`` the keys of R not yet passed (new keys included), the cache as large as the
+current level has evicted exactly the ``need`` lowest candidates. From level n on, a
+level holding a key of R takes the highest candidate (``need`` drops), and any other
+level the highest of its entry and the candidates. The walk ends below the deepest
+key of R, or, if R has new keys, at the bottom, where the last candidates extend the
+stack. Cost: one walk to the deepest key of each request, not one carry per key.
+
+LRU needs no walk: its stack is the order of last use (then id), so a key's depth is
+one plus the keys used since; two kernels count those directly.
 
 Capacities below a request's size are invalid and not reported; depths shallower than
 the largest set are counted but carry no meaning.
@@ -25,7 +27,7 @@ the largest set are counted but carry no meaning.
 import numpy as np
 from numba import njit
 
-from ._state import popcount
+from ._state import bit_index, popcount
 from .opt import next_request
 
 LRU, LFU, OPT = 0, 1, 2
@@ -37,8 +39,10 @@ def depth_histogram(keys, offsets, num_keys, policy, groups):
     """Counts of stack depths, shape (num_keys + 1, groups): row d counts the requested
     entries found at depth d (1-based; 0 = never seen before), column ``r % groups`` of
     their request r (the MoE layer, in global scope)."""
-    if policy == LRU and num_keys <= 64:
-        return lru_depths_masks(keys, offsets, num_keys, groups)
+    if policy == LRU:
+        if num_keys <= 64:
+            return lru_depths_masks(keys, offsets, num_keys, groups)
+        return lru_depths_stamps(keys, offsets, num_keys, groups)
     return priority_stack_depths(keys, offsets, num_keys, policy, groups)
 
 
@@ -73,6 +77,67 @@ def lru_depths_masks(keys, offsets, num_keys, groups):
     return hist
 
 
+@njit(cache=True, nogil=True)
+def lru_depths_stamps(keys, offsets, num_keys, groups):
+    """LRU depths for any number of keys, in time about (stamps since the key's last use) / 64.
+
+    Every use takes the next stamp, so a key's depth is one plus the keys whose last
+    stamp is later than its own. Invariant: bit t of ``current`` is set iff stamp t is
+    some key's last use (``key_at[t]``), and ``per_word`` counts the set bits of each
+    64-stamp word; the keys above stamp t are the set bits above t in its word plus the
+    counts of the later words. When the stamps run out, the current ones are renumbered
+    0..live-1 in the same order.
+    """
+    words = (2 * num_keys + 63) // 64 + 1  # >= N stamps free after a renumbering
+    current = np.zeros(words, np.uint64)
+    per_word = np.zeros(words, np.int64)
+    key_at = np.empty(64 * words, np.int64)
+    stamp = np.full(num_keys, -1, np.int64)  # last stamp, -1 if never used
+    hist = np.zeros((num_keys + 1, groups), np.int64)
+    one = np.uint64(1)
+    now = 0  # the next stamp
+    for r in range(offsets.shape[0] - 1):
+        lo, hi = offsets[r], offsets[r + 1]
+        group = r % groups
+        last_word = (now - 1) >> 6
+        for j in range(lo, hi):
+            t = stamp[keys[j]]
+            if t < 0:
+                hist[0, group] += 1
+                continue
+            above = popcount(current[t >> 6] >> np.uint64(t & 63) >> one)
+            for word in range((t >> 6) + 1, last_word + 1):
+                above += per_word[word]
+            hist[1 + above, group] += 1
+        if now + hi - lo > 64 * words:
+            live = 0
+            for word in range(words):
+                bits = current[word]
+                while bits:
+                    lowest = bits & (~bits + one)
+                    key = key_at[64 * word + bit_index(lowest)]
+                    key_at[live], stamp[key] = key, live
+                    live += 1
+                    bits ^= lowest
+            current[:] = 0
+            per_word[:] = 0
+            for t in range(live):
+                current[t >> 6] |= one << np.uint64(t & 63)
+                per_word[t >> 6] += 1
+            now = live
+        for j in range(lo, hi):  # ascending ids: a later stamp for a larger id
+            key = keys[j]
+            t = stamp[key]
+            if t >= 0:
+                current[t >> 6] &= ~(one << np.uint64(t & 63))
+                per_word[t >> 6] -= 1
+            stamp[key], key_at[now] = now, key
+            current[now >> 6] |= one << np.uint64(now & 63)
+            per_word[now >> 6] += 1
+            now += 1
+    return hist
+
+
 @njit(cache=True, nogil=True, inline="always")
 def insert_sorted(keys, priorities, count, key, priority):
     """Insert into the first ``count`` entries, kept in ascending priority; returns the new count."""
@@ -86,13 +151,14 @@ def insert_sorted(keys, priorities, count, key, priority):
 
 @njit(cache=True, nogil=True)
 def priority_stack_depths(keys, offsets, num_keys, policy, groups):
-    """The request-at-once update of the module docstring, for any of the three policies.
+    """The request-at-once update of the module docstring, for LFU and OPT.
 
-    Priorities are single int64 values (unique, so no tie is left to break): LRU the
-    entry index j (requests in order, keys ascending within one: last use, then id);
-    LFU ``uses * (J + 1) + j``; OPT ``-(next request * N + N - 1 - key)``. The stack keeps
-    each entry's priority beside its key (the walk reads contiguous memory), a pinned
-    value marks the keys of the current request, and ``depth_of`` maps keys to levels.
+    Priorities are single int64 values, unique, so no tie is left to break: with j the
+    entry's index (requests in order, keys ascending within one), LFU ``uses * (J + 1)
+    + j`` (uses, then last use, then id) and OPT ``-(next request * N + N - 1 - key)``.
+    The stack keeps each entry's priority beside its key (the walk reads contiguous
+    memory), a pinned value marks the keys of the current request, and ``depth_of``
+    maps keys to levels.
     The caller guarantees LFU's priority fits: (R + 1) * (J + 1) < 2**63.
     """
     num_requests = offsets.shape[0] - 1
@@ -149,9 +215,7 @@ def priority_stack_depths(keys, offsets, num_keys, policy, groups):
             stack[level] = key
             depth_of[key] = level + 1
             uses[key] += 1
-            if policy == LRU:
-                priority[level] = j
-            elif policy == LFU:
+            if policy == LFU:
                 priority[level] = uses[key] * (entries + 1) + j
             else:
                 priority[level] = -(np.int64(following[j]) * num_keys + (num_keys - 1 - key))

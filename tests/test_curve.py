@@ -66,3 +66,12 @@ def test_lfu_curve_past_its_priority_range_falls_back_to_replays(monkeypatch):
     monkeypatch.setattr(curve_module, "PRIORITY_LIMIT", 1000)
     assert not curve_module.one_pass(mc.Requests.from_trace(trace), "lfu")
     pd.testing.assert_frame_equal(mc.curve(trace, "lfu", "global"), one_pass)
+
+
+@pytest.mark.parametrize("layers, experts", [(3, 32), (1, 100)])
+def test_long_lru_curve_past_64_experts_equals_replay(layers, experts):
+    """Long enough for the LRU stamp counter to renumber its stamps many times."""
+    trace = mc.synth(layers=layers, experts=experts, top_k=4, tokens=1500, stickiness=0.3, seed=5)
+    frame = mc.curve(trace, "lru", "global").set_index("capacity")
+    for capacity in (4, 5, 9, 17, 33, 60, 95, layers * experts):
+        assert frame.loc[capacity, "hits"] == mc.replay(trace, "lru", capacity, "global").hits
