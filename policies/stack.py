@@ -106,8 +106,12 @@ def lru_depths_stamps(keys, offsets, num_keys, groups):
                 hist[0, group] += 1
                 continue
             above = popcount(current[t >> 6] >> np.uint64(t & 63) >> one)
-            for word in range((t >> 6) + 1, last_word + 1):
-                above += per_word[word]
+            if words <= 64:  # a masked sum over all words vectorizes, beating a short loop
+                for word in range(words):
+                    above += per_word[word] if word > t >> 6 else 0
+            else:
+                for word in range((t >> 6) + 1, last_word + 1):
+                    above += per_word[word]
             hist[1 + above, group] += 1
         if now + hi - lo > 64 * words:
             live = 0
