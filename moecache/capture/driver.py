@@ -30,6 +30,7 @@ import copy
 import inspect
 import os
 import platform
+import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -260,7 +261,16 @@ def encode_prompts(tokenizer: Any, texts: Sequence[str], *, chat_template: bool 
 # -- sessions: drive the model, turn router outputs into trace rows ----------------------------
 
 class _Session:
-    """Shared bookkeeping: step counter, pending device copies, writing rows."""
+    """Shared bookkeeping: step counter, pending device copies, writing rows.
+
+    Steps stay pending (their routing on its way to or in host memory) until
+    ``hold_steps`` of them are waiting or ``hold_seconds`` passed since the last
+    write, then their rows are built and written together; an interrupt writes them
+    too (see :func:`capture_model`), so only a killed process loses them.
+    """
+
+    hold_steps = 64
+    hold_seconds = 1.0
 
     def __init__(self, model, tokenizer, recorder, writer, bar, *, eos: np.ndarray,
                  max_new_tokens: int, do_sample: bool):
@@ -273,6 +283,7 @@ class _Session:
         self.device = _input_device(model)
         self.step = 0
         self.pending: deque = deque()
+        self._drained_at = time.monotonic()
 
     def __enter__(self):
         return self
@@ -282,13 +293,25 @@ class _Session:
 
     def drain(self) -> None:
         """Write every pending step (waiting for its copy)."""
-        while self.pending:
-            self._process(*self.pending.popleft())
+        if self.pending:
+            self._process(len(self.pending))
+        self._drained_at = time.monotonic()
 
     def _drain_ready(self) -> None:
         """Write pending steps whose copies are done, always keeping at most one in flight."""
-        while self.pending and (len(self.pending) > 1 or self.pending[0][-1].ready()):
-            self._process(*self.pending.popleft())
+        count = len(self.pending)
+        if count and not self.pending[-1][-1].ready():
+            count -= 1
+        if count:
+            self._process(count)
+        self._drained_at = time.monotonic()
+
+    def _hold(self, item) -> None:
+        """Add a step to the pending ones; write those ready when enough are held."""
+        self.pending.append(item)
+        if (len(self.pending) > self.hold_steps
+                or time.monotonic() - self._drained_at >= self.hold_seconds):
+            self._drain_ready()
 
     def _write(self, arrays: dict[str, np.ndarray], keep: np.ndarray, *, step, seq, pos,
                token_id, phase) -> None:
@@ -300,7 +323,8 @@ class _Session:
             logits=arrays["logits"][keep] if "logits" in arrays else None)
         self.bar.update(len(keep))
 
-    def _process(self, *item) -> None:
+    def _process(self, count: int) -> None:
+        """Write the first ``count`` pending steps, removing them from ``pending``."""
         raise NotImplementedError
 
 
@@ -369,10 +393,24 @@ class _GenerateSession(_Session):
     def _after(self, _module, _args, _output):
         start, width, ids = self._current
         extras = {"fed": ids} if ids is not None else None
-        self.pending.append((self._batch, start, width, self.recorder.take(extras)))
-        self._drain_ready()
+        self._hold((self._batch, start, width, self.recorder.take(extras)))
 
-    def _process(self, batch: _Batch, start: int, width: int, pending) -> None:
+    def _process(self, count: int) -> None:
+        pending = self.pending
+        while count:
+            batch, start, width, _ = pending[0]
+            run = 1
+            if width == 1 and start >= batch.width:  # decode: with the next decode steps of the batch
+                while (run < count and pending[run][0] is batch
+                       and pending[run][1] == start + run and pending[run][2] == 1):
+                    run += 1
+                self._decode_steps(batch, start, run)
+            else:
+                self._step(*pending.popleft())
+            count -= run
+
+    def _step(self, batch: _Batch, start: int, width: int, pending) -> None:
+        """One forward's rows (prompt tokens, or the rare decode of several tokens)."""
         arrays = pending.wait()
         rows = batch.size * width
         if arrays["experts"].shape[0] != rows:
@@ -403,6 +441,37 @@ class _GenerateSession(_Session):
                     token_id=token.reshape(-1)[flat], phase=np.full(len(flat), phase, np.int8))
         self.step += 1
 
+    def _decode_steps(self, batch: _Batch, start: int, count: int) -> None:
+        """The rows of ``count`` consecutive one-token decode steps of ``batch`` (the first
+        ``count`` pending steps, fed column ``start`` on), written as one block."""
+        from .recorder import wait_steps
+
+        steps = [self.pending[i][3] for i in range(count)]
+        size = batch.size
+        for pending in steps:
+            if pending.rows != size:
+                raise MoecacheError(f"capture: routers saw {pending.rows} tokens in a "
+                                    f"forward of {size} x 1")
+        arrays = wait_steps(steps)
+        fed = arrays["fed"].reshape(count, size)                      # (T, B)
+        new = start - batch.width + 1 + np.arange(count)              # 1-based generated index
+        is_eos = (fed[:, :, None] == self.eos).any(axis=2)
+        # finished after each step: EOS fed now or before; before each step: the row above
+        ended = np.logical_or.accumulate(is_eos, axis=0) | batch.finished
+        finished = np.concatenate([batch.finished[None], ended[:-1]])
+        keep = ~finished & ~is_eos & (new < self.max_new_tokens)[:, None]
+        flat = np.flatnonzero(keep)                                   # step-major, then batch rows
+        written = keep.any(axis=1)                                    # a step without rows gets no number
+        numbers = self.step - 1 + np.cumsum(written)
+        step, row = np.divmod(flat, size)
+        for _ in range(count):
+            self.pending.popleft()
+        batch.finished = ended[-1].copy()
+        self.step += int(np.count_nonzero(written))
+        self._write(arrays, flat, step=numbers[step], seq=batch.seqs[row],
+                    pos=batch.lens[row] + new[step] - 1, token_id=fed.reshape(-1)[flat],
+                    phase=np.full(len(flat), DECODE, np.int8))
+
 
 class _ForwardSession(_Session):
     """Teacher forcing: one forward per batch, each real token its own step."""
@@ -419,7 +488,11 @@ class _ForwardSession(_Session):
         self.pending.append((batch, self.recorder.take()))
         self._drain_ready()
 
-    def _process(self, batch: _Batch, pending) -> None:
+    def _process(self, count: int) -> None:
+        for _ in range(count):
+            self._forward(*self.pending.popleft())
+
+    def _forward(self, batch: _Batch, pending) -> None:
         arrays = pending.wait()
         keep = batch.mask.astype(bool)
         flat = np.flatnonzero(keep)

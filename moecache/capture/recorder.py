@@ -2,10 +2,14 @@
 
 The hooks only keep references to the router's output tensors; nothing leaves the
 device per layer. After a model forward, :meth:`RoutingRecorder.take` stacks the
-layers on the device (ids as int16, weights as float32, optional scores as float16)
-and starts ONE asynchronous device-to-host copy of the step; the caller reads it
-back (:meth:`PendingStep.wait`) a step later, when the copy is long done, so capture
-adds no synchronisation of its own to generation. On CPU the copy is immediate.
+layers on the device (one ``torch.stack`` for the raw top-K indices, one for the
+weights as float32, one for the optional scores as float16) and starts ONE
+asynchronous device-to-host copy of the step; the caller reads it back
+(:meth:`PendingStep.wait`, or :func:`wait_steps` for several steps at once) later,
+when the copy is long done, so capture adds no synchronisation of its own to
+generation. On CPU the copy is immediate. The rest of the per-step work, ranking each
+token's K experts by descending weight and narrowing the ids to int16, happens on
+the host with NumPy when the steps are read back, for many steps in one go.
 """
 
 from __future__ import annotations
@@ -22,11 +26,20 @@ _FP16_MAX = 65504.0
 
 
 class PendingStep:
-    """Host copies of one step's tensors, possibly still in flight from the device."""
+    """Host copies of one step's tensors, possibly still in flight from the device.
+
+    The copies are the raw stacks of :meth:`RoutingRecorder.take`; :meth:`wait` returns
+    them finished (K ranked by weight, ids as int16).
+    """
+
+    __slots__ = ("_host", "_event")
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        cuda = next((t.device for t in tensors.values() if t.is_cuda), None)
         self._event = None
+        if all(t.is_cpu for t in tensors.values()):  # already host memory: nothing to copy
+            self._host = {k: t.detach() if t.requires_grad else t for k, t in tensors.items()}
+            return
+        cuda = next((t.device for t in tensors.values() if t.is_cuda), None)
         if cuda is not None:
             # D2H with non_blocking=True lands in pinned memory; the event says when.
             self._host = {k: t.to("cpu", non_blocking=True) for k, t in tensors.items()}
@@ -35,13 +48,48 @@ class PendingStep:
         else:
             self._host = {k: t.detach().to("cpu") for k, t in tensors.items()}
 
+    @property
+    def rows(self) -> int:
+        """N, the step's token rows (known before the copy lands)."""
+        return self._host["experts"].shape[0]
+
     def ready(self) -> bool:
         return self._event is None or bool(self._event.query())
 
     def wait(self) -> dict[str, np.ndarray]:
+        """The step's arrays (see :meth:`RoutingRecorder.take`), waiting for the copy."""
+        return wait_steps((self,))
+
+    def _landed(self) -> dict[str, torch.Tensor]:
         if self._event is not None:
             self._event.synchronize()
-        return {k: t.numpy() for k, t in self._host.items()}
+        return self._host
+
+
+def wait_steps(steps: Sequence[PendingStep]) -> dict[str, np.ndarray]:
+    """The arrays of ``steps`` concatenated along their rows, in order: what
+    :meth:`PendingStep.wait` gives for each step, finished in one go."""
+    hosts = [step._landed() for step in steps]
+    if len(hosts) == 1:
+        arrays = {k: t.numpy() for k, t in hosts[0].items()}
+    else:
+        arrays = {k: torch.cat([host[k] for host in hosts]).numpy() for k in hosts[0]}
+    weights, experts = arrays["weights"], arrays["experts"]
+    if np.isnan(weights).any():
+        # torch.sort ranks NaN above every number; keep its order exactly
+        weights, order = torch.sort(torch.from_numpy(weights), dim=-1, descending=True,
+                                    stable=True)
+        weights, order = weights.numpy(), order.numpy()
+        experts = np.take_along_axis(experts, order, axis=-1)
+    else:
+        # descending and stable: ties keep the router's order, as torch.sort(stable=True)
+        order = np.argsort(-weights, axis=-1, kind="stable")
+        top_k = order.shape[-1]
+        flat = order.reshape(-1, top_k) + np.arange(0, order.size, top_k)[:, None]
+        weights = weights.reshape(-1)[flat].reshape(order.shape)
+        experts = experts.reshape(-1)[flat].reshape(order.shape)
+    arrays["weights"], arrays["experts"] = weights, experts.astype(np.int16)
+    return arrays
 
 
 class RoutingRecorder:
@@ -54,6 +102,7 @@ class RoutingRecorder:
         self._outputs: list = [None] * len(self.sites)
         self._calls = [0] * len(self.sites)
         self._once = [1] * len(self.sites)
+        self._uniform = True  # see take()
 
     # -- hooks ------------------------------------------------------------------------
     def __enter__(self) -> RoutingRecorder:
@@ -107,23 +156,49 @@ class RoutingRecorder:
                     raise MoecacheError(
                         f"router {self.sites[number].name} {what} in one model forward")
         outputs = self._outputs
-        device = outputs[0][2].device
         top_k = outputs[0][2].shape[-1]
-        indices = torch.stack([o[2].reshape(-1, top_k).to(device, non_blocking=True)
-                               for o in outputs], dim=1)
-        weights = torch.stack([self._weights(o, top_k).to(device, non_blocking=True)
-                               for o in outputs], dim=1).float()
-        weights, order = torch.sort(weights, dim=-1, descending=True, stable=True)
-        tensors = {"experts": indices.gather(-1, order).to(torch.int16), "weights": weights}
-        if self.with_logits:
-            width = outputs[0][0].shape[-1]
-            logits = torch.stack([o[0].reshape(-1, width).to(device, non_blocking=True)
-                                  for o in outputs], dim=1)
-            tensors["logits"] = logits.float().clamp_(-_FP16_MAX, _FP16_MAX).half()
+        tensors = None
+        if self._uniform:
+            # routers of the same shape on one device: one stack per output, no per-layer work
+            try:
+                tensors = self._stack(outputs, top_k)
+            except RuntimeError:  # shapes or devices differ between layers
+                self._uniform = False
+        if tensors is None:
+            tensors = self._stack_layers(outputs, top_k, outputs[0][2].device)
         if extras:
             tensors.update(extras)
         self.reset()
         return PendingStep(tensors)
+
+    def _stack(self, outputs, top_k: int) -> dict[str, torch.Tensor]:
+        layers = len(outputs)
+        indices = torch.stack([o[2] for o in outputs], dim=-2).reshape(-1, layers, top_k)
+        weights = torch.stack([o[1] for o in outputs], dim=-2)
+        if weights.shape[-1] != top_k:  # weights given for all E experts: keep the chosen ones
+            weights = weights.reshape(-1, layers, weights.shape[-1]).gather(-1, indices)
+        tensors = {"experts": indices, "weights": weights.reshape(-1, layers, top_k).float()}
+        if self.with_logits:
+            logits = torch.stack([o[0] for o in outputs], dim=-2)
+            tensors["logits"] = self._half(logits.reshape(-1, layers, logits.shape[-1]))
+        return tensors
+
+    def _stack_layers(self, outputs, top_k: int, device) -> dict[str, torch.Tensor]:
+        indices = torch.stack([o[2].reshape(-1, top_k).to(device, non_blocking=True)
+                               for o in outputs], dim=1)
+        weights = torch.stack([self._weights(o, top_k).to(device, non_blocking=True)
+                               for o in outputs], dim=1).float()
+        tensors = {"experts": indices, "weights": weights}
+        if self.with_logits:
+            width = outputs[0][0].shape[-1]
+            logits = torch.stack([o[0].reshape(-1, width).to(device, non_blocking=True)
+                                  for o in outputs], dim=1)
+            tensors["logits"] = self._half(logits)
+        return tensors
+
+    @staticmethod
+    def _half(logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().clamp_(-_FP16_MAX, _FP16_MAX).half()
 
     @staticmethod
     def _weights(output, top_k: int) -> torch.Tensor:
