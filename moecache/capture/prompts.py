@@ -59,16 +59,21 @@ def load_prompts(
     return loaded
 
 
-def _read_file(path: Path) -> Prompts:
+def read_utf8(path: Path, what: str) -> tuple[bytes, str]:
+    """The bytes and text of the UTF-8 file ``path``, a ``what`` (named in errors)."""
     if not path.exists():
-        raise MoecacheError(f"{path}: no such prompts file")
+        raise MoecacheError(f"{path}: no such {what}")
     if path.is_dir():
-        raise MoecacheError(f"{path}: is a folder, expected a prompts file")
+        raise MoecacheError(f"{path}: is a folder, expected a {what}")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw, raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise MoecacheError(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+
+def _read_file(path: Path) -> Prompts:
+    raw, text = read_utf8(path, "prompts file")
     lines = text.splitlines()
     if path.suffix.lower() in JSONL_SUFFIXES:
         texts = [json_text(path, number, line, JSON_FIELDS)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..capture.prompts import json_text
+from ..capture.prompts import json_text, read_utf8
 from ..errors import MoecacheError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -54,15 +54,7 @@ def load_texts(data: str | os.PathLike | Sequence[str]) -> list[str]:
             raise MoecacheError("no training text given (all documents are empty)")
         return texts
     path = Path(data)
-    if not path.exists():
-        raise MoecacheError(f"{path}: no such data file")
-    if path.is_dir():
-        raise MoecacheError(f"{path}: is a folder, expected a text or JSONL data file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise MoecacheError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    _, text = read_utf8(path, "data file")
     if path.suffix.lower() in JSONL_SUFFIXES:
         texts = [json_text(path, number, line, JSON_FIELDS)
                  for number, line in enumerate(text.splitlines(), 1) if line.strip()]
