@@ -18,7 +18,8 @@ key of R, or, if R has new keys, at the bottom, where the last candidates extend
 stack. Cost: one walk to the deepest key of each request, not one carry per key.
 
 LRU needs no walk: its stack is the order of last use (then id), so a key's depth is
-one plus the keys used since; two kernels count those directly.
+one plus the keys used since; two kernels count those directly. Neither does OPT when
+all requests have one size: opt_stack.py finds its depths from the past alone.
 
 Capacities below a request's size are invalid and not reported; depths shallower than
 the largest set are counted but carry no meaning.
@@ -29,6 +30,7 @@ from numba import njit
 
 from ._state import bit_index, popcount
 from .opt import next_request
+from .opt_stack import TIME_LIMIT, opt_marker_depths, uniform_size
 
 LRU, LFU, OPT = 0, 1, 2
 _PINNED = np.iinfo(np.int64).max
@@ -38,11 +40,14 @@ _PINNED = np.iinfo(np.int64).max
 def depth_histogram(keys, offsets, num_keys, policy, groups):
     """Counts of stack depths, shape (num_keys + 1, groups): row d counts the requested
     entries found at depth d (1-based; 0 = never seen before), column ``r % groups`` of
-    their request r (the MoE layer, in global scope)."""
+    their request r (the MoE layer, in global scope). Rows up to the largest request
+    size are only meaningful summed (OPT's marker kernel puts them all in row 1)."""
     if policy == LRU:
         if num_keys <= 64:
             return lru_depths_masks(keys, offsets, num_keys, groups)
         return lru_depths_stamps(keys, offsets, num_keys, groups)
+    if policy == OPT and offsets.shape[0] <= TIME_LIMIT and uniform_size(offsets):
+        return opt_marker_depths(keys, offsets, num_keys, groups)
     return priority_stack_depths(keys, offsets, num_keys, policy, groups)
 
 

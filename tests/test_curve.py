@@ -60,6 +60,32 @@ def test_curve_past_64_experts_equals_replay(policy, data):
             assert row.hits == mc.replay(trace, policy, row.capacity, scope).hits
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@given(data=routings(max_layers=3, max_experts=40, max_tokens=60, grouped=False))
+def test_opt_curve_with_one_request_size_equals_replay(scope, data):
+    """One token per step: every request has K experts and OPT takes the marker kernel."""
+    experts, step, num_experts = data
+    trace = make_trace(experts, step, num_experts)
+    requests = mc.Requests.from_trace(trace)
+    assert len(set(requests.set_sizes.ravel().tolist())) == 1
+    frame = mc.curve(trace, "opt", scope)
+    for row in frame.itertuples():
+        assert row.hits == mc.replay(trace, "opt", row.capacity, scope).hits
+
+
+@pytest.mark.parametrize("layers, experts, top_k", [(40, 64, 4), (6, 96, 8), (2, 16, 1)])
+def test_long_opt_curve_with_one_request_size_equals_replay(layers, experts, top_k):
+    """Long sticky traces: records shift across many marker blocks, and past 512 markers the
+    first marker is searched 32 blocks at a time more than once."""
+    trace = mc.synth(layers=layers, experts=experts, top_k=top_k, tokens=400, stickiness=0.6, seed=7)
+    for scope in ("layer", "global"):
+        frame = mc.curve(trace, "opt", scope).set_index("capacity")
+        top = experts * (layers if scope == "global" else 1)
+        for capacity in sorted({top_k, top_k + 1, 17, 33, 100, 513, 700, top // 2, top} - {0}):
+            if top_k <= capacity <= top:
+                assert frame.loc[capacity, "hits"] == mc.replay(trace, "opt", capacity, scope).hits
+
+
 def test_lfu_curve_past_its_priority_range_falls_back_to_replays(monkeypatch):
     trace = mc.synth(layers=2, experts=16, top_k=4, tokens=200, seed=3)
     one_pass = mc.curve(trace, "lfu", "global")

@@ -1,0 +1,98 @@
+"""Two 16-lane int32 vector operations for the OPT stack kernel, written as LLVM intrinsics.
+
+numba does not vectorize these short, data-dependent steps on its own; written as one
+vector compare (and a log-step prefix maximum) they cost a few instructions per block
+of 16 values on any target LLVM supports. Callers guarantee that ``start + 16`` lies
+within the array: the kernels pad their arrays by whole blocks.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 16
+_I32 = ir.IntType(32)
+_VECTOR = ir.VectorType(_I32, LANES)
+_LOWEST = ir.Constant(_VECTOR, [-(2**31)] * LANES)
+
+
+def _block_pointer(context, builder, array_type, array, start):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [start]), _VECTOR.as_pointer())
+
+
+def _splat(builder, value):
+    one = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(_VECTOR, ir.Undefined), ir.Constant(_VECTOR, [0] * LANES))
+
+
+def _max(builder, a, b):
+    return builder.select(builder.icmp_signed(">", a, b), a, b)
+
+
+def _shift_up(builder, vector, lanes):
+    """Lane i takes lane i - ``lanes``; the first lanes take the lowest int32."""
+    order = [LANES + i if i < lanes else i - lanes for i in range(LANES)]
+    return builder.shuffle_vector(vector, _LOWEST, ir.Constant(_VECTOR, order))
+
+
+@intrinsic
+def window_mask(typingctx, values, start, above, limit):
+    """uint32 whose bit i is set iff above < values[start + i] <= limit (i < 16)."""
+    sig = types.uint32(values, types.int64, types.int32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        values_v, start_v, above_v, limit_v = args
+        block = builder.load(_block_pointer(context, builder, signature.args[0], values_v, start_v), align=4)
+        low = _splat(builder, builder.add(above_v, ir.Constant(_I32, 1)))
+        span = _splat(builder, builder.sub(limit_v, above_v))
+        inside = builder.icmp_unsigned("<", builder.sub(block, low), span)  # one unsigned compare
+        return builder.zext(builder.bitcast(inside, ir.IntType(LANES)), _I32)
+    return sig, codegen
+
+
+@intrinsic
+def shift_records(typingctx, values, start, first_lane, carried, limit, fill):
+    """One block of the record shift of the OPT kernel, in place on values[start:start + 16].
+
+    Walking lanes ``first_lane``..15 in order with ``carried``: a lane whose value v has
+    carried < v <= limit takes carried (``fill`` while carried is still the lowest int32)
+    and carried becomes v. The lanes' records come from one prefix maximum, so only its
+    last step waits for ``carried``. Returns the final carried value.
+    """
+    sig = types.int32(values, types.int64, types.int64, types.int32, types.int32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        values_v, start_v, first_v, carried_v, limit_v, fill_v = args
+        pointer = _block_pointer(context, builder, signature.args[0], values_v, start_v)
+        block = builder.load(pointer, align=4)
+        lanes = ir.Constant(_VECTOR, list(range(LANES)))
+        first = _splat(builder, builder.trunc(first_v, _I32))
+        eligible = builder.and_(builder.icmp_signed(">=", lanes, first),
+                                builder.icmp_signed("<=", block, _splat(builder, limit_v)))
+        running = builder.select(eligible, block, _LOWEST)  # becomes the inclusive prefix maximum
+        step = 1
+        while step < LANES:
+            running = _max(builder, running, _shift_up(builder, running, step))
+            step *= 2
+        before = _max(builder, _shift_up(builder, running, 1), _splat(builder, carried_v))
+        record = builder.and_(eligible, builder.icmp_signed(">", block, before))
+        placed = builder.select(builder.icmp_signed("==", before, _LOWEST), _splat(builder, fill_v), before)
+        builder.store(builder.select(record, placed, block), pointer, align=4)
+        return _max(builder, builder.extract_element(running, ir.Constant(_I32, LANES - 1)), carried_v)
+    return sig, codegen
+
+
+@intrinsic
+def block_minimum(typingctx, values, start):
+    """min(values[start:start + 16])."""
+    sig = types.int32(values, types.int64)
+
+    def codegen(context, builder, signature, args):
+        block = builder.load(_block_pointer(context, builder, signature.args[0], *args), align=4)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_VECTOR]),
+                                            f"llvm.vector.reduce.smin.v{LANES}i32")
+        return builder.call(fn, [block])
+    return sig, codegen
+
