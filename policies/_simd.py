@@ -18,13 +18,17 @@ _LOWEST = ir.Constant(_VECTOR, [-(2**31)] * LANES)
 
 
 def _block_pointer(context, builder, array_type, array, start):
+    """Pointer to the 16 elements from ``start`` of a numba array, as one vector."""
     data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [start]), _VECTOR.as_pointer())
+    vector = ir.VectorType(data.type.pointee, LANES)
+    return builder.bitcast(builder.gep(data, [start]), vector.as_pointer())
 
 
 def _splat(builder, value):
-    one = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(_VECTOR, ir.Undefined), ir.Constant(_VECTOR, [0] * LANES))
+    """A vector of 16 copies of ``value``."""
+    vector = ir.VectorType(value.type, LANES)
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), ir.Constant(_VECTOR, [0] * LANES))
 
 
 def _max(builder, a, b):
@@ -96,3 +100,17 @@ def block_minimum(typingctx, values, start):
         return builder.call(fn, [block])
     return sig, codegen
 
+
+
+
+@intrinsic
+def below_mask(typingctx, values, start, ceiling):
+    """uint32 whose bit i is set iff values[start + i] < ceiling (i < 16), for int64 values."""
+    sig = types.uint32(values, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        values_v, start_v, ceiling_v = args
+        block = builder.load(_block_pointer(context, builder, signature.args[0], values_v, start_v), align=8)
+        below = builder.icmp_signed("<", block, _splat(builder, ceiling_v))
+        return builder.zext(builder.bitcast(below, ir.IntType(LANES)), _I32)
+    return sig, codegen

@@ -27,13 +27,15 @@ the largest set are counted but carry no meaning.
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
 
+from ._simd import LANES, below_mask
 from ._state import bit_index, popcount
 from .opt import next_request
 from .opt_stack import TIME_LIMIT, opt_marker_depths, uniform_size
 
 LRU, LFU, OPT = 0, 1, 2
-_PINNED = np.iinfo(np.int64).max
+_PINNED = np.iinfo(np.int64).min  # below every priority, so the walk stops at it
 
 
 @njit(cache=True, nogil=True)
@@ -173,7 +175,7 @@ def priority_stack_depths(keys, offsets, num_keys, policy, groups):
     num_requests = offsets.shape[0] - 1
     entries = keys.shape[0]
     stack = np.empty(num_keys, np.int64)
-    priority = np.empty(num_keys, np.int64)
+    priority = np.full(num_keys + LANES, np.iinfo(np.int64).max, np.int64)  # padded for block reads
     depth_of = np.zeros(num_keys, np.int64)  # 1-based level, 0 if never requested
     size = 0
     candidate = np.empty(num_keys, np.int64)  # ascending priority
@@ -197,20 +199,29 @@ def priority_stack_depths(keys, offsets, num_keys, policy, groups):
                 new += 1
         stop = size if new > 0 else max(deepest, n)
         count = 0
-        for level in range(stop):
+        for level in range(min(n, stop)):  # the top n levels go to the request
+            if priority[level] != _PINNED:
+                count = insert_sorted(candidate, candidate_priority, count, stack[level], priority[level])
+        # below, each level keeps the highest of its entry and the candidates (count >= 1,
+        # as a key of the request still lies below): only levels whose entry is below the
+        # highest candidate change (pinned ones included), found 16 levels at a time
+        level = n
+        while level < stop:
+            below = below_mask(priority, level, candidate_priority[count - 1])
+            if below == 0:
+                level += LANES
+                continue
+            level += trailing_zeros(below)
+            if level >= stop:
+                break
             key, value = stack[level], priority[level]
-            if level < n:  # the top n levels go to the request
-                if value != _PINNED:
-                    count = insert_sorted(candidate, candidate_priority, count, key, value)
-            # below: keep the highest of the entry and the candidates here (count >= 1,
-            # as a key of the request still lies below)
-            elif value == _PINNED or value < candidate_priority[count - 1]:
-                count -= 1
-                placed = candidate[count]
-                stack[level], priority[level] = placed, candidate_priority[count]
-                depth_of[placed] = level + 1
-                if value != _PINNED:
-                    count = insert_sorted(candidate, candidate_priority, count, key, value)
+            count -= 1
+            placed = candidate[count]
+            stack[level], priority[level] = placed, candidate_priority[count]
+            depth_of[placed] = level + 1
+            if value != _PINNED:
+                count = insert_sorted(candidate, candidate_priority, count, key, value)
+            level += 1
         level = max(stop, n)
         while count > 0:  # the stack grows by the new keys
             count -= 1
