@@ -57,24 +57,21 @@ def window_mask(typingctx, values, start, above, limit):
 
 
 @intrinsic
-def shift_records(typingctx, values, start, first_lane, carried, limit, fill):
+def shift_records(typingctx, values, start, carried, limit, fill):
     """One block of the record shift of the OPT kernel, in place on values[start:start + 16].
 
-    Walking lanes ``first_lane``..15 in order with ``carried``: a lane whose value v has
-    carried < v <= limit takes carried (``fill`` while carried is still the lowest int32)
-    and carried becomes v. The lanes' records come from one prefix maximum, so only its
-    last step waits for ``carried``. Returns the final carried value.
+    Walking the lanes in order with ``carried``: a lane whose value v has carried < v <=
+    limit takes carried (``fill`` while carried is still the lowest int32) and carried
+    becomes v. The records come from one prefix maximum of the values <= limit, so only
+    its last step waits for ``carried``. Returns the final carried value.
     """
-    sig = types.int32(values, types.int64, types.int64, types.int32, types.int32, types.int32)
+    sig = types.int32(values, types.int64, types.int32, types.int32, types.int32)
 
     def codegen(context, builder, signature, args):
-        values_v, start_v, first_v, carried_v, limit_v, fill_v = args
+        values_v, start_v, carried_v, limit_v, fill_v = args
         pointer = _block_pointer(context, builder, signature.args[0], values_v, start_v)
         block = builder.load(pointer, align=4)
-        lanes = ir.Constant(_VECTOR, list(range(LANES)))
-        first = _splat(builder, builder.trunc(first_v, _I32))
-        eligible = builder.and_(builder.icmp_signed(">=", lanes, first),
-                                builder.icmp_signed("<=", block, _splat(builder, limit_v)))
+        eligible = builder.icmp_signed("<=", block, _splat(builder, limit_v))
         running = builder.select(eligible, block, _LOWEST)  # becomes the inclusive prefix maximum
         step = 1
         while step < LANES:

@@ -104,14 +104,14 @@ def opt_marker_depths(keys, offsets, num_keys, groups):
             start = block * LANES
             depth = start + trailing_zeros(window_mask(marker, start, _BEFORE, p))
             hist[size + 1 + depth, group] += 1
-            carried = shift_records(marker, start, depth - start, _LOWEST, p, now)
+            carried = shift_records(marker, start, _LOWEST, p, now)  # lanes before d are > p
             block_min[block] = block_minimum(marker, start)  # marker d went up to now
             while carried < top:
                 if block + 1 >= blocks:
                     lost()
                 block += 1
                 start += LANES
-                shifted = shift_records(marker, start, 0, carried, p, now)
+                shifted = shift_records(marker, start, carried, p, now)
                 # records took carried and larger values, so the least new value is carried
                 block_min[block] = min(block_min[block], carried if shifted > carried else _FAR)
                 carried = shifted

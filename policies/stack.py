@@ -15,7 +15,9 @@ current level has evicted exactly the ``need`` lowest candidates. From level n o
 level holding a key of R takes the highest candidate (``need`` drops), and any other
 level the highest of its entry and the candidates. The walk ends below the deepest
 key of R, or, if R has new keys, at the bottom, where the last candidates extend the
-stack. Cost: one walk to the deepest key of each request, not one carry per key.
+stack. Cost: one walk to the deepest key of each request, not one carry per key; only
+the levels whose entry is below the highest candidate change, and one vector compare
+finds them 16 levels at a time.
 
 LRU needs no walk: its stack is the order of last use (then id), so a key's depth is
 one plus the keys used since; two kernels count those directly. Neither does OPT when
