@@ -4,7 +4,8 @@ Goal: for lru, lfu and opt, the whole curve costs at most 2x a single-capacity r
 the same trace. Both calls get the trace's step sets already built (they are cached on
 the trace after its first replay), so the ratio compares the simulation work: one stack
 pass against one replay at C = 16 per layer (C = 16 x L in global scope). Layer scope
-also prints the slow way, one replay per capacity. Times are the best of ``--repeat``.
+also prints the slow way, one replay per capacity. Replay and curve alternate, and each
+keeps its best time of ``--repeat`` runs, so a drift in machine load hits both alike.
 
 Run: ``python benchmarks/bench_curve.py`` (8 layers, 10M requests) or ``--quick``.
 """
@@ -20,13 +21,16 @@ GOAL = 2.0
 PER_LAYER_CAPACITY = 16
 
 
-def best(repeat: int, fn, *args) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def best_of_alternating(repeat: int, *calls) -> list[float]:
+    """The best time of each call (fn, *args) over ``repeat`` rounds that run them in turn."""
+    rounds = [[seconds(*call) for call in calls] for _ in range(repeat)]
+    return [min(times) for times in zip(*rounds, strict=True)]
 
 
 def replay_each(trace: mc.Trace, policy: str, capacities: range) -> None:
@@ -38,7 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10_000_000)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="400,000 requests, best of 1")
     args = parser.parse_args()
     if args.quick:
@@ -59,12 +63,11 @@ def main() -> int:
         for policy in ("lru", "lfu", "opt"):
             mc.curve(small, policy, scope)  # compile outside the timings
             mc.replay(trace, policy, capacity, scope)  # builds and caches the step sets
-            single = best(args.repeat, mc.replay, trace, policy, capacity, scope)
-            whole = best(args.repeat, mc.curve, trace, policy, scope)
+            single, whole = best_of_alternating(
+                args.repeat, (mc.replay, trace, policy, capacity, scope), (mc.curve, trace, policy, scope))
             slow = "-"
             if scope == "layer":
-                seconds = best(1, replay_each, trace, policy, range(top_k, top + 1))
-                slow = f"{seconds:.2f}s"
+                slow = f"{seconds(replay_each, trace, policy, range(top_k, top + 1)):.2f}s"
             ratio = whole / single
             if ratio > GOAL:
                 over[scope].append(policy)
