@@ -88,7 +88,7 @@ def curve(
         cumulative = stack_hits(req, policy, scope)
         base = summarize(trace, req, cumulative[-1], policy, scope, None, None,
                          bytes_per_second, fetch_latency)
-        rows = _rows(trace, base, cumulative[np.minimum(capacities, top)], capacities)
+        table = _columns(trace, base, cumulative[np.minimum(capacities, top)], capacities)
     else:
         req.cold  # noqa: B018 - build the shared routing counts once, before the threads
 
@@ -98,17 +98,19 @@ def curve(
 
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
             rows = list(pool.map(one, capacities))
-    return pd.DataFrame([r.to_dict() for r in rows]).drop(columns=["memory_bytes"])
+        table = pd.DataFrame([r.to_dict() for r in rows])
+    return table.drop(columns=["memory_bytes"])
 
 
-def _rows(trace: Trace, base: ReplayResult, layer_hits: np.ndarray, capacities: list[int]
-          ) -> list[ReplayResult]:
-    """``base`` (the routing-only figures) with the hits of each capacity, ``layer_hits``
-    (capacities, layers); ``per_layer`` stays base's (the curve's table leaves it out)."""
+def _columns(trace: Trace, base: ReplayResult, layer_hits: np.ndarray, capacities: list[int]
+             ) -> pd.DataFrame:
+    """The table for ``base`` (the routing-only figures) with the hits of each capacity,
+    ``layer_hits`` (capacities, layers): one ReplayResult whose per-capacity fields are
+    arrays, so its properties compute every column at once."""
     hits = layer_hits.sum(axis=1)
     sizes = trace.expert_bytes
-    miss_bytes = [None] * len(capacities) if sizes is None else \
+    miss_bytes = None if sizes is None else \
         ((base.per_layer["requests"].to_numpy() - layer_hits) * sizes).sum(axis=1)
-    return [replace(base, capacity=c, hits=int(h), misses=base.requests - int(h),
-                    miss_bytes=None if b is None else int(b))
-            for c, h, b in zip(capacities, hits, miss_bytes, strict=True)]
+    columns = replace(base, capacity=np.asarray(capacities, np.int64), hits=hits,
+                      misses=base.requests - hits, miss_bytes=miss_bytes)
+    return pd.DataFrame(columns.to_dict(), index=pd.RangeIndex(len(capacities)))
