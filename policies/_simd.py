@@ -1,9 +1,9 @@
-"""Two 16-lane int32 vector operations for the OPT stack kernel, written as LLVM intrinsics.
+"""16-lane vector steps of the curve kernels (stack.py, opt_stack.py), as LLVM intrinsics.
 
 numba does not vectorize these short, data-dependent steps on its own; written as one
-vector compare (and a log-step prefix maximum) they cost a few instructions per block
-of 16 values on any target LLVM supports. Callers guarantee that ``start + 16`` lies
-within the array: the kernels pad their arrays by whole blocks.
+vector compare (and, for the record shift, a log-step prefix maximum) they cost a few
+instructions per block of 16 values on any target LLVM supports. Callers guarantee
+that ``start + 16`` lies within the array: the kernels pad their arrays by whole blocks.
 """
 
 from llvmlite import ir
