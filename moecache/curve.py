@@ -113,4 +113,4 @@ def _columns(trace: Trace, base: ReplayResult, layer_hits: np.ndarray, capacitie
         ((base.per_layer["requests"].to_numpy() - layer_hits) * sizes).sum(axis=1)
     columns = replace(base, capacity=np.asarray(capacities, np.int64), hits=hits,
                       misses=base.requests - hits, miss_bytes=miss_bytes)
-    return pd.DataFrame(columns.to_dict(), index=pd.RangeIndex(len(capacities)))
+    return pd.DataFrame(columns.to_dict())
