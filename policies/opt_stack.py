@@ -65,7 +65,7 @@ def opt_marker_depths(keys, offsets, num_keys, groups):
     blocks = (markers + LANES - 1) // LANES
     marker = np.full(blocks * LANES, _FAR, np.int32)
     marker[:markers] = -1  # before the trace every capacity has room
-    block_min = np.full(((blocks + 1) // (2 * LANES) + 1) * 2 * LANES, _FAR, np.int32)
+    block_min = np.full(blocks + 3 * LANES, _FAR, np.int32)  # whole windows past the end
     block_min[:blocks] = -1
     holders = np.zeros(num_requests + 2, np.int32)
     present = np.zeros((num_requests + 2 + 63) // 64, np.uint64)
@@ -95,27 +95,38 @@ def opt_marker_depths(keys, offsets, num_keys, groups):
                 word -= 1
                 bits = present[word]
             top = np.int32((word << 6) + 62 - leading_zeros(bits))
-            # d: the first marker <= p, found by block minimum, 32 blocks at a time
-            block = 0
-            while True:
-                found = window_mask(block_min, block, _BEFORE, p) | (
-                    window_mask(block_min, block + LANES, _BEFORE, p) << np.uint32(LANES))
-                if found:
-                    block += trailing_zeros(found)
-                    break
-                block += 2 * LANES
-                if block >= blocks:
-                    lost()
+            # d: the first marker <= p, found by block minimum: the first 16 blocks by
+            # scalar loads (a vector load of values just stored one by one would wait for
+            # those stores to retire), then 32 blocks at a time
+            found = np.uint32(0)
+            for b in range(LANES):
+                found |= np.uint32(block_min[b] <= p) << np.uint32(b)
+            block = np.int64(trailing_zeros(found))
+            if found == 0:
+                block = np.int64(LANES)
+                while True:
+                    if block >= blocks:
+                        lost()
+                    found = window_mask(block_min, block, _BEFORE, p) | (
+                        window_mask(block_min, block + LANES, _BEFORE, p) << np.uint32(LANES))
+                    if found:
+                        block += np.int64(trailing_zeros(found))
+                        break
+                    block += 2 * LANES
             start = block * LANES
-            depth = start + trailing_zeros(window_mask(marker, start, _BEFORE, p))
-            hist[size + 1 + depth, group] += 1
+            lane = trailing_zeros(window_mask(marker, start, _BEFORE, p))
+            hist[size + 1 + start + lane, group] += 1
+            # the shift ends at the first marker from d holding top; testing for it on the
+            # values before the shift lets the loop exit resolve without waiting for them
+            ends = window_mask(marker, start, top - 1, top)  # (lanes before d are > p)
             carried = shift_records(marker, start, _LOWEST, p, now)  # lanes before d are > p
             block_min[block] = block_minimum(marker, start)  # marker d went up to now
-            while carried < top:
+            while ends == 0:
                 if block + 1 >= blocks:
                     lost()
                 block += 1
                 start += LANES
+                ends = window_mask(marker, start, top - 1, top)
                 shifted = shift_records(marker, start, carried, p, now)
                 # records took carried and larger values, so the least new value is carried
                 block_min[block] = min(block_min[block], carried if shifted > carried else _FAR)
