@@ -98,8 +98,6 @@ def block_minimum(typingctx, values, start):
     return sig, codegen
 
 
-
-
 @intrinsic
 def below_mask(typingctx, values, start, ceiling):
     """uint32 whose bit i is set iff values[start + i] < ceiling (i < 16), for int64 values."""
