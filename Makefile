@@ -12,7 +12,7 @@ FULL := $(VENV)/.full-installed
 MC := $(BIN)/moecache
 
 .PHONY: env run test lint bench bench-capture sweep plots compare pipeline sample-traces toy-model \
-	remoe-experiment clean
+	remoe-experiment clean clean-cache
 
 env: $(FULL)
 
@@ -85,5 +85,9 @@ toy-model: $(FULL)
 remoe-experiment: $(FULL)
 	$(BIN)/python experiments/remoe_experiment.py --model $(TOY_MODEL) $(REMOE_ARGS)
 
-clean:
+clean: clean-cache
 	rm -rf $(VENV) build *.egg-info
+
+# numba's cached kernels (a cache does not notice edits to the kernels it calls).
+clean-cache:
+	find moecache policies -name '*.nb[ci]' -delete
