@@ -17,18 +17,19 @@ _VECTOR = ir.VectorType(_I32, LANES)
 _LOWEST = ir.Constant(_VECTOR, [-(2**31)] * LANES)
 
 
-def _block_pointer(context, builder, array_type, array, start):
-    """Pointer to the 16 elements from ``start`` of a numba array, as one vector."""
+def _block_pointer(context, builder, array_type, array, start, lanes=LANES):
+    """Pointer to the ``lanes`` elements from ``start`` of a numba array, as one vector."""
     data = context.make_array(array_type)(context, builder, array).data
-    vector = ir.VectorType(data.type.pointee, LANES)
+    vector = ir.VectorType(data.type.pointee, lanes)
     return builder.bitcast(builder.gep(data, [start]), vector.as_pointer())
 
 
-def _splat(builder, value):
-    """A vector of 16 copies of ``value``."""
-    vector = ir.VectorType(value.type, LANES)
+def _splat(builder, value, lanes=LANES):
+    """A vector of ``lanes`` copies of ``value``."""
+    vector = ir.VectorType(value.type, lanes)
     one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), ir.Constant(_VECTOR, [0] * LANES))
+    zeros = ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes)
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
 
 
 def _max(builder, a, b):
@@ -41,19 +42,30 @@ def _shift_up(builder, vector, lanes):
     return builder.shuffle_vector(vector, _LOWEST, ir.Constant(_VECTOR, order))
 
 
+def _window(lanes):
+    """Code for the mask of ``lanes`` int32 values from ``start`` with above < value <= limit."""
+    def codegen(context, builder, signature, args):
+        values_v, start_v, above_v, limit_v = args
+        pointer = _block_pointer(context, builder, signature.args[0], values_v, start_v, lanes)
+        block = builder.load(pointer, align=4)
+        low = _splat(builder, builder.add(above_v, ir.Constant(_I32, 1)), lanes)
+        span = _splat(builder, builder.sub(limit_v, above_v), lanes)
+        inside = builder.icmp_unsigned("<", builder.sub(block, low), span)  # one unsigned compare
+        mask = builder.bitcast(inside, ir.IntType(lanes))
+        return mask if lanes == 64 else builder.zext(mask, _I32)
+    return codegen
+
+
 @intrinsic
 def window_mask(typingctx, values, start, above, limit):
     """uint32 whose bit i is set iff above < values[start + i] <= limit (i < 16)."""
-    sig = types.uint32(values, types.int64, types.int32, types.int32)
+    return types.uint32(values, types.int64, types.int32, types.int32), _window(LANES)
 
-    def codegen(context, builder, signature, args):
-        values_v, start_v, above_v, limit_v = args
-        block = builder.load(_block_pointer(context, builder, signature.args[0], values_v, start_v), align=4)
-        low = _splat(builder, builder.add(above_v, ir.Constant(_I32, 1)))
-        span = _splat(builder, builder.sub(limit_v, above_v))
-        inside = builder.icmp_unsigned("<", builder.sub(block, low), span)  # one unsigned compare
-        return builder.zext(builder.bitcast(inside, ir.IntType(LANES)), _I32)
-    return sig, codegen
+
+@intrinsic
+def window_mask64(typingctx, values, start, above, limit):
+    """uint64 whose bit i is set iff above < values[start + i] <= limit (i < 64)."""
+    return types.uint64(values, types.int64, types.int32, types.int32), _window(4 * LANES)
 
 
 @intrinsic
