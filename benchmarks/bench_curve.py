@@ -7,7 +7,8 @@ pass against one replay at C = 16 per layer (C = 16 x L in global scope). Layer 
 also prints the slow way, one replay per capacity. Replay and curve alternate, and each
 keeps its best time of ``--repeat`` runs, so a drift in machine load hits both alike.
 
-Run: ``python benchmarks/bench_curve.py`` (8 layers, 10M requests) or ``--quick``.
+Run: ``python benchmarks/bench_curve.py`` (8 layers of 64 experts, 10M requests) or
+``--quick``; larger models e.g. ``--layers 58 --experts 256 --scope global``.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10_000_000)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--scope", choices=("layer", "global", "both"), default="both")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="400,000 requests, best of 1")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.repeat = 400_000, 1
-    experts, top_k = 64, 8
+    experts, top_k = args.experts, 8
     tokens = args.requests // (top_k * args.layers)
     trace = mc.synth(layers=args.layers, experts=experts, top_k=top_k, tokens=tokens, stickiness=0.5,
                      skew=0.8, seed=20240601)
@@ -56,8 +59,9 @@ def main() -> int:
     small = mc.synth(layers=2, experts=experts, top_k=top_k, tokens=64, seed=1)
     print(f"{'scope':<7}{'policy':<7}{'replay':>8} {'at C':>5} {'curve':>8} {'of C':>9} {'ratio':>7} "
           f"{'goal':>5} {'one replay per C':>17}")
-    over: dict[str, list[str]] = {"layer": [], "global": []}
-    for scope in ("layer", "global"):
+    scopes = ("layer", "global") if args.scope == "both" else (args.scope,)
+    over: dict[str, list[str]] = {scope: [] for scope in scopes}
+    for scope in scopes:
         layers = args.layers if scope == "global" else 1
         capacity, top = PER_LAYER_CAPACITY * layers, experts * layers
         for policy in ("lru", "lfu", "opt"):

@@ -30,10 +30,14 @@ def one_pass(req: Requests, policy: str) -> bool:
     return len(req.offsets) * (len(req.ids) + 1) < PRIORITY_LIMIT
 
 
-def stack_hits(req: Requests, policy: str, scope: str) -> np.ndarray:
-    """Hits per MoE layer at every capacity: array (max capacity + 1, layers), row C = capacity C.
+def stack_hits(req: Requests, policy: str, scope: str,
+               expert_bytes: list[int] | None = None) -> np.ndarray:
+    """Hits at every capacity: array (max capacity + 1, layers or 1), row C = capacity C.
 
-    Rows below the largest step set are not meaningful (such capacities are invalid).
+    In global scope the layers share one column unless their experts differ in size
+    (``expert_bytes``, per layer): a depth histogram per layer of L x E rows no longer
+    fits in cache, which costs large models up to 2x. Rows below the largest step set
+    are not meaningful (such capacities are invalid).
     """
     num_layers, num_experts = req.num_layers, req.num_experts
     code = STACK_POLICIES[policy]
@@ -44,9 +48,19 @@ def stack_hits(req: Requests, policy: str, scope: str) -> np.ndarray:
             hist[:, layer] = depth_histogram(keys, offsets, num_experts, code, 1)[:, 0]
     else:
         keys, offsets = req.pooled()
-        hist = depth_histogram(keys, offsets, num_layers * num_experts, code, num_layers)
+        by_layer = expert_bytes is not None and len(set(expert_bytes)) > 1
+        hist = depth_histogram(keys, offsets, num_layers * num_experts, code,
+                               num_layers if by_layer else 1)
     hist[0] = 0  # depth 0: first reference, a miss at every capacity
     return np.cumsum(hist, axis=0)
+
+
+def fetched_bytes(hits: np.ndarray, layer_requests: np.ndarray, expert_bytes: list[int]
+                  ) -> np.ndarray:
+    """Miss bytes for rows of ``stack_hits`` (per layer, or one column of all layers)."""
+    if hits.shape[1] == 1:
+        return (layer_requests.sum() - hits[:, 0]) * expert_bytes[0]
+    return ((layer_requests - hits) * expert_bytes).sum(axis=1)
 
 
 def curve(
@@ -85,9 +99,11 @@ def curve(
     bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
     fetch_latency = parse_duration(latency)
     if one_pass(req, policy):
-        cumulative = stack_hits(req, policy, scope)
-        base = summarize(trace, req, cumulative[-1], policy, scope, None, None,
-                         bytes_per_second, fetch_latency)
+        cumulative = stack_hits(req, policy, scope, trace.expert_bytes)
+        # the routing-only figures; once every expert fits, every reuse hits
+        all_reuses = req.set_sizes.sum(axis=0) - req.cold.sum(axis=0)
+        base = summarize(trace, req, all_reuses, policy, scope, None, None, bytes_per_second,
+                         fetch_latency)
         table = _columns(trace, base, cumulative[np.minimum(capacities, top)], capacities)
     else:
         req.cold  # noqa: B018 - build the shared routing counts once, before the threads
@@ -102,15 +118,15 @@ def curve(
     return table.drop(columns=["memory_bytes"])
 
 
-def _columns(trace: Trace, base: ReplayResult, layer_hits: np.ndarray, capacities: list[int]
+def _columns(trace: Trace, base: ReplayResult, hits: np.ndarray, capacities: list[int]
              ) -> pd.DataFrame:
     """The table for ``base`` (the routing-only figures) with the hits of each capacity,
-    ``layer_hits`` (capacities, layers): one ReplayResult whose per-capacity fields are
-    arrays, so its properties compute every column at once."""
-    hits = layer_hits.sum(axis=1)
+    rows of ``stack_hits``: one ReplayResult whose per-capacity fields are arrays, so its
+    properties compute every column at once."""
+    total = hits.sum(axis=1)
     sizes = trace.expert_bytes
     miss_bytes = None if sizes is None else \
-        ((base.per_layer["requests"].to_numpy() - layer_hits) * sizes).sum(axis=1)
-    columns = replace(base, capacity=np.asarray(capacities, np.int64), hits=hits,
-                      misses=base.requests - hits, miss_bytes=miss_bytes)
+        fetched_bytes(hits, base.per_layer["requests"].to_numpy(), sizes)
+    columns = replace(base, capacity=np.asarray(capacities, np.int64), hits=total,
+                      misses=base.requests - total, miss_bytes=miss_bytes)
     return pd.DataFrame(columns.to_dict())

@@ -40,7 +40,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from .curve import STACK_POLICIES, stack_hits
+from .curve import STACK_POLICIES, fetched_bytes, stack_hits
 from .errors import MoecacheError
 from .locality import bootstrap_band, bootstrap_over_sequences, per_layer_reuse, reuse_by_window
 from .requests import Requests
@@ -314,14 +314,14 @@ def _curve_at(trace: Trace, req: Requests, policy: str, scope: str,
               capacities: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Hit rate and bytes per token at ``capacities``: ``curve``'s numbers from its stack
     pass, without building a result row per capacity (the bootstrap's inner loop)."""
-    cumulative = stack_hits(req, policy, scope)
-    layer_hits = cumulative[np.minimum(np.asarray(capacities), len(cumulative) - 1)]
-    layer_requests = req.set_sizes.sum(axis=0)
-    hit_rate = layer_hits.sum(axis=1) / max(int(layer_requests.sum()), 1)
     sizes = trace.expert_bytes
+    cumulative = stack_hits(req, policy, scope, sizes)
+    hits = cumulative[np.minimum(np.asarray(capacities), len(cumulative) - 1)]
+    layer_requests = req.set_sizes.sum(axis=0)
+    hit_rate = hits.sum(axis=1) / max(int(layer_requests.sum()), 1)
     if sizes is None or not req.num_tokens:
         return hit_rate, np.full(len(capacities), np.nan)
-    return hit_rate, ((layer_requests - layer_hits) * sizes).sum(axis=1) / req.num_tokens
+    return hit_rate, fetched_bytes(hits, layer_requests, sizes) / req.num_tokens
 
 
 # -- figures ---------------------------------------------------------------------------------

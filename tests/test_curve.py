@@ -17,10 +17,13 @@ curve_module = importlib.import_module("moecache.curve")  # the package exports 
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("sizes", ["one size", "a size per layer"])
 @given(data=routings(max_experts=8))
-def test_curve_equals_replay_at_every_capacity(policy, scope, data):
+def test_curve_equals_replay_at_every_capacity(policy, scope, sizes, data):
     experts, step, num_experts = data
-    trace = make_trace(experts, step, num_experts, expert_bytes=7)
+    layers = experts.shape[1]
+    expert_bytes = 7 if sizes == "one size" else [7 + 5 * layer for layer in range(layers)]
+    trace = make_trace(experts, step, num_experts, expert_bytes=expert_bytes)
     frame = mc.curve(trace, policy, scope, bandwidth="1MB/s")
     smallest = int(mc.Requests.from_trace(trace).set_sizes.max())
     top = num_experts * (trace.num_layers if scope == "global" else 1)
@@ -73,10 +76,11 @@ def test_opt_curve_with_one_request_size_equals_replay(scope, data):
         assert row.hits == mc.replay(trace, "opt", row.capacity, scope).hits
 
 
-@pytest.mark.parametrize("layers, experts, top_k", [(40, 64, 4), (6, 96, 8), (2, 16, 1)])
+@pytest.mark.parametrize("layers, experts, top_k", [(64, 64, 4), (40, 64, 4), (6, 96, 8), (2, 16, 1)])
 def test_long_opt_curve_with_one_request_size_equals_replay(layers, experts, top_k):
-    """Long sticky traces: records shift across many marker blocks, and past 512 markers the
-    first marker is searched 32 blocks at a time more than once."""
+    """Long sticky traces: records shift across many marker blocks, past 512 markers the
+    first marker is searched 32 blocks at a time more than once, and at 4,096 keys the
+    shift skips blocks that hold no record."""
     trace = mc.synth(layers=layers, experts=experts, top_k=top_k, tokens=400, stickiness=0.6, seed=7)
     for scope in ("layer", "global"):
         frame = mc.curve(trace, "opt", scope).set_index("capacity")
