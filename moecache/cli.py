@@ -147,13 +147,14 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")
 @click.option("--save-logits", is_flag=True, help="Also store full router scores (for rerouting).")
-@click.option("--router-label", default="baseline", show_default=True, help="e.g. baseline, remoe.")
+@click.option("--router-label", help="Router name in the metadata [default: remoe for a folder from "
+              "`remoe finetune`, else baseline].")
 @click.option("--limit", type=int, help="Use only the first N prompts.")
 @click.option("--chat-template", is_flag=True, help="Wrap each prompt in the model's chat template.")
 @click.option("--force", is_flag=True, help="Overwrite an existing trace.")
 def capture_command(model: str, prompts: str, out: str | None, mode: str, max_new_tokens: int,
                     batch_size: int, sample: bool, seed: int, device: str, dtype: str,
-                    save_logits: bool, router_label: str, limit: int | None, chat_template: bool,
+                    save_logits: bool, router_label: str | None, limit: int | None, chat_template: bool,
                     force: bool) -> None:
     """Run a local Hugging Face MoE MODEL over prompts and record its routing as a trace.
 

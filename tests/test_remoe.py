@@ -162,8 +162,9 @@ def test_finetune_saves_checkpoint_that_reloads_and_captures(paths, data_file, t
     assert _changed(_state(original), _state(tuned)) == set(report.router_parameters)
     assert tokenizer("hello world")["input_ids"] == build_tokenizer()("hello world")["input_ids"]
 
+    # the fine-tuned folder's remoe.json labels its captures "remoe" by default
     trace_path = capture(out, PROMPTS, tmp_path / "t.parquet", max_new_tokens=3, device="cpu",
-                         router_label="remoe", progress=False)
+                         progress=False)
     trace = mc.Trace.load(trace_path)
     assert trace.num_tokens > 0 and trace.meta["router"] == "remoe"
 

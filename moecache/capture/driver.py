@@ -52,6 +52,11 @@ DTYPES = {
 }
 
 
+# written by ``moecache remoe finetune`` into its output folder; a capture of such a
+# folder is labelled "remoe" unless told otherwise
+REMOE_META = "remoe.json"
+
+
 def capture(
     model_path: str | os.PathLike,
     prompts: str | os.PathLike | Sequence[str],
@@ -65,7 +70,7 @@ def capture(
     device: str = "auto",
     dtype: str = "auto",
     save_logits: bool = False,
-    router_label: str = "baseline",
+    router_label: str | None = None,
     limit: int | None = None,
     chat_template: bool = False,
     overwrite: bool = False,
@@ -82,7 +87,9 @@ def capture(
     Options map to ``moecache capture``: MODEL, --prompts, --out, --mode,
     --max-new-tokens, --batch-size, --sample/--greedy (``do_sample``), --seed,
     --device auto|cpu|cuda, --dtype auto|float32|float16|bfloat16, --save-logits
-    (store each router's full scores, float16), --router-label, --limit,
+    (store each router's full scores, float16), --router-label (default: "remoe" for a
+    folder written by ``moecache remoe finetune``, i.e. holding remoe.json, else
+    "baseline"), --limit,
     --chat-template (wrap each prompt as a user message of the tokenizer's chat
     template), --force (``overwrite``). ``out`` defaults to ``traces/<model>.parquet``.
 
@@ -94,6 +101,8 @@ def capture(
     prompt_set = load_prompts(prompts, limit=limit)
     out = default_out(model_path, mode) if out is None else Path(out)
     check_out(out, overwrite=overwrite)
+    if router_label is None:
+        router_label = "remoe" if (Path(model_path) / REMOE_META).is_file() else "baseline"
     model, tokenizer = load_model(model_path, device=device, dtype=dtype)
     return capture_model(
         model, tokenizer, prompt_set, out, mode=mode, max_new_tokens=max_new_tokens,

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._version import __version__
-from ..capture.driver import DTYPES, load_model
+from ..capture.driver import DTYPES, REMOE_META, load_model
 from ..capture.routers import MoeModelInfo, RouterOutput, find_routers, parse_router_output
 from ..errors import MoecacheError
 from .data import load_texts, pack_blocks
@@ -84,7 +84,6 @@ FROZEN_ROUTER_PARAMS = ("e_score_correction_bias", "expert_bias")
 EVAL_BLOCKS = 8           # blocks (the first of the data) of the before/after evaluation
 MAX_GRAD_NORM = 1.0
 LOG_NAME = "train_log.jsonl"
-META_NAME = "remoe.json"
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -214,7 +213,7 @@ def finetune(
             cast_for_saving(model, getattr(torch, DTYPES[str(save_dtype).removeprefix("torch.")]))
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _write_json(staging / META_NAME, _remoe_meta(model, report))
+        _write_json(staging / REMOE_META, _remoe_meta(model, report))
         _commit(staging, out_dir, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
