@@ -19,8 +19,10 @@ capacity K+1..C. So, for the reuse of a key last requested at p < t - 1:
   later markers whose value is a new maximum <= p); the largest marker <= p drops out.
 
 Per reuse that is a search for d, a few blocks of record shifting (16 markers per
-vector step, see _simd.py) and a predecessor lookup in a bitset over times, instead of
-a walk down the stack. Equal to the priority-stack walk of stack.py (tested).
+vector step, see _simd.py; records hold values between d's old one and p, so on long
+marker arrays the blocks without such a value are skipped, 64 markers per test) and a
+predecessor lookup in a bitset over times, instead of a walk down the stack. Equal to
+the priority-stack walk of stack.py (tested).
 """
 
 import numpy as np
@@ -68,10 +70,10 @@ def opt_marker_depths(keys, offsets, num_keys, groups):
     markers = num_keys - size
     blocks = (markers + LANES - 1) // LANES
     marker = np.full((blocks + 4) * LANES, _FAR, np.int32)  # whole skip windows past the end
-    skip = blocks >= SKIP_FROM_BLOCKS
     marker[:markers] = -1  # before the trace every capacity has room
     block_min = np.full(blocks + 3 * LANES, _FAR, np.int32)  # whole windows past the end
     block_min[:blocks] = -1
+    skip = blocks >= SKIP_FROM_BLOCKS
     holders = np.zeros(num_requests + 2, np.int32)
     present = np.zeros((num_requests + 2 + 63) // 64, np.uint64)
     holders[0] = markers
