@@ -52,7 +52,7 @@ def _window(lanes):
         span = _splat(builder, builder.sub(limit_v, above_v), lanes)
         inside = builder.icmp_unsigned("<", builder.sub(block, low), span)  # one unsigned compare
         mask = builder.bitcast(inside, ir.IntType(lanes))
-        return mask if lanes == 64 else builder.zext(mask, _I32)
+        return builder.zext(mask, _I32) if lanes < 32 else mask  # uint32 or uint64
     return codegen
 
 
