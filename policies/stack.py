@@ -88,18 +88,23 @@ def lru_depths_masks(keys, offsets, num_keys, groups):
 
 @njit(cache=True, nogil=True)
 def lru_depths_stamps(keys, offsets, num_keys, groups):
-    """LRU depths for any number of keys, in time about (stamps since the key's last use) / 64.
+    """LRU depths for any number of keys: per reuse, a masked sum of up to 64 word counts
+    plus one chunk count per 4,096 stamps since the key's last use.
 
     Every use takes the next stamp, so a key's depth is one plus the keys whose last
     stamp is later than its own. Invariant: bit t of ``current`` is set iff stamp t is
-    some key's last use (``key_at[t]``), and ``per_word`` counts the set bits of each
-    64-stamp word; the keys above stamp t are the set bits above t in its word plus the
-    counts of the later words. When the stamps run out, the current ones are renumbered
+    some key's last use (``key_at[t]``), ``per_word`` counts the set bits of each
+    64-stamp word and ``per_chunk`` those of each 64-word chunk; the keys above stamp t
+    are the set bits above t in its word plus the counts of the later words of its chunk
+    and of the later chunks. When the stamps run out, the current ones are renumbered
     0..live-1 in the same order.
     """
     words = (2 * num_keys + 63) // 64 + 1  # >= N stamps free after a renumbering
+    chunks = (words + 63) // 64  # counted only past 64 words (one chunk has nothing to add)
+    chunked = chunks > 1
     current = np.zeros(words, np.uint64)
-    per_word = np.zeros(words, np.int64)
+    per_word = np.zeros(64 * chunks, np.int64)
+    per_chunk = np.zeros(chunks, np.int64)
     key_at = np.empty(64 * words, np.int64)
     stamp = np.full(num_keys, -1, np.int64)  # last stamp, -1 if never used
     hist = np.zeros((num_keys + 1, groups), np.int64)
@@ -108,19 +113,22 @@ def lru_depths_stamps(keys, offsets, num_keys, groups):
     for r in range(offsets.shape[0] - 1):
         lo, hi = offsets[r], offsets[r + 1]
         group = r % groups
-        last_word = (now - 1) >> 6
+        last_chunk = (now - 1) >> 12
         for j in range(lo, hi):
             t = stamp[keys[j]]
             if t < 0:
                 hist[0, group] += 1
                 continue
             above = popcount(current[t >> 6] >> np.uint64(t & 63) >> one)
-            if words <= 64:  # a masked sum over all words vectorizes, beating a short loop
+            if not chunked:  # a masked sum over all words vectorizes, beating a short loop
                 for word in range(words):
                     above += per_word[word] if word > t >> 6 else 0
-            else:
-                for word in range((t >> 6) + 1, last_word + 1):
-                    above += per_word[word]
+            else:  # the same over t's chunk, then the later chunks
+                first = (t >> 12) << 6
+                for word in range(first, first + 64):
+                    above += per_word[word] if word > t >> 6 else 0
+                for chunk in range((t >> 12) + 1, last_chunk + 1):
+                    above += per_chunk[chunk]
             hist[1 + above, group] += 1
         if now + hi - lo > 64 * words:
             live = 0
@@ -134,9 +142,11 @@ def lru_depths_stamps(keys, offsets, num_keys, groups):
                     bits ^= lowest
             current[:] = 0
             per_word[:] = 0
+            per_chunk[:] = 0
             for t in range(live):
                 current[t >> 6] |= one << np.uint64(t & 63)
                 per_word[t >> 6] += 1
+                per_chunk[t >> 12] += 1
             now = live
         for j in range(lo, hi):  # ascending ids: a later stamp for a larger id
             key = keys[j]
@@ -144,9 +154,13 @@ def lru_depths_stamps(keys, offsets, num_keys, groups):
             if t >= 0:
                 current[t >> 6] &= ~(one << np.uint64(t & 63))
                 per_word[t >> 6] -= 1
+                if chunked:
+                    per_chunk[t >> 12] -= 1
             stamp[key], key_at[now] = now, key
             current[now >> 6] |= one << np.uint64(now & 63)
             per_word[now >> 6] += 1
+            if chunked:
+                per_chunk[now >> 12] += 1
             now += 1
     return hist
 

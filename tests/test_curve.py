@@ -98,13 +98,14 @@ def test_lfu_curve_past_its_priority_range_falls_back_to_replays(monkeypatch):
     pd.testing.assert_frame_equal(mc.curve(trace, "lfu", "global"), one_pass)
 
 
-@pytest.mark.parametrize("layers, experts, tokens", [(3, 32, 1500), (1, 100, 1500), (40, 64, 150)])
+@pytest.mark.parametrize("layers, experts, tokens",
+                         [(3, 32, 1500), (1, 100, 1500), (40, 64, 150), (100, 64, 60)])
 def test_long_lru_curve_past_64_experts_equals_replay(layers, experts, tokens):
     """Long enough for the LRU stamp counter to renumber its stamps many times (and, past
-    2,000 keys, to count later words one by one)."""
+    2,000 keys, to count words in chunks of 64: two chunks at 2,560 keys, four at 6,400)."""
     trace = mc.synth(layers=layers, experts=experts, top_k=4, tokens=tokens, stickiness=0.3, seed=5)
     frame = mc.curve(trace, "lru", "global").set_index("capacity")
-    for capacity in (4, 5, 9, 17, 33, 60, 95, 1000, layers * experts):
+    for capacity in (4, 5, 9, 17, 33, 60, 95, 1000, 3000, layers * experts):
         if capacity > layers * experts:
             continue
         assert frame.loc[capacity, "hits"] == mc.replay(trace, "lru", capacity, "global").hits
