@@ -89,7 +89,7 @@ def curve(
         raise MoecacheError(f"unknown scope {scope!r}: choose layer or global")
     req = requests if requests is not None else Requests.from_trace(trace, per_token=per_token)
     top = trace.num_experts * (trace.num_layers if scope == "global" else 1)
-    smallest = int(req.set_sizes.max()) if req.set_sizes.size else 1
+    smallest = int(req.layer_totals["largest"].max()) if req.set_sizes.size else 1
     if capacities is None:
         capacities = list(range(smallest, top + 1))
     capacities = sorted({int(c) for c in capacities})
@@ -101,12 +101,12 @@ def curve(
     if one_pass(req, policy):
         cumulative = stack_hits(req, policy, scope, trace.expert_bytes)
         # the routing-only figures; once every expert fits, every reuse hits
-        all_reuses = req.set_sizes.sum(axis=0) - req.cold.sum(axis=0)
+        all_reuses = req.layer_totals["requests"] - req.layer_totals["cold_misses"]
         base = summarize(trace, req, all_reuses, policy, scope, None, None, bytes_per_second,
                          fetch_latency)
         table = _columns(trace, base, cumulative[np.minimum(capacities, top)], capacities)
     else:
-        req.cold  # noqa: B018 - build the shared routing counts once, before the threads
+        req.layer_totals  # noqa: B018 - build the shared routing counts once, before the threads
 
         def one(capacity: int) -> ReplayResult:
             return replay(trace, policy, capacity, scope, bandwidth=bytes_per_second,

@@ -317,7 +317,7 @@ def _curve_at(trace: Trace, req: Requests, policy: str, scope: str,
     sizes = trace.expert_bytes
     cumulative = stack_hits(req, policy, scope, sizes)
     hits = cumulative[np.minimum(np.asarray(capacities), len(cumulative) - 1)]
-    layer_requests = req.set_sizes.sum(axis=0)
+    layer_requests = req.layer_totals["requests"]
     hit_rate = hits.sum(axis=1) / max(int(layer_requests.sum()), 1)
     if sizes is None or not req.num_tokens:
         return hit_rate, np.full(len(capacities), np.nan)

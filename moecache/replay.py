@@ -143,34 +143,37 @@ def _check_capacity(trace: Trace, capacity: int, req: Requests, layer: int | Non
         raise MoecacheError(f"capacity must be a whole number of experts, got {capacity!r}")
     if capacity <= 0:
         raise MoecacheError(f"capacity must be positive, got {capacity}")
+    largest = req.layer_totals["largest"]
+    if layer is not None:
+        largest = largest[layer:layer + 1]
+    if (largest * (1 if unit is None else unit)).max(initial=0) <= capacity:
+        return
+    # the first step holding the largest set, for the message
     sizes = req.set_sizes if layer is None else req.set_sizes[:, layer:layer + 1]
     if unit is not None:
         sizes = sizes * unit[None, :]
-    if not sizes.size:
-        return
     t, li = np.unravel_index(int(np.argmax(sizes)), sizes.shape)
-    largest = int(sizes[t, li])
-    if largest > capacity:
-        model_layer = int(trace.layers[li if layer is None else layer])
-        what = "experts" if unit is None else "units"
-        raise MoecacheError(
-            f"{trace.source}: capacity {capacity} is below the largest step set "
-            f"({largest} {what} in layer {model_layer} at step {t}); use a capacity >= {largest}"
-            + (" or per-token steps (--per-token)" if req.num_steps < req.num_tokens else ""))
+    needed = int(sizes[t, li])
+    model_layer = int(trace.layers[li if layer is None else layer])
+    what = "experts" if unit is None else "units"
+    raise MoecacheError(
+        f"{trace.source}: capacity {capacity} is below the largest step set "
+        f"({needed} {what} in layer {model_layer} at step {t}); use a capacity >= {needed}"
+        + (" or per-token steps (--per-token)" if req.num_steps < req.num_tokens else ""))
 
 
 def summarize(trace: Trace, req: Requests, layer_hits: np.ndarray, policy: str, scope: str,
               capacity: int | None, memory_bytes: int | None = None,
               bandwidth: float | None = None, latency: float = 0.0) -> ReplayResult:
     """The result object for given hits per MoE layer; everything else comes from ``req``."""
-    sizes = req.set_sizes
+    totals = req.layer_totals
     per_layer = pd.DataFrame({
         "layer": trace.layers,
-        "requests": sizes.sum(axis=0),
+        "requests": totals["requests"],
         "hits": layer_hits,
-        "cold_misses": req.cold.sum(axis=0),
-        "reuse_hits": req.overlap.sum(axis=0),
-        "reuse_requests": sizes[1:].sum(axis=0),
+        "cold_misses": totals["cold_misses"],
+        "reuse_hits": totals["reuse_hits"],
+        "reuse_requests": totals["reuse_requests"],
     })
     per_layer["misses"] = per_layer["requests"] - per_layer["hits"]
     per_layer["hit_rate"] = per_layer["hits"] / per_layer["requests"]

@@ -148,6 +148,19 @@ class Requests:
             return self.ids, self.offsets
         return _layer_column(self.ids, self.offsets, self.num_layers, index)
 
+    @cached_property
+    def layer_totals(self) -> dict[str, np.ndarray]:
+        """Per MoE layer: requested experts, cold misses, reuse hits and requests (the
+        numerator and denominator of the reuse rate) and the largest step set."""
+        sizes = self.set_sizes
+        return {"requests": sizes.sum(axis=0), "cold_misses": self.cold.sum(axis=0),
+                "reuse_hits": self.overlap.sum(axis=0), "reuse_requests": sizes[1:].sum(axis=0),
+                "largest": sizes.max(axis=0, initial=0)}
+
+    @cached_property
+    def _pooled_keys(self) -> np.ndarray:
+        return _global_keys(self.ids, self.offsets, self.num_layers, self.num_experts)
+
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, offsets) of all requests in (step, layer) order, keys = l * E + expert."""
-        return _global_keys(self.ids, self.offsets, self.num_layers, self.num_experts), self.offsets
+        return self._pooled_keys, self.offsets

@@ -52,7 +52,7 @@ def run_cell(path: str, policy: str, scope: str, settings: SweepSettings) -> pd.
     """All capacities of one (trace, policy, scope), with the trace's metadata columns."""
     trace, req = _load(path, settings.per_token)
     top = trace.num_experts * (trace.num_layers if scope == "global" else 1)
-    smallest = int(req.set_sizes.max())
+    smallest = int(req.layer_totals["largest"].max())
     wanted = settings.capacities or range(smallest, top + 1)
     capacities = [c for c in wanted if smallest <= c <= top]
     if not capacities:
