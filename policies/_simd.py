@@ -3,7 +3,8 @@
 numba does not vectorize these short, data-dependent steps on its own; written as one
 vector compare (and, for the record shift, a log-step prefix maximum) they cost a few
 instructions per block of 16 values on any target LLVM supports. Callers guarantee
-that ``start + 16`` lies within the array: the kernels pad their arrays by whole blocks.
+that ``start + 16`` (``start + 64`` for window_mask64) lies within the array: the
+kernels pad their arrays by whole blocks.
 """
 
 from llvmlite import ir
@@ -97,16 +98,35 @@ def shift_records(typingctx, values, start, carried, limit, fill):
     return sig, codegen
 
 
+def _reduce(builder, kind, vector):
+    """The ``kind`` ("smin", "smax") reduction of a 16 x int32 vector."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_VECTOR]),
+                                        f"llvm.vector.reduce.{kind}.v{LANES}i32")
+    return builder.call(fn, [vector])
+
+
 @intrinsic
-def block_minimum(typingctx, values, start):
-    """min(values[start:start + 16])."""
-    sig = types.int32(values, types.int64)
+def minimum_after_shift(typingctx, values, start, first, limit, fill):
+    """min(values[start:start + 16]) once the first block of opt_stack's record shift has
+    run, computed from the values before it (off the shift's dependency chain).
+
+    Lanes before ``first`` are > limit and lane ``first`` is <= limit; the shift takes
+    the largest value <= limit, M, out of the block and puts ``fill`` (> limit) in. So
+    the least value stays unless it is M; then every value <= limit equals M, and the
+    least of the other lanes and ``fill`` takes its place.
+    """
+    sig = types.int32(values, types.int64, types.uint32, types.int32, types.int32)
 
     def codegen(context, builder, signature, args):
-        block = builder.load(_block_pointer(context, builder, signature.args[0], *args), align=4)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_VECTOR]),
-                                            f"llvm.vector.reduce.smin.v{LANES}i32")
-        return builder.call(fn, [block])
+        values_v, start_v, first_v, limit_v, fill_v = args
+        block = builder.load(_block_pointer(context, builder, signature.args[0], values_v, start_v), align=4)
+        eligible = builder.icmp_signed("<=", block, _splat(builder, limit_v))
+        largest = _reduce(builder, "smax", builder.select(eligible, block, _LOWEST))
+        least = _reduce(builder, "smin", block)
+        lane = ir.Constant(_VECTOR, list(range(LANES)))
+        at_first = builder.icmp_unsigned("==", lane, _splat(builder, first_v))
+        others = _reduce(builder, "smin", builder.select(at_first, _splat(builder, fill_v), block))
+        return builder.select(builder.icmp_signed(">", largest, least), least, others)
     return sig, codegen
 
 

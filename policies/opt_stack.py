@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit
 from numba.cpython.unsafe.numbers import leading_zeros, trailing_zeros
 
-from ._simd import LANES, block_minimum, shift_records, window_mask, window_mask64
+from ._simd import LANES, minimum_after_shift, shift_records, window_mask, window_mask64
 
 _FAR = np.int32(np.iinfo(np.int32).max)  # pads the marker blocks: never <= a time
 _LOWEST = np.int32(np.iinfo(np.int32).min)
@@ -122,13 +122,15 @@ def opt_marker_depths(keys, offsets, num_keys, groups):
                     block += 2 * LANES
             start = block * LANES
             lane = trailing_zeros(window_mask(marker, start, _BEFORE, p))
+            if lane >= LANES:  # the block minimum promised a marker <= p
+                lost()
             hist[size + 1 + start + lane, group] += 1
             # the shift ends at the first marker from d holding top; testing for it on the
             # values before the shift lets the loop exit resolve without waiting for them
             ends = window_mask(marker, start, top - 1, top)  # (lanes before d are > p)
             lowest = marker[start + lane]  # records after d hold values in (lowest, p]
+            block_min[block] = minimum_after_shift(marker, start, lane, p, now)
             carried = shift_records(marker, start, _LOWEST, p, now)  # lanes before d are > p
-            block_min[block] = block_minimum(marker, start)  # marker d went up to now
             while ends == 0:
                 start += LANES
                 if skip:  # to the next block with a value in (lowest, p]
