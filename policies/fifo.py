@@ -44,16 +44,19 @@ def simulate_masks(keys, offsets, capacity):
                 no_room()
             count -= evict
             g = oldest
-            while evict > 0:
+            while evict > 0:  # whole groups at once, then the lowest bits of the last
                 group = groups[g]
                 take = group & ~step
-                while take and evict > 0:
-                    lowest = take & (~take + uint64(1))
-                    take ^= lowest
-                    group ^= lowest
-                    resident ^= lowest
-                    evict -= 1
-                groups[g] = group
+                n = popcount(take)
+                if n > evict:
+                    kept = take
+                    for _ in range(evict):
+                        kept &= kept - uint64(1)  # drop the lowest set bit
+                    take ^= kept
+                    n = evict
+                evict -= n
+                groups[g] = group ^ take
+                resident ^= take
                 g += 1
             while oldest < r and groups[oldest] == 0:
                 oldest += 1
