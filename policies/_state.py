@@ -143,6 +143,17 @@ def popcount(mask):
     return np.int64((mask * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
+@njit(cache=True, inline="always")
+def lowest_bits(mask, n):
+    """The ``n`` lowest set bits of a uint64 (all of them if it has at most ``n``)."""
+    if popcount(mask) <= n:
+        return mask
+    kept = mask
+    for _ in range(n):
+        kept &= kept - np.uint64(1)  # drop the lowest set bit
+    return mask ^ kept
+
+
 # index of a one-bit mask by de Bruijn multiplication: bit i -> table slot -> i
 _DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
 _BIT_INDEX = np.zeros(64, np.int64)

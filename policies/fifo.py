@@ -14,7 +14,16 @@ Two exact implementations of the same order, chosen by ``simulate``:
 import numpy as np
 from numba import njit, uint64
 
-from ._state import fits_masks, list_append, list_new, list_unlink, no_room, popcount, request_mask
+from ._state import (
+    fits_masks,
+    list_append,
+    list_new,
+    list_unlink,
+    lowest_bits,
+    no_room,
+    popcount,
+    request_mask,
+)
 
 
 @njit(cache=True, nogil=True)
@@ -46,15 +55,8 @@ def simulate_masks(keys, offsets, capacity):
             g = oldest
             while evict > 0:  # whole groups at once, then the lowest bits of the last
                 group = groups[g]
-                take = group & ~step
-                n = popcount(take)
-                if n > evict:
-                    kept = take
-                    for _ in range(evict):
-                        kept &= kept - uint64(1)  # drop the lowest set bit
-                    take ^= kept
-                    n = evict
-                evict -= n
+                take = lowest_bits(group & ~step, evict)
+                evict -= popcount(take)
                 groups[g] = group ^ take
                 resident ^= take
                 g += 1

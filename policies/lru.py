@@ -2,12 +2,11 @@
 
 Two exact implementations of the same order, chosen by ``simulate``:
 
-* masks (at most 64 keys, unit sizes): ``groups[t]`` holds, as a 64-bit mask, the keys
-  request ``t`` used that have not been evicted since. A bit is live iff ``latest[key]
-  == t``; older bits of re-used keys are dropped lazily when eviction reaches them.
-  Invariant: the live bits partition the residents by last use, so victims are the
-  lowest live bits (smallest ids) of the oldest groups; keys of the current request
-  are live only in the newest group, never reached by eviction.
+* masks (at most 64 keys, unit sizes): ``groups[t]`` holds, as a 64-bit mask, the
+  residents whose last use is request ``t`` (a key leaves its group when it is used
+  again). Invariant: the groups partition the residents by last use, so victims are
+  whole oldest groups and then the lowest bits (smallest ids) of the next; keys of the
+  current request are only in the newest group, never reached by eviction.
 * stream (any size): the request stream itself is the recency list, its entries being
   in (request, ascending id) order, which is LRU's eviction order. Invariant: entry
   ``j`` is a live resident iff ``latest[keys[j]] == j`` and it lies at or after the
@@ -18,7 +17,7 @@ Two exact implementations of the same order, chosen by ``simulate``:
 import numpy as np
 from numba import njit, uint64
 
-from ._state import bit_index, fits_masks, no_room, popcount
+from ._state import fits_masks, lowest_bits, no_room, popcount
 
 
 @njit(cache=True, nogil=True)
@@ -31,8 +30,8 @@ def simulate(keys, offsets, sizes, capacity, seed):
 @njit(cache=True, nogil=True)
 def simulate_masks(keys, offsets, capacity):
     num_requests = offsets.shape[0] - 1
-    groups = np.zeros(num_requests, np.uint64)
-    latest = np.full(64, -1, np.int64)
+    groups = np.zeros(num_requests + 1, np.uint64)  # the last one: keys never used yet
+    latest = np.full(64, num_requests, np.int32)
     hits = np.zeros(num_requests, np.int32)
     resident = uint64(0)
     count = 0
@@ -41,8 +40,11 @@ def simulate_masks(keys, offsets, capacity):
         lo, hi = offsets[r], offsets[r + 1]
         step = uint64(0)
         for j in range(lo, hi):
-            step |= uint64(1) << uint64(keys[j])
-            latest[keys[j]] = r
+            key = keys[j]
+            bit = uint64(1) << uint64(key)
+            step |= bit
+            groups[latest[key]] &= ~bit  # the key leaves the group of its last use
+            latest[key] = r
         found = popcount(step & resident)
         hits[r] = found
         misses = hi - lo - found
@@ -51,16 +53,14 @@ def simulate_masks(keys, offsets, capacity):
             if evict > count - found:
                 no_room()
             count -= evict
-            while evict > 0:
+            while evict > 0:  # whole groups at once, then the lowest bits of the last
                 group = groups[oldest]
-                if group == 0:
+                take = lowest_bits(group, evict)
+                evict -= popcount(take)
+                groups[oldest] = group ^ take
+                resident ^= take
+                if group == take:
                     oldest += 1
-                    continue
-                lowest = group & (~group + uint64(1))
-                groups[oldest] = group ^ lowest
-                if latest[bit_index(lowest)] == oldest:  # live: the LRU victim
-                    resident ^= lowest
-                    evict -= 1
         count += misses
         resident |= step
         groups[r] = step
