@@ -106,7 +106,10 @@ def curve(
                          fetch_latency)
         table = _columns(trace, base, cumulative[np.minimum(capacities, top)], capacities)
     else:
-        req.layer_totals  # noqa: B018 - build the shared routing counts once, before the threads
+        # build what every replay shares once, before the threads
+        req.layer_totals  # noqa: B018
+        if scope == "global":
+            req.pooled()
 
         def one(capacity: int) -> ReplayResult:
             return replay(trace, policy, capacity, scope, bandwidth=bytes_per_second,
