@@ -1,9 +1,10 @@
 """Whole-curve cost: ``mc.curve`` (every capacity) against one ``mc.replay``, both scopes.
 
 Goal: for lru, lfu and opt, the whole curve costs at most 2x a single-capacity replay of
-the same trace. Both calls get the trace's step sets already built (they are cached on
-the trace after its first replay), so the ratio compares the simulation work: one stack
-pass against one replay at C = 16 per layer (C = 16 x L in global scope). Layer scope
+the same trace. Both calls get the trace's step sets, global keys and routing totals
+already built (they are cached on the trace after its first replay), so the ratio
+compares the simulation work: one stack pass against one replay at C = 16 per layer
+(C = 16 x L in global scope). Layer scope
 also prints the slow way, one replay per capacity. Replay and curve alternate, and each
 keeps its best time of ``--repeat`` runs, so a drift in machine load hits both alike.
 
