@@ -42,11 +42,11 @@ from matplotlib.ticker import MaxNLocator
 
 from .curve import STACK_POLICIES, fetched_bytes, stack_hits
 from .errors import MoecacheError
+from .files import atomic_target
 from .locality import bootstrap_band, bootstrap_over_sequences, per_layer_reuse, reuse_by_window
 from .requests import Requests
 from .tables import read_table
 from .trace import Trace
-from .trace_io import atomic_target
 
 REQUIRED_COLUMNS = ("trace", "policy", "scope", "capacity", "hit_rate", "reuse_rate")
 FIGURES = ("hit_rate_vs_capacity", "bytes_per_token_vs_capacity", "reuse_vs_window", "per_layer_reuse")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import MoecacheError
-from .trace_io import atomic_target
+from .files import atomic_target
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 

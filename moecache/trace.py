@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,17 +178,11 @@ class Trace:
 
     # -- persistence ----------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Write the trace as Parquet, atomically (temporary file, then rename)."""
-        from .trace_io import TraceWriter
+        """Write the trace as Parquet, atomically (temporary file, then rename): an
+        interrupted or failed save leaves the previous file, if any, and nothing else."""
+        from .trace_io import save_trace
 
-        with TraceWriter(path, self.meta, with_weights=self.weights is not None,
-                         with_logits=self.logits is not None, overwrite=overwrite) as writer:
-            writer.write(
-                self.experts, step=self.step, seq=self.seq, pos=self.pos,
-                token_id=self.token_id, phase=self.phase, weights=self.weights,
-                logits=self.logits,
-            )
-        return Path(path)
+        return save_trace(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, weights: bool = True, logits: bool = False) -> Trace:
@@ -209,6 +203,57 @@ def now_iso() -> str:
 
 def meta_json(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
+
+
+MAX_EXPERTS = 2**15  # ids are int16
+MAX_BYTES = 2**63 - 1  # sizes are summed as int64
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _ints(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(_is_int(v, low, high) for v in value)
+
+
+def _optional(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or valid(value)
+
+
+def _of(kind: type) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, kind)
+
+
+# metadata key -> (test of its value, what it must be); keys a trace may omit are optional
+_META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_experts": (lambda v: _is_int(v, 1, MAX_EXPERTS), f"an integer from 1 to {MAX_EXPERTS}"),
+    "top_k": (lambda v: _is_int(v, 1, MAX_EXPERTS), f"an integer from 1 to {MAX_EXPERTS}"),
+    "moe_layers": (_ints(0, 2**15 - 1), "a list of layer indices (integers from 0 to 32767)"),
+    "expert_bytes": (_optional(_ints(1, MAX_BYTES)), "null or a list of positive integers below 2**63"),
+    "partial": (_of(bool), "true or false"),
+    "num_layers": (_optional(lambda v: _is_int(v, 0, MAX_BYTES)), "null or a non-negative integer"),
+    "num_shared_experts": (_optional(lambda v: _is_int(v, 0, MAX_BYTES)), "null or a non-negative integer"),
+    "model": (_optional(_of(dict)), "null or a JSON object"),
+    "capture": (_optional(_of(dict)), "null or a JSON object"),
+    "router": (_optional(_of(str)), "null or a string"),
+    "dtype": (_optional(_of(str)), "null or a string"),
+}
+_REQUIRED_META = ("num_experts", "top_k", "moe_layers")
+
+
+def check_meta(meta: Any, source: str) -> None:
+    """Raise TraceError naming ``source`` and the key if the metadata has a wrong type."""
+    if not isinstance(meta, dict):
+        raise TraceError(f"{source}: 'moecache' metadata must be a JSON object, got {type(meta).__name__}")
+    for key in _REQUIRED_META:
+        if key not in meta:
+            raise TraceError(f"{source}: metadata lacks '{key}'")
+    for key, (valid, wanted) in _META_TYPES.items():
+        if key in meta and not valid(meta[key]):
+            shown = json.dumps(meta[key], default=repr)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise TraceError(f"{source}: metadata '{key}' must be {wanted}, got {shown}")
 
 
 def _as_ids(experts: np.ndarray, source: str) -> np.ndarray:
@@ -238,24 +283,22 @@ def _validate(trace: Trace) -> None:
         raise TraceError(f"{src}: experts must have shape (tokens, layers, K), got {ex.shape}")
     n, num_layers, top_k = ex.shape
     meta = trace.meta
-    num_experts = int(meta.get("num_experts", 0))
-    if num_experts <= 0:
-        raise TraceError(f"{src}: metadata num_experts must be positive, got {num_experts}")
+    check_meta(meta, src)
+    num_experts = meta["num_experts"]
     if top_k < 1:
         raise TraceError(f"{src}: each row needs at least one expert (K = 0)")
-    if int(meta.get("top_k", top_k)) != top_k:
+    if meta["top_k"] != top_k:
         raise TraceError(f"{src}: inconsistent K: rows hold {top_k} experts, "
                          f"metadata says top_k={meta['top_k']}")
     if top_k > num_experts:
         raise TraceError(f"{src}: K = {top_k} exceeds num_experts = {num_experts}")
-    layers = meta.get("moe_layers")
-    if layers is None or len(layers) != num_layers:
-        listed = 0 if layers is None else len(layers)
-        raise TraceError(f"{src}: metadata moe_layers lists {listed} layers, rows have {num_layers}")
+    layers = meta["moe_layers"]
+    if len(layers) != num_layers:
+        raise TraceError(f"{src}: metadata moe_layers lists {len(layers)} layers, rows have {num_layers}")
     if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
         raise TraceError(f"{src}: metadata moe_layers must be distinct and ascending, got {layers}")
     sizes = meta.get("expert_bytes")
-    if sizes is not None and (len(sizes) != num_layers or min(sizes, default=1) <= 0):
+    if sizes is not None and len(sizes) != num_layers:
         raise TraceError(f"{src}: metadata expert_bytes must give one positive size per MoE layer")
     for name in ("step", "seq", "pos", "token_id", "phase"):
         if len(getattr(trace, name)) != n:

@@ -1,19 +1,27 @@
-"""Parquet reading and streaming writing of traces.
+"""Parquet reading and writing of traces.
 
-Writing is crash-safe: every flushed block becomes a complete Parquet file in a part
-folder ``<out>.parts/`` (each written to a temporary name, then renamed), and
-``close()`` merges the parts into ``<out>`` the same way. A process killed half-way
-therefore leaves a part folder that :func:`read_trace` loads as a partial trace; an
-interrupted one that still runs ``close(partial=True)`` leaves a normal file whose
-metadata says ``partial``.
+:func:`save_trace` writes a whole trace at once: to a temporary file renamed into
+place, so an interruption leaves the previous file and nothing else.
+
+:class:`TraceWriter` streams (capture) and is crash-safe: every flushed block becomes
+a complete Parquet file in a part folder ``<out>.parts/`` (each written to a temporary
+name, then renamed), and ``close()`` merges the parts into ``<out>`` the same way. A
+process killed half-way therefore leaves a part folder that :func:`read_trace` loads
+as a partial trace; an interrupted one that still runs ``close(partial=True)`` leaves
+a normal file whose metadata says ``partial``. An existing part folder is never wiped:
+it is refused, and with ``overwrite`` only moecache's own part files are removed.
+
+Both hold the output's write lock (:func:`moecache.files.output_lock`) and write Parquet
+page checksums, which the reader verifies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
-import tempfile
+import re
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import TraceError
+from .errors import MoecacheError, TraceError
+from .files import atomic_write, os_reason, output_lock, write_errors
 from .trace import (
     _PARQUET_MAGIC,
     _REQUIRED_COLUMNS,
@@ -30,6 +39,7 @@ from .trace import (
     META_KEY,
     PHASES,
     Trace,
+    check_meta,
     meta_json,
 )
 
@@ -41,23 +51,15 @@ _WRITE_OPTIONS = {
     "compression": "zstd",
     "use_dictionary": ["seq", "token_id", "phase", "layer", "experts.list.element"],
     "column_encoding": {name: "DELTA_BINARY_PACKED" for name in _DELTA_COLUMNS},
+    "write_page_checksum": True,  # verified on reading: a corrupted page is an error, never other ids
 }
+# what a part folder may hold: committed parts and the temporary files of unfinished ones
+_OWN_PART = re.compile(r"part-\d{6}\.parquet|\.part-\d{6}\.parquet\..+\.tmp")
 
 
 def parts_dir(path: str | os.PathLike) -> Path:
     """Folder where a streaming write keeps its committed blocks until it closes."""
     return Path(str(path) + PARTS_SUFFIX)
-
-
-def atomic_target(path: Path) -> Path:
-    """A temporary file beside ``path`` to be renamed onto it once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
-    return Path(tmp)
 
 
 def schema(meta: dict[str, Any], *, with_weights: bool, with_logits: bool) -> pa.Schema:
@@ -79,11 +81,59 @@ def schema(meta: dict[str, Any], *, with_weights: bool, with_logits: bool) -> pa
     return pa.schema(fields, metadata={META_KEY: meta_json(meta)})
 
 
+def check_output(path: Path, *, overwrite: bool, streaming: bool = False) -> None:
+    """Refuse a trace output that would replace a user's file or folder without ``overwrite``.
+
+    ``streaming`` writes also need the part folder: an existing one holds an interrupted
+    trace and is refused; with ``overwrite`` it may hold only moecache's own part files.
+    """
+    if path.is_dir():
+        raise TraceError(f"{path}: is a folder, expected a trace file path")
+    if path.exists() and not overwrite:
+        raise TraceError(f"{path}: already exists (pass --force to overwrite)")
+    parts = parts_dir(path)
+    if not streaming or not (parts.exists() or parts.is_symlink()):
+        return
+    if not parts.is_dir() or parts.is_symlink():
+        raise TraceError(f"{parts}: exists and is not a part folder; move it away")
+    if not overwrite:
+        raise TraceError(f"{parts}: holds an interrupted trace (read it with `moecache info {parts}`); "
+                         "move it away, or pass --force to replace it")
+    foreign = sorted(p.name for p in parts.iterdir() if not _OWN_PART.fullmatch(p.name))
+    if foreign:
+        raise TraceError(f"{parts}: holds files moecache did not write ({foreign[0]}); move them away")
+
+
+def _remove_parts(parts: Path) -> None:
+    """Delete a part folder holding only moecache's own files (see :func:`check_output`)."""
+    for part in parts.iterdir():
+        if _OWN_PART.fullmatch(part.name):
+            part.unlink()
+    parts.rmdir()
+
+
+def save_trace(trace: Trace, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write a whole trace as one file, atomically: an interruption or a failed write
+    leaves the previous file (if any) and nothing else."""
+    path = Path(path)
+    with output_lock(path):
+        check_output(path, overwrite=overwrite)
+        table = _arrow_table(
+            schema(trace.meta, with_weights=trace.weights is not None, with_logits=trace.logits is not None),
+            trace.layers.astype(np.int16), experts=trace.experts, step=trace.step, seq=trace.seq,
+            pos=trace.pos, phase=trace.phase, token_id=trace.token_id, weights=trace.weights,
+            logits=trace.logits)
+        with atomic_write(path) as tmp:
+            pq.write_table(table, tmp, **_WRITE_OPTIONS)
+    return path
+
+
 class TraceWriter:
     """Streams token blocks to a trace file; see the module docstring for crash safety.
 
     Use as a context manager: leaving it normally writes the final file; leaving it on
     an exception (KeyboardInterrupt included) writes what was completed, marked partial.
+    The output's write lock is held from construction until :meth:`close`.
     """
 
     def __init__(
@@ -98,18 +148,23 @@ class TraceWriter:
         flush_seconds: float = 2.0,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise TraceError(f"{self.path}: already exists (pass --force to overwrite)")
         self.meta = dict(meta)
         self.layers = np.asarray(meta["moe_layers"], dtype=np.int16)
         self.with_weights, self.with_logits = with_weights, with_logits
         self.flush_tokens, self.flush_seconds = flush_tokens, flush_seconds
         self.parts = parts_dir(self.path)
-        if self.parts.exists():
-            shutil.rmtree(self.parts)
-        self.parts.mkdir(parents=True)
         self._schema = schema({**self.meta, "partial": True}, with_weights=with_weights,
                               with_logits=with_logits)
+        self._lock = contextlib.ExitStack()
+        with contextlib.ExitStack() as failed:
+            failed.callback(self._lock.close)
+            self._lock.enter_context(output_lock(self.path))
+            check_output(self.path, overwrite=overwrite, streaming=True)
+            with write_errors(self.path):
+                if self.parts.exists():
+                    _remove_parts(self.parts)
+                self.parts.mkdir(parents=True)
+            failed.pop_all()
         self._buffer: list[dict[str, np.ndarray | None]] = []
         self._buffered = 0
         self._num_parts = 0
@@ -146,6 +201,9 @@ class TraceWriter:
             raise TraceError(f"{self.path}: steps must be written in ascending order")
         if (weights is not None) != self.with_weights or (logits is not None) != self.with_logits:
             raise TraceError(f"{self.path}: every block must carry the same optional columns")
+        if np.shape(experts)[1] != len(self.layers):
+            raise TraceError(f"{self.path}: block has {np.shape(experts)[1]} layers, "
+                             f"metadata lists {len(self.layers)}")
         self._buffer.append({
             "experts": np.asarray(experts, np.int16), "step": step,
             "seq": np.asarray(seq, np.int32), "pos": np.asarray(pos, np.int32),
@@ -164,69 +222,80 @@ class TraceWriter:
         """Commit buffered tokens as one complete part file."""
         if not self._buffered:
             return
-        table = self._table(self._buffer)
-        target = self.parts / f"part-{self._num_parts:06d}.parquet"
-        tmp = atomic_target(target)
-        pq.write_table(table, tmp, **_WRITE_OPTIONS)
-        os.replace(tmp, target)
+
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [b[name] for b in self._buffer]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        table = _arrow_table(self._schema, self.layers, first_token=self.tokens_written,
+                             **{name: cat(name) for name in self._buffer[0]})
+        with atomic_write(self.parts / f"part-{self._num_parts:06d}.parquet", name=self.path) as tmp:
+            pq.write_table(table, tmp, **_WRITE_OPTIONS)
         self._num_parts += 1
         self.tokens_written += self._buffered
         self._buffer, self._buffered = [], 0
         self._last_flush = time.monotonic()
 
     def close(self, *, partial: bool = False) -> Path:
-        """Flush, merge the parts into the final file atomically, remove the part folder."""
-        self.flush()
+        """Flush, merge the parts into the final file atomically, remove the part folder.
+
+        If that fails (a full disk), the committed parts stay in the part folder (removed
+        if there are none) and the error says where they are.
+        """
         self.closed = True
-        final_meta = {**self.meta, "partial": bool(partial or self.meta.get("partial", False))}
-        final_schema = self._schema.with_metadata({META_KEY: meta_json(final_meta)})
-        tmp = atomic_target(self.path)
+        merged = False
         try:
-            with pq.ParquetWriter(tmp, final_schema, **_WRITE_OPTIONS) as out:
-                for part in sorted(self.parts.glob("part-*.parquet")):
-                    out.write_table(pq.read_table(part).replace_schema_metadata(final_schema.metadata))
-            os.replace(tmp, self.path)
+            self.flush()
+            final_meta = {**self.meta, "partial": bool(partial or self.meta.get("partial", False))}
+            metadata = {META_KEY: meta_json(final_meta)}
+            with atomic_write(self.path) as tmp:
+                with pq.ParquetWriter(tmp, self._schema.with_metadata(metadata), **_WRITE_OPTIONS) as out:
+                    for part in sorted(self.parts.glob("part-*.parquet")):
+                        out.write_table(_open_one(part).read().replace_schema_metadata(metadata))
+            merged = True
+        except MoecacheError as err:
+            if self._num_parts:
+                raise TraceError(f"{err}; the completed steps are kept in {self.parts}") from None
+            raise
         finally:
-            if tmp.exists():
-                tmp.unlink()
-        shutil.rmtree(self.parts, ignore_errors=True)
+            if merged or not self._num_parts:
+                with contextlib.suppress(OSError):
+                    _remove_parts(self.parts)
+            self._lock.close()
         return self.path
 
-    def _table(self, blocks: list[dict[str, np.ndarray | None]]) -> pa.Table:
-        def cat(name: str) -> np.ndarray | None:
-            arrays = [b[name] for b in blocks]
-            return None if arrays[0] is None else np.concatenate(arrays)
 
-        experts = cat("experts")
-        n, num_layers, top_k = experts.shape
-        if num_layers != len(self.layers):
-            raise TraceError(f"{self.path}: block has {num_layers} layers, metadata lists {len(self.layers)}")
-        rows = n * num_layers
+def _arrow_table(table_schema: pa.Schema, layers: np.ndarray, *, experts: np.ndarray, step: np.ndarray,
+                 seq: np.ndarray, pos: np.ndarray, phase: np.ndarray, token_id: np.ndarray | None,
+                 weights: np.ndarray | None, logits: np.ndarray | None, first_token: int = 0) -> pa.Table:
+    """Rows of format v1 for dense per-token arrays (tokens numbered from ``first_token``)."""
+    n, num_layers, top_k = experts.shape
+    rows = n * num_layers
 
-        def per_row(values: np.ndarray) -> np.ndarray:
-            return np.repeat(values, num_layers)
+    def per_row(values: np.ndarray) -> np.ndarray:
+        return np.repeat(values, num_layers)
 
-        token = np.arange(self.tokens_written, self.tokens_written + n, dtype=np.int64)
-        token_id = cat("token_id")
-        columns: dict[str, pa.Array] = {
-            "seq": pa.array(per_row(cat("seq"))),
-            "step": pa.array(per_row(cat("step"))),
-            "token": pa.array(per_row(token)),
-            "pos": pa.array(per_row(cat("pos"))),
-            "token_id": pa.array(per_row(token_id), mask=per_row(token_id < 0))
-            if token_id is not None else pa.nulls(rows, pa.int32()),
-            "phase": pa.DictionaryArray.from_arrays(
-                pa.array(per_row(cat("phase")), pa.int8()), pa.array(PHASES)),
-            "layer": pa.array(np.tile(self.layers, n)),
-            "experts": pa.FixedSizeListArray.from_arrays(pa.array(experts.reshape(-1)), top_k),
-        }
-        weights, logits = cat("weights"), cat("logits")
-        if weights is not None:
-            columns["weights"] = pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), top_k)
-        if logits is not None:
-            columns["logits"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(logits.reshape(-1)), logits.shape[2])
-        return pa.Table.from_pydict(columns, schema=self._schema)
+    token = np.arange(first_token, first_token + n, dtype=np.int64)
+    columns: dict[str, pa.Array] = {
+        "seq": pa.array(per_row(np.asarray(seq, np.int32))),
+        "step": pa.array(per_row(np.asarray(step, np.int64))),
+        "token": pa.array(per_row(token)),
+        "pos": pa.array(per_row(np.asarray(pos, np.int32))),
+        "token_id": pa.array(per_row(np.asarray(token_id, np.int32)), mask=per_row(token_id < 0))
+        if token_id is not None else pa.nulls(rows, pa.int32()),
+        "phase": pa.DictionaryArray.from_arrays(
+            pa.array(per_row(np.asarray(phase, np.int8)), pa.int8()), pa.array(PHASES)),
+        "layer": pa.array(np.tile(layers, n)),
+        "experts": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.asarray(experts, np.int16).reshape(-1)), top_k),
+    }
+    if weights is not None:
+        columns["weights"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.asarray(weights, np.float32).reshape(-1)), top_k)
+    if logits is not None:
+        columns["logits"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.asarray(logits, np.float16).reshape(-1)), logits.shape[2])
+    return pa.Table.from_pydict(columns, schema=table_schema)
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -235,14 +304,14 @@ def open_parquet_files(path: str | os.PathLike) -> tuple[list[pq.ParquetFile], d
     """The Parquet files of a trace (one, or the parts of an interrupted write) and its metadata."""
     path = Path(path)
     source = str(path)
-    if not path.exists():
-        parts = parts_dir(path)
-        hint = f" (an interrupted write left {parts}: load that)" if parts.is_dir() else ""
-        raise TraceError(f"{source}: no such file{hint}")
     if path.is_dir():
         files = sorted(path.glob("part-*.parquet"))
         if not files:
             raise TraceError(f"{source}: folder holds no trace parts (part-*.parquet)")
+    elif not path.exists():
+        parts = parts_dir(path)
+        hint = f" (an interrupted write left {parts}: load that)" if parts.is_dir() else ""
+        raise TraceError(f"{source}: no such file{hint}")
     else:
         files = [path]
     opened = [_open_one(f) for f in files]
@@ -253,7 +322,14 @@ def open_parquet_files(path: str | os.PathLike) -> tuple[list[pq.ParquetFile], d
 
 
 def _open_one(path: Path) -> pq.ParquetFile:
-    with open(path, "rb") as handle:
+    """Open a regular Parquet file (never a pipe or device), its page checksums verified."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise TraceError(f"{path}: cannot read: {os_reason(err)}") from None
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TraceError(f"{path}: not a regular file (a pipe or a device): expected a trace file")
         head = handle.read(4)
         size = handle.seek(0, os.SEEK_END)
         tail = b""
@@ -265,9 +341,14 @@ def _open_one(path: Path) -> pq.ParquetFile:
     if tail != _PARQUET_MAGIC:
         raise TraceError(f"{path}: truncated Parquet file (no footer): it was not written completely")
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:
-        raise TraceError(f"{path}: unreadable Parquet file: {str(err).splitlines()[0]}") from None
+        raise TraceError(f"{path}: unreadable Parquet file: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _read_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
@@ -276,15 +357,33 @@ def _read_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
         raise TraceError(f"{source}: no 'moecache' metadata: not a moecache trace (use `moecache import`)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise TraceError(f"{source}: 'moecache' metadata is not valid JSON") from None
-    version = meta.get("format_version")
-    if version != 1:
-        raise TraceError(f"{source}: unsupported trace format_version {version!r} (this moecache reads 1)")
-    for key in ("num_experts", "top_k", "moe_layers"):
-        if key not in meta:
-            raise TraceError(f"{source}: metadata lacks '{key}'")
+    if isinstance(meta, dict):
+        version = meta.get("format_version")
+        if type(version) is not int or version != 1:
+            raise TraceError(f"{source}: unsupported trace format_version {version!r} "
+                             "(this moecache reads 1)")
+    check_meta(meta, source)
     return meta
+
+
+def _check_columns(pf: pq.ParquetFile, columns: list[str], meta: dict[str, Any], source: str) -> None:
+    """Each column read must have its format v1 type: ids of another type (int64, float)
+    would otherwise be cast without a word. Phase is checked by value."""
+    wanted = schema(meta, with_weights=True, with_logits=True)
+    for name in columns:
+        if name == "phase":
+            continue
+        actual, expected = pf.schema_arrow.field(name).type, wanted.field(name).type
+        if actual == expected:
+            continue
+        if (name in ("experts", "weights") and pa.types.is_fixed_size_list(actual)
+                and actual.value_type == expected.value_type):
+            raise TraceError(f"{source}: inconsistent K: {name} column is {actual}, "
+                             f"metadata top_k={meta['top_k']}")
+        raise TraceError(f"{source}: column {name!r} is {actual}, trace format v1 stores {expected} "
+                         "(convert other data with `moecache import`)")
 
 
 def read_trace(path: str | os.PathLike, *, weights: bool = True, logits: bool = False) -> Trace:
@@ -296,11 +395,8 @@ def read_trace(path: str | os.PathLike, *, weights: bool = True, logits: bool = 
         raise TraceError(f"{source}: missing column {missing[0]!r}")
     if logits and "logits" not in names:
         raise TraceError(f"{source}: trace has no 'logits' column (capture with --save-logits)")
-    top_k = int(meta["top_k"])
+    top_k = meta["top_k"]
     num_layers = len(meta["moe_layers"])
-    expert_type = files[0].schema_arrow.field("experts").type
-    if not pa.types.is_fixed_size_list(expert_type) or expert_type.list_size != top_k:
-        raise TraceError(f"{source}: inconsistent K: experts column is {expert_type}, metadata top_k={top_k}")
     columns = ["seq", "step", "token", "pos", "token_id", "phase", "layer", "experts"]
     columns += ["weights"] * (weights and "weights" in names) + ["logits"] * logits
     chunks: dict[str, list[np.ndarray]] = {c: [] for c in columns}
@@ -308,12 +404,13 @@ def read_trace(path: str | os.PathLike, *, weights: bool = True, logits: bool = 
         for pf in files:
             if pf.schema_arrow.names != files[0].schema_arrow.names:
                 raise TraceError(f"{source}: parts disagree on columns")
+            _check_columns(pf, columns, meta, source)
             for group in range(pf.num_row_groups):
                 table = pf.read_row_group(group, columns=columns)
                 for name in columns:
                     chunks[name].append(_column(table, name, source))
     except (pa.ArrowException, OSError) as err:
-        raise TraceError(f"{source}: corrupt or truncated data: {str(err).splitlines()[0]}") from None
+        raise TraceError(f"{source}: corrupt or truncated data: {_first_line(err)}") from None
     cols = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in chunks.items()}
     rows = len(cols["layer"])
     if rows % max(num_layers, 1):
@@ -365,9 +462,9 @@ def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
     if name == "token_id":
         return col.fill_null(-1).to_numpy(zero_copy_only=False)
     if pa.types.is_fixed_size_list(col.type):
+        if name == "experts" and (col.null_count or col.flatten().null_count):
+            raise TraceError(f"{source}: null expert id in some row")
         if col.null_count:
-            if name == "experts":
-                raise TraceError(f"{source}: null expert list in some row")
             col = col.fill_null(pa.scalar([float("nan")] * col.type.list_size, col.type))
         return col.flatten().to_numpy(zero_copy_only=False)
     if col.null_count:

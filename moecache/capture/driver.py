@@ -41,6 +41,7 @@ import numpy as np
 from .._version import __version__
 from ..errors import MoecacheError
 from ..trace import DECODE, PREFILL, build_meta, now_iso
+from ..trace_io import TraceWriter, check_output
 from .prompts import Prompts, load_prompts
 
 MODES = ("generate", "forward")
@@ -100,7 +101,7 @@ def capture(
     check_options(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype)
     prompt_set = load_prompts(prompts, limit=limit)
     out = default_out(model_path, mode) if out is None else Path(out)
-    check_out(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, streaming=True)
     if router_label is None:
         router_label = "remoe" if (Path(model_path) / REMOE_META).is_file() else "baseline"
     model, tokenizer = load_model(model_path, device=device, dtype=dtype)
@@ -134,14 +135,13 @@ def capture_model(
     torch = _torch()
     from tqdm.auto import tqdm
 
-    from ..trace_io import TraceWriter
     from .recorder import RoutingRecorder
     from .routers import find_routers
 
     check_options(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size)
     prompt_set = load_prompts(prompts, limit=limit)
     out = Path(out)
-    check_out(out, overwrite=overwrite)
+    check_output(out, overwrite=overwrite, streaming=True)
     model.eval()
     info = find_routers(model, probe_token=_pad_id(model, tokenizer))
     token_lists = encode_prompts(tokenizer, prompt_set.texts, chat_template=chat_template)
@@ -187,13 +187,6 @@ def check_options(*, mode: str = "generate", max_new_tokens: int = 1, batch_size
         raise MoecacheError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if str(dtype).removeprefix("torch.") not in DTYPES:
         raise MoecacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
-def check_out(out: Path, *, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise MoecacheError(f"{out}: already exists (pass --force to overwrite)")
-    if out.is_dir():
-        raise MoecacheError(f"{out}: is a folder, expected a trace file path")
 
 
 def default_out(model_path: str | os.PathLike, mode: str = "generate") -> Path:

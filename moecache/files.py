@@ -1,0 +1,138 @@
+"""Safe file access shared by every reader and writer.
+
+Readers open regular files only (a named pipe or a device would block or never end).
+Writers hold an exclusive lock on their output for the whole write, write to a
+temporary file beside it and rename it into place, and report an operating-system
+failure (unwritable folder, full disk) as one line naming the path and the reason.
+
+The lock is ``fcntl.flock`` on a hidden file ``.<name>.lock`` beside the output. The
+kernel releases it when its holder dies, so a killed writer never blocks the next one;
+the holder removes the file when it is done (a killed one leaves an empty lock file,
+which the next writer takes over and removes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import MoecacheError
+
+_HELD: dict[Path, int] = {}  # lock files this process holds, with their nesting depth
+
+
+def os_reason(err: OSError) -> str:
+    """The operating system's words for ``err`` (``No space left on device``)."""
+    return err.strerror or str(err).splitlines()[0]
+
+
+def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path if it is a regular file; otherwise one-line MoecacheError."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise MoecacheError(f"{path}: no such file") from None
+    except OSError as err:
+        raise MoecacheError(f"{path}: cannot read: {os_reason(err)}") from None
+    if stat.S_ISDIR(mode):
+        raise MoecacheError(f"{path}: is a folder, expected a {what}")
+    if not stat.S_ISREG(mode):
+        raise MoecacheError(f"{path}: not a regular file (a pipe or a device): expected a {what}")
+    return path
+
+
+def lock_path(path: Path) -> Path:
+    """The hidden lock file of output ``path``."""
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive write lock of ``path``; another holder is a one-line error.
+
+    Re-entrant within a process (a sweep holds its table's lock while rewriting it).
+    """
+    path = Path(path)
+    lock = lock_path(path).absolute()
+    if lock in _HELD:
+        _HELD[lock] += 1
+        try:
+            yield
+        finally:
+            _HELD[lock] -= 1
+        return
+    fd = _acquire(path, lock)
+    _HELD[lock] = 1
+    try:
+        yield
+    finally:
+        del _HELD[lock]
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # still holding it: a waiting writer sees the file gone and retries
+        os.close(fd)
+
+
+def _acquire(path: Path, lock: Path) -> int:
+    with write_errors(path):
+        folder = next(p for p in (path.absolute().parent, *path.absolute().parents) if p.exists())
+        if not folder.is_dir():
+            raise MoecacheError(f"{path}: cannot write: {folder} is not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise MoecacheError(f"{path}: another moecache process is writing it (it holds {lock}); "
+                                    "wait for it to finish or stop it") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)  # the previous holder removed this file as we opened it: take a fresh one
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` into one line naming it and the reason."""
+    try:
+        yield
+    except OSError as err:
+        raise MoecacheError(f"{path}: cannot write: {os_reason(err)}") from None
+
+
+def atomic_target(path: Path) -> Path:
+    """A temporary file beside ``path`` to be renamed onto it once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, *, name: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary path to fill; on success it replaces ``path``, on any failure it
+    is removed and ``path`` is left as it was. OS errors become one-line MoecacheErrors
+    naming ``name`` (default: ``path``)."""
+    with write_errors(path if name is None else name):
+        tmp = atomic_target(path)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
