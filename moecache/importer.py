@@ -1,6 +1,6 @@
 """``moecache import``: turn existing routing logs into trace format v1.
 
-Two kinds of source are read:
+Three kinds of source are read:
 
 *Row logs* (``.jsonl``/``.ndjson``, ``.json``, ``.csv``/``.tsv``, ``.parquet``; JSONL
 and CSV may be ``.gz``/``.bz2``/``.zst`` compressed): one row per (token, MoE layer),
@@ -14,41 +14,78 @@ experts     yes       routed expert ids in the router's rank order: a list colum
                       string such as ``"[3, 7]"`` or ``"3 7"`` / ``"3;7"`` (CSV), or a plain
                       integer column (K = 1)
 layer       yes       the model's layer index (MoE layers: ``layers=``, else the distinct values)
-token       yes [1]   index of the token in the log; it identifies the token and orders tokens
+token       yes [1]   index of the token: a global counter or one counting within each request
 seq         no        request id (integers, or strings such as vLLM request ids, numbered
                       0, 1, ... in trace order, labels kept in ``capture.seq_labels``);
                       absent: every token is in sequence 0
 weights     no        gate weights, same shape as experts
 pos         no        position in the sequence; absent: counted in trace order per sequence
 step        no        serving step (tokens served together); see ``step=`` below
+time        no        a timestamp per row (numbers, or timestamps); orders tokens (see below)
 phase       no        ``prefill``/``decode`` strings, booleans meaning "is prefill", or 0/1
 token_id    no        vocabulary id (nulls allowed)
 ==========  ========  =======================================================================
 
-[1] without a token column the ``pos`` column is used (tokens are then told apart by
+[1] a ``pos`` column may stand in for the token column (tokens are then told apart by
 (seq, pos)). Fields missing from the mapping fall back to a column of the same name when
 the log has one; :attr:`ImportReport.mapping` lists what was used and
 :attr:`ImportReport.ignored_columns` what was not. Nested JSON objects are flattened,
 so ``experts=routing.ids`` reaches ``{"routing": {"ids": [...]}}``.
 
-A token is identified by its (seq, token) pair, so a token column that counts within
-each request works as well as a global counter. Tokens are ordered by (step when a step
-column is used, token value, first appearance in the file) - ``order="file"`` orders by
-first appearance only (for per-request counters of requests served one after another).
+*Order of tokens.* A token is identified by its (seq, token) pair (with
+``token_restarts="batch"``: its (seq, batch, token) triple). ``order`` says how tokens
+follow each other in the trace:
+
+- ``"sequence"`` (default): sequence-major; each sequence's tokens are contiguous,
+  sequences follow in order of first appearance in the log, and a sequence's tokens are
+  ordered by token index (batches first, with ``token_restarts="batch"``).
+- ``"token"``: by token index across all sequences (for a global counter that records
+  the order tokens were served in).
+- ``"file"``: by first appearance in the log.
+
+A step column (used unless ``step="token"``/``"prefill"``) says how sequences were
+interleaved, so tokens are ordered by step first; a time column orders tokens by their
+earliest timestamp (after the step); ``order`` then only breaks ties. The trace
+metadata records the choice (``capture.order``) and one sentence on how the steps were
+formed (``capture.steps_formed``, shown by ``moecache info``).
+
+*Restarting token indices.* Some hooks count the token index within each forward batch,
+so it restarts under one request id. ``token_restarts="batch"`` (CLI ``--token-restarts
+batch``) numbers batches: for each request and layer, in file order, a new batch begins
+at a row whose token index is not larger than the previous row's. Batches follow each
+other in file order.
+
+*Rows that are not routing rows* are skipped and counted (:attr:`ImportReport.skipped_rows`,
+``capture.skipped``): rows without experts, layer and token fields (e.g. a
+``{"type": "meta", ...}`` header line), and rows whose ``type`` column (when the log has
+an unmapped one) holds a value that no row with experts holds.
 
 *Arrays* (``.npy``: expert ids shaped (tokens, layers, K); ``.npz``: ``experts``
-required, optional ``weights`` (same shape), ``seq``/``step``/``token_id`` (one per
-token) and ``layers`` (the model layer id of each axis-1 entry)).
+required, optional ``weights`` (same shape), ``logits`` (tokens, layers, E router
+scores), ``seq``/``step``/``token_id`` (one per token), ``layers`` (the model layer id of
+each axis-1 entry) and ``num_experts`` (a 0-d integer)). The formats of
+:mod:`moecache.log_formats` (recognized by :func:`moecache.log_formats.sniff`) are read
+into the same arrays. Tokens keep the order of the token axis.
 
-Problems are never merged silently. Every one below raises :class:`MoecacheError` with
-one line naming the file, the count and the first example; with ``on_problem="drop"``
-the affected rows/tokens are dropped instead and counted in :class:`ImportReport`
-(``dropped_rows``/``dropped_tokens`` by reason, ``problems`` with the same one-line text)
-and in the trace metadata (``capture.dropped``):
+Warm-up and profiling rows are detected and never merged: each kind raises
+:class:`MoecacheError` with one line naming the file, the count and the first example;
+with ``on_warmup="drop"`` they are dropped instead, before duplicates are resolved, and
+counted in :class:`ImportReport` and the trace metadata (``capture.dropped``):
 
 - ``warmup``: rows that belong to no real request - a null or negative seq, or a negative
   token index. vLLM's profile and warm-up runs (and CUDA-graph padding) log dummy
-  batches like this. Counted in rows only (such rows have no meaningful token).
+  batches like this.
+- ``warmup_uniform``: tokens whose gate weights are exactly 1/K in every MoE layer (K > 1),
+  as dummy inputs route. Only those rows are dropped, so a real token logged under the same
+  (seq, token) keeps its rows.
+- ``warmup_repeated``: runs of at least :data:`REPEAT_RUN` consecutive tokens of one
+  sequence routed identically in every layer (the same ids in the same order, and the same
+  weights when logged): implausible for real text, typical of profiling on dummy input.
+
+Other problems are never merged silently either; with ``on_problem="drop"`` the affected
+rows/tokens are dropped and counted (``dropped_rows``/``dropped_tokens`` by reason,
+``problems`` with the same one-line text):
+
 - ``conflict``: tokens with two different rows for one layer, or whose rows disagree on
   a per-token column (step, pos, phase, token_id). The whole token is dropped.
 - ``duplicate``: identical copies of a (token, layer) row (a hook registered twice,
@@ -59,24 +96,27 @@ and in the trace metadata (``capture.dropped``):
   unless that would discard most tokens and ``layers=`` was not given: then one stray
   row of a bogus layer is the likelier problem, and it stays an error that says so.
 
-``skip_warmup=N`` drops the first N tokens (in trace order, after the rows above) on
+``skip_warmup=N`` drops the first N tokens (in trace order, after warm-up rows) on
 request - for warm-up prompts that look like real ones; counted under ``skip_warmup``.
 
 Malformed data is always an error, whatever ``on_problem`` says: a missing or null
 experts entry, K that differs between rows, a negative expert id, an id >=
 ``num_experts``, a repeated id inside one row, weights of the wrong length, values of the
-wrong type. ``num_experts`` defaults to the largest id + 1; that guess is recorded in
+wrong type. ``num_experts`` defaults to the value the log records, else the router
+scores' width, else the largest id + 1; that guess is recorded in
 ``ImportReport.inferred`` and the metadata (pass the real E: an expert never routed to
 in the log is otherwise invisible).
 
-Row numbers in messages are 1-based data rows (JSONL: non-blank lines; CSV: lines after
-the header; Parquet: table rows).
+Messages name the command-line flags (``--drop-problems``, ``--drop-warmup``); they are
+``on_problem="drop"`` and ``on_warmup="drop"`` here. Row numbers in messages are 1-based
+data rows (JSONL: non-blank lines; CSV: lines after the header; Parquet: table rows).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -88,33 +128,41 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import log_formats
 from ._version import __version__
 from .errors import MoecacheError, TraceError
 from .trace import DECODE, PREFILL, Trace, now_iso
 from .units import parse_bytes
 
-FIELDS = ("experts", "weights", "layer", "token", "seq", "pos", "step", "phase", "token_id")
+FIELDS = ("experts", "weights", "layer", "token", "seq", "pos", "step", "time", "phase", "token_id")
 ON_PROBLEM = ("error", "drop")
 STEP_MODES = ("column", "token", "prefill")
-ORDERS = ("token", "file")
+ORDERS = ("sequence", "token", "file")
+TOKEN_RESTARTS = ("none", "batch")
+REPEAT_RUN = 32
+"""Consecutive identically routed tokens of one sequence that make a ``warmup_repeated`` run."""
 ROW_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
                ".parquet": "parquet", ".pq": "parquet"}
 ARRAY_FORMATS = {".npy": "npy", ".npz": "npz"}
 COMPRESSED = (".gz", ".bz2", ".zst")
-NPZ_KEYS = ("experts", "weights", "seq", "layers", "step", "token_id")
-_DROP_HINT = "rerun with --drop-problems (on_problem='drop') to drop and count them"
+ARRAY_KEYS = ("experts", "weights", "logits", "seq", "layers", "step", "token_id", "num_experts")
+WARMUP_REASONS = ("warmup", "warmup_uniform", "warmup_repeated")
+_HINTS = {"problem": "rerun with --drop-problems to drop and count them",
+          "warmup": "rerun with --drop-warmup to drop and count them"}
 _MAX_SEQ_LABELS = 4096
 
 
 @dataclass
 class ImportReport:
-    """What :func:`import_routing` read, wrote, inferred and dropped.
+    """What :func:`import_routing` read, wrote, inferred, skipped and dropped.
 
-    ``dropped_rows`` and ``dropped_tokens`` map a reason (``warmup``, ``skip_warmup``,
-    ``other_layers``, ``duplicate``, ``conflict``, ``missing_layers``) to a count; a
-    reason that drops no whole token (``warmup``, ``other_layers``, ``duplicate``)
-    appears in ``dropped_rows`` only.
-    ``problems`` holds one line per problem handled by dropping.
+    ``dropped_rows`` and ``dropped_tokens`` map a reason (``warmup``, ``warmup_uniform``,
+    ``warmup_repeated``, ``skip_warmup``, ``other_layers``, ``duplicate``, ``conflict``,
+    ``missing_layers``) to a count; a reason that drops no whole token (``warmup``,
+    ``other_layers``, ``duplicate``) appears in ``dropped_rows`` only.
+    ``skipped_rows`` counts rows that are not routing rows (``non_routing``).
+    ``problems`` holds one line per problem handled by dropping or skipping;
+    ``steps_formed`` says in one sentence how the trace's steps were formed.
     """
 
     source: str
@@ -128,9 +176,11 @@ class ImportReport:
     top_k: int
     num_experts: int
     sequences: int
+    steps_formed: str = ""
     mapping: dict[str, str] = field(default_factory=dict)
     ignored_columns: list[str] = field(default_factory=list)
     inferred: dict[str, str] = field(default_factory=dict)
+    skipped_rows: dict[str, int] = field(default_factory=dict)
     dropped_rows: dict[str, int] = field(default_factory=dict)
     dropped_tokens: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -144,6 +194,7 @@ class ImportReport:
             f"imported {self.source} ({self.format}, {self.rows_read} rows) -> {self.out}",
             f"  {self.tokens_written} tokens, {self.steps} steps, {self.sequences} sequences, "
             f"{len(self.layers)} MoE layers, E={self.num_experts}, K={self.top_k}",
+            f"  {self.steps_formed}",
         ]
         if self.mapping:
             lines.append("  mapping: " + ",".join(f"{k}={v}" for k, v in self.mapping.items()))
@@ -151,6 +202,8 @@ class ImportReport:
             lines.append("  ignored columns: " + ", ".join(self.ignored_columns))
         for name, how in self.inferred.items():
             lines.append(f"  inferred {name}: {how}")
+        for reason, rows in self.skipped_rows.items():
+            lines.append(f"  skipped ({reason}): {_n(rows, 'row')}")
         for reason, rows in self.dropped_rows.items():
             tokens = self.dropped_tokens.get(reason)
             counted = _n(rows, "row") + ("" if tokens is None else ", " + _n(tokens, "token"))
@@ -199,23 +252,30 @@ def import_routing(
     *,
     mapping: str | Mapping[str, str] | None = None,
     num_experts: int | None = None,
+    top_k: int | None = None,
     model: str | None = None,
     router_label: str = "imported",
     expert_bytes: int | str | Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
     step: str | None = None,
-    order: str = "token",
+    order: str | None = None,
+    token_restarts: str = "none",
     skip_warmup: int = 0,
     on_problem: str = "error",
+    on_warmup: str = "error",
     overwrite: bool = False,
 ) -> ImportReport:
     """Import a routing log or array file ``source`` as a trace file ``out``.
 
-    See the module docstring for the formats, the fields and the problems reported.
+    See the module docstring for the formats, the fields, the order of tokens and the
+    problems reported.
 
     - ``mapping``: ``"FIELD=COLUMN,..."`` or a dict (row logs only); unmapped fields use
       a same-named column when present.
-    - ``num_experts``: E; default largest id + 1 (recorded as inferred).
+    - ``num_experts``: E; default: recorded by the log, else the router scores' width,
+      else the largest id + 1 (recorded as inferred).
+    - ``top_k``: K, experts per token: passed to the readers of formats that do not record
+      it (RTRACE01), checked against the others.
     - ``model``, ``router_label``: metadata labels (``model.name``, ``router``).
     - ``expert_bytes``: bytes of one expert (an int, a size such as ``"8MiB"``, or a list
       with one per MoE layer in ascending layer order), enabling byte and memory metrics.
@@ -229,24 +289,32 @@ def import_routing(
       prefill tokens of one sequence is one step and every decode token its own (as
       ``moecache capture`` records; needs the phase field). Default: ``"column"`` when
       the log has a step field, else ``"token"``.
-    - ``order``: ``"token"`` or ``"file"``, see the module docstring.
+    - ``order``: ``"sequence"`` (default for row logs), ``"token"`` or ``"file"``; arrays
+      keep the order of their token axis (only ``"file"`` is accepted for them).
+    - ``token_restarts``: ``"none"`` or ``"batch"`` (the token index restarts at every
+      forward batch of a request).
     - ``skip_warmup``: drop the first N tokens.
-    - ``on_problem``: ``"error"`` (default) or ``"drop"``.
+    - ``on_problem``: ``"error"`` (default) or ``"drop"`` for duplicate, conflicting,
+      incomplete and other-layer rows.
+    - ``on_warmup``: ``"error"`` (default) or ``"drop"`` for warm-up rows.
     - ``overwrite``: replace an existing ``out`` (the write is atomic either way).
     """
     path = Path(source)
     src = str(path)
-    if on_problem not in ON_PROBLEM:
-        raise MoecacheError(f"on_problem must be one of {', '.join(ON_PROBLEM)}, got {on_problem!r}")
+    for name, value, choices in (("on_problem", on_problem, ON_PROBLEM), ("on_warmup", on_warmup, ON_PROBLEM),
+                                 ("token_restarts", token_restarts, TOKEN_RESTARTS)):
+        if value not in choices:
+            raise MoecacheError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     if step is not None and step not in STEP_MODES:
         raise MoecacheError(f"step must be one of {', '.join(STEP_MODES)}, got {step!r}")
-    if order not in ORDERS:
+    if order is not None and order not in ORDERS:
         raise MoecacheError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if isinstance(skip_warmup, bool) or not isinstance(skip_warmup, (int, np.integer)) or skip_warmup < 0:
         raise MoecacheError(f"skip_warmup must be a non-negative number of tokens, got {skip_warmup!r}")
-    integral = isinstance(num_experts, (int, np.integer)) and not isinstance(num_experts, bool)
-    if num_experts is not None and (not integral or num_experts < 1):
-        raise MoecacheError(f"num_experts must be a positive integer, got {num_experts!r}")
+    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
+        integral = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if value is not None and (not integral or value < 1):
+            raise MoecacheError(f"{name} must be a positive integer, got {value!r}")
     declared = None
     if layers is not None:
         declared = np.asarray(list(layers))
@@ -257,7 +325,6 @@ def import_routing(
         fields = parse_mapping(mapping)
     except MoecacheError as err:
         raise MoecacheError(f"{src}: {err}") from None
-    fmt = _format_of(path)
     out_path = Path(out)
     if not path.exists():
         raise MoecacheError(f"{src}: no such file")
@@ -267,40 +334,61 @@ def import_routing(
         raise MoecacheError(f"{out_path}: the output would overwrite the source log")
     if out_path.exists() and not overwrite:
         raise MoecacheError(f"{out_path}: already exists (pass --force to overwrite)")
+    reader = log_formats.sniff(path)
+    fmt = reader or _format_of(path)
     digest = _sha256(path)
-    problems = _Problems(src, on_problem)
-    if fmt in ARRAY_FORMATS.values():
-        if fields:
-            raise MoecacheError(f"{src}: --map applies to row logs (JSONL, CSV, Parquet), not {fmt} arrays")
-        tokens = _from_arrays(path, fmt, src, problems, skip_warmup=int(skip_warmup), num_experts=num_experts,
-                              declared=declared)
+    problems = _Problems(src, on_problem, on_warmup)
+    if reader is not None or fmt in ARRAY_FORMATS.values():
+        for given, flag in ((fields, "--map"), (order not in (None, "file"), f"--order {order}"),
+                            (token_restarts != "none", f"--token-restarts {token_restarts}")):
+            if given:
+                raise MoecacheError(f"{src}: {flag} applies to row logs (JSONL, CSV, Parquet), not {fmt} "
+                                    "arrays (their tokens keep the order of the token axis)")
+        if reader is None:
+            arrays = _load_arrays(path, fmt, src)
+        else:
+            read = log_formats.READERS[reader]
+            wants_k = top_k is not None and "top_k" in inspect.signature(read).parameters
+            arrays = read(path, src, top_k=top_k) if wants_k else read(path, src)
+        tokens = _from_arrays(arrays, src, problems, name="the array" if fmt == "npy" else "'experts'",
+                              skip_warmup=int(skip_warmup), num_experts=num_experts, declared=declared)
     else:
         table = _read_table(path, fmt, src)
-        tokens = _from_rows(table, src, fields, problems, skip_warmup=int(skip_warmup), order=order,
-                            step_mode=step, num_experts=num_experts, declared=declared)
+        tokens = _from_rows(table, src, fields, problems, skip_warmup=int(skip_warmup),
+                            order=order or "sequence", token_restarts=token_restarts, step_mode=step,
+                            num_experts=num_experts, declared=declared)
+    tokens = _drop_repeated_runs(tokens, src, problems)
+    if top_k is not None and tokens.experts.shape[2] != top_k:
+        raise MoecacheError(f"{src}: the log holds {tokens.experts.shape[2]} experts per row, "
+                            f"but --top-k is {top_k}")
     return _write(tokens, out_path, src, fmt, digest, problems, num_experts=num_experts, model=model,
                   router_label=router_label, expert_bytes=expert_bytes, step_mode=step,
-                  skip_warmup=int(skip_warmup), order=order, overwrite=overwrite)
+                  skip_warmup=int(skip_warmup), token_restarts=token_restarts, overwrite=overwrite)
 
 
 # -- problems ---------------------------------------------------------------------------
 
 class _Problems:
-    """Raise (on_problem="error") or count and record (on_problem="drop") each problem."""
+    """Raise (``"error"``) or count and record (``"drop"``) each problem; count skipped rows.
 
-    def __init__(self, source: str, on_problem: str) -> None:
-        self.source, self.on_problem = source, on_problem
+    Warm-up reasons follow ``on_warmup``, all others ``on_problem``.
+    """
+
+    def __init__(self, source: str, on_problem: str, on_warmup: str) -> None:
+        self.source, self.on_problem, self.on_warmup = source, on_problem, on_warmup
         self.rows: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}
         self.lines: list[str] = []
 
-    def check(self, message: str) -> None:
-        """Raise when problems are errors; otherwise the caller drops and records."""
-        if self.on_problem == "error":
-            raise MoecacheError(f"{self.source}: {message}; {_DROP_HINT}")
+    def check(self, reason: str, message: str) -> None:
+        """Raise when this reason's problems are errors; otherwise the caller drops and records."""
+        kind = "warmup" if reason in WARMUP_REASONS else "problem"
+        if (self.on_warmup if kind == "warmup" else self.on_problem) == "error":
+            raise MoecacheError(f"{self.source}: {message}; {_HINTS[kind]}")
 
     def found(self, reason: str, message: str, *, rows: int, tokens: int | None) -> None:
-        self.check(message)
+        self.check(reason, message)
         self.drop(reason, rows=rows, tokens=tokens)
         counted = _n(rows, "row") + ("" if tokens is None else f" ({_n(tokens, 'token')})")
         self.lines.append(f"{message}: dropped {counted}")
@@ -310,6 +398,11 @@ class _Problems:
         if tokens is not None:
             self.tokens[reason] = self.tokens.get(reason, 0) + int(tokens)
 
+    def skip(self, reason: str, message: str, rows: int) -> None:
+        """Rows that are no routing data: never an error, always counted."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + int(rows)
+        self.lines.append(f"{message}: skipped {_n(rows, 'row')}")
+
 
 # -- the token-level result both paths produce -----------------------------------------
 
@@ -318,16 +411,29 @@ class _Tokens:
     experts: np.ndarray                  # (n, L, K) int64
     layers: list[int]
     rows_read: int
+    order: str                           # capture.order: "sequence", "token", "file" or "axis"
+    order_phrase: str                    # how tokens follow each other, for steps_formed
     weights: np.ndarray | None = None    # (n, L, K) float32
+    logits: np.ndarray | None = None     # (n, L, E) float
+    num_experts: int | None = None       # recorded by the log
     seq: np.ndarray | None = None        # (n,) int64
     step: np.ndarray | None = None
     pos: np.ndarray | None = None
     phase: np.ndarray | None = None      # (n,) int8, PREFILL / DECODE
     token_id: np.ndarray | None = None
     seq_labels: list | None = None       # original request ids when seq was renumbered
+    first_row: np.ndarray | None = None  # (n,) first row of each token in a row log, for messages
     mapping: dict[str, str] = field(default_factory=dict)
     ignored_columns: list[str] = field(default_factory=list)
     inferred: dict[str, str] = field(default_factory=dict)
+
+    def subset(self, keep: np.ndarray) -> _Tokens:
+        """The tokens where the (n,) mask ``keep`` is true."""
+        per_token = {f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)
+                     if f.name in ("experts", "weights", "logits", "seq", "step", "pos", "phase", "token_id",
+                                   "first_row")
+                     and getattr(self, f.name) is not None}
+        return dataclasses.replace(self, **per_token)
 
 
 # -- reading row logs -------------------------------------------------------------------
@@ -457,8 +563,8 @@ class _Columns:
         self.mapping = {name: mapping.get(name, name) for name in FIELDS
                         if mapping.get(name, name) in names}
         if "token" not in self.mapping and "pos" not in self.mapping:
-            raise MoecacheError(f"{src}: no token column: map token=COLUMN (the token's index in the log); "
-                                f"columns: {shown}")
+            raise MoecacheError(f"{src}: no token column: map token=COLUMN (the token's index) or "
+                                f"pos=COLUMN (its position in the sequence); columns: {shown}")
         for name in ("experts", "layer"):
             if name not in self.mapping:
                 raise MoecacheError(f"{src}: no {name} column: map {name}=COLUMN; columns: {shown}")
@@ -475,14 +581,24 @@ class _Columns:
             arr = arr.dictionary_decode()
         return arr
 
-    def ints(self, name: str, *, nulls: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(int64 values with 0 where null, null mask); nulls are an error unless allowed."""
+    def null(self, name: str) -> np.ndarray:
+        """The rows where field ``name`` is null (all rows when the field is not mapped)."""
+        if name not in self.mapping:
+            return np.ones(self.table.num_rows, bool)
+        return np.asarray(self.table.column(self.mapping[name]).is_null().to_numpy(zero_copy_only=False),
+                          dtype=bool)
+
+    def ints(self, name: str, *, nulls: bool = False, rows: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(int64 values with 0 where null, null mask); nulls (in the ``rows`` mask, when
+        given) are an error unless allowed."""
         arr = self.array(name)
         values, null = _int_array(arr, lambda why: f"{self.src}: column {self.label(name)} {why}")
-        if null.any() and not nulls:
-            empty = _n(int(null.sum()), "row")
-            raise MoecacheError(f"{self.src}: column {self.label(name)} is empty in {empty} "
-                                f"(first: row {int(np.argmax(null)) + 1})")
+        empty = null if rows is None else null & rows
+        if empty.any() and not nulls:
+            count = _n(int(empty.sum()), "row")
+            raise MoecacheError(f"{self.src}: column {self.label(name)} is empty in {count} "
+                                f"(first: row {int(np.argmax(empty)) + 1})")
         return values, null
 
 
@@ -555,20 +671,22 @@ def _lists(arr: pa.Array, value_type: pa.DataType, fail: Callable[[str], str]
 # -- row logs -> tokens -----------------------------------------------------------------
 
 def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Problems, *,
-               skip_warmup: int, order: str, step_mode: str | None, num_experts: int | None,
-               declared: np.ndarray | None) -> _Tokens:
+               skip_warmup: int, order: str, token_restarts: str, step_mode: str | None,
+               num_experts: int | None, declared: np.ndarray | None) -> _Tokens:
     cols = _Columns(table, src, mapping)
     if step_mode in ("token", "prefill") and "step" in cols.mapping:
         cols.ignored.append(cols.mapping.pop("step"))    # steps are derived: the column is unused
     num_rows = table.num_rows
     inferred: dict[str, str] = {}
     row = np.arange(num_rows, dtype=np.int64)
-    layer, _ = cols.ints("layer")
-    if "token" in cols.mapping:
-        tok, _ = cols.ints("token")
-    else:
-        tok, _ = cols.ints("pos")
+    token_field = "token" if "token" in cols.mapping else "pos"
+    if token_field == "pos":
         inferred["token"] = f"tokens told apart by (seq, pos), from column {cols.mapping['pos']!r}"
+
+    # 0. rows that are not routing rows (a header line, a profile record): skipped, counted
+    routing = _routing_rows(cols, token_field, problems)
+    layer, _ = cols.ints("layer", rows=routing)
+    tok, _ = cols.ints(token_field, rows=routing)
     has_seq = "seq" in cols.mapping
     if has_seq:
         seq, seq_null, seq_labels, seq_shown = _seq_column(cols)
@@ -576,20 +694,23 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
         seq, seq_null, seq_labels = np.zeros(num_rows, np.int64), np.zeros(num_rows, bool), None
         seq_shown = None
         inferred["seq"] = "one sequence (0) for every token"
+    batched = token_restarts == "batch"
+    batch = np.zeros(num_rows, np.int64)
 
     def tok_desc(r: int) -> str:
-        return f"token {tok[r]}" + (f" (seq {seq_shown(r)})" if has_seq else "")
+        where = ([f"seq {seq_shown(r)}"] if seq_shown else []) + ([f"batch {batch[r]}"] if batched else [])
+        return f"token {tok[r]}" + (f" ({', '.join(where)})" if where else "")
 
     # 1. warm-up rows: no request (null or negative seq) or a negative token index
-    warm = seq_null | (seq < 0) | (tok < 0)
+    warm = routing & (seq_null | (seq < 0) | (tok < 0))
     if warm.any():
         at = int(np.argmax(warm))
         problems.found("warmup", f"{_n(int(warm.sum()), 'warm-up row')} without a real request (null or "
                        f"negative seq, or negative token; first: row {at + 1}, {tok_desc(at)})",
                        rows=int(warm.sum()), tokens=None)
-    keep = ~warm
+    keep = routing & ~warm
     if not keep.any():
-        raise MoecacheError(f"{src}: every row is a warm-up row: nothing left to import")
+        raise MoecacheError(f"{src}: every routing row is a warm-up row: nothing left to import")
     if declared is not None:
         other = keep & ~np.isin(layer, declared)
         if other.any():
@@ -602,24 +723,35 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
             keep &= ~other
             if not keep.any():
                 raise MoecacheError(f"{src}: no row belongs to the layers given with --layers")
+    restarts, went_back = _batches(seq, layer, tok, keep)
+    if batched:
+        batch = restarts
 
-    # 2. tokens = distinct (seq, token) pairs, in trace order
+    # 2. tokens = distinct (seq, batch, token) keys, in trace order
     idx = np.flatnonzero(keep)
-    by_key = idx[np.lexsort((row[idx], tok[idx], seq[idx]))]
+    by_key = idx[np.lexsort((row[idx], tok[idx], batch[idx], seq[idx]))]
     new = np.ones(len(by_key), bool)
-    new[1:] = (seq[by_key][1:] != seq[by_key][:-1]) | (tok[by_key][1:] != tok[by_key][:-1])
+    new[1:] = ((seq[by_key][1:] != seq[by_key][:-1]) | (batch[by_key][1:] != batch[by_key][:-1])
+               | (tok[by_key][1:] != tok[by_key][:-1]))
     tid = np.full(num_rows, -1, np.int64)
     tid[by_key] = np.cumsum(new) - 1
     first_row = by_key[new]                      # each key's rows are sorted by row number
     num_tokens = len(first_row)
     per_token: dict[str, np.ndarray] = {}
-    tok_step = np.zeros(num_tokens, np.int64)
+    keys: tuple[np.ndarray, ...] = (first_row,)
+    if order != "file":
+        keys += (tok[first_row], batch[first_row])
+    if order == "sequence":
+        _, seq_of = np.unique(seq[first_row], return_inverse=True)
+        seq_first = np.full(seq_of.max() + 1, num_rows, np.int64)
+        np.minimum.at(seq_first, seq_of, first_row)
+        keys += (seq_first[seq_of],)
+    if "time" in cols.mapping:
+        keys += (_per_token_min(_time_column(cols, keep), tid, idx, num_tokens),)
     if "step" in cols.mapping:
-        per_token["step"] = cols.ints("step")[0]
-        tok_step = np.full(num_tokens, np.iinfo(np.int64).max)
-        np.minimum.at(tok_step, tid[idx], per_token["step"][idx])
-    keys = (first_row,) if order == "file" else (first_row, tok[first_row])
-    token_order = np.lexsort((*keys, tok_step))
+        per_token["step"] = cols.ints("step", rows=keep)[0]
+        keys += (_per_token_min(per_token["step"], tid, idx, num_tokens),)
+    token_order = np.lexsort(keys)
     rank = np.empty(num_tokens, np.int64)
     rank[token_order] = np.arange(num_tokens)
 
@@ -642,9 +774,9 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
     _check_ids(experts, num_experts, src, lambda i: f"row {idx[i] + 1}")
     weights = _row_weights(cols, idx, top_k, src) if "weights" in cols.mapping else None
     if "pos" in cols.mapping:
-        per_token["pos"] = cols.ints("pos")[0]
+        per_token["pos"] = tok if token_field == "pos" else cols.ints("pos", rows=keep)[0]
     if "phase" in cols.mapping:
-        per_token["phase"] = _phase_column(cols)
+        per_token["phase"] = _phase_column(cols, keep)
     if "token_id" in cols.mapping:
         values, null = cols.ints("token_id", nulls=True)
         per_token["token_id"] = np.where(null, -1, values)
@@ -655,7 +787,26 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
         all_weights = np.full((num_rows, top_k), np.nan, np.float32)
         all_weights[idx] = weights
 
-    # 5. tokens whose rows disagree, duplicate (token, layer) rows
+    # 5. warm-up tokens: weights exactly 1/K in every layer; only those rows go, so a real
+    #    token logged under the same key keeps its rows (before duplicates are resolved)
+    if all_weights is not None:
+        layers = np.unique(layer[idx]) if declared is None else np.unique(declared)
+        uniform = np.zeros(num_rows, bool)
+        uniform[idx] = _uniform_rows(weights)
+        if uniform.any():
+            at = np.flatnonzero(uniform)
+            pairs = np.unique(tid[at] * len(layers) + np.searchsorted(layers, layer[at]))
+            full = np.bincount(pairs // len(layers), minlength=num_tokens) == len(layers)
+            if full.any():
+                dropped = uniform & of_tokens(full)
+                first = int(first_row[token_order[full[token_order]][0]])
+                _uniform_found(problems, int(full.sum()), len(np.unique(tid[idx])), top_k,
+                               f"row {first + 1}, {tok_desc(first)}", f"column {cols.label('weights')}",
+                               rows=int(dropped.sum()))
+                keep &= ~dropped
+                idx = np.flatnonzero(keep)
+
+    # 6. tokens whose rows disagree, duplicate (token, layer) rows
     bad_token = np.zeros(num_tokens, bool)
     by_token = idx[np.lexsort((row[idx], layer[idx], tid[idx]))]
     same_token = tid[by_token][1:] == tid[by_token][:-1]
@@ -702,7 +853,10 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
                        f"{n_conf} conflicting in {_n(int(conflicting.sum()), 'token')} ({example})")
         else:
             message = f"{_n(n_copies, 'duplicate (token, layer) row')}, all identical copies ({example})"
-        problems.check(message)
+        if went_back >= 0 and not batched:
+            message += (f"; the token index goes back within a request at row {went_back + 1}: if it "
+                        "restarts at every forward batch, pass --token-restarts batch")
+        problems.check("duplicate", message)
         extra = copy[same & ~of_tokens(conflicting | bad_token)[copy]]
         fresh = conflicting & ~bad_token
         conf_rows = int((keep & of_tokens(fresh)).sum())
@@ -720,7 +874,7 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
     if not keep.any():
         raise MoecacheError(f"{src}: no tokens left after dropping problem rows")
 
-    # 6. tokens missing some MoE layer (each (token, layer) now has one row)
+    # 7. tokens missing some MoE layer (each (token, layer) now has one row)
     idx = np.flatnonzero(keep)
     layers = np.unique(layer[idx]) if declared is None else np.unique(declared)
     count = np.bincount(tid[idx], minlength=num_tokens)
@@ -746,7 +900,7 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
         if not len(idx):
             raise MoecacheError(f"{src}: no tokens left after dropping problem rows")
 
-    # 7. dense (tokens, layers, K) in trace order
+    # 8. dense (tokens, layers, K) in trace order
     present = np.bincount(tid[idx], minlength=num_tokens) > 0
     kept_tokens = token_order[present[token_order]]
     new_index = np.full(num_tokens, -1, np.int64)
@@ -771,11 +925,122 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
         renumber[by_first] = np.arange(len(by_first))
         tok_seq, seq_labels = renumber[tok_seq], [seq_labels[c] for c in by_first]
         inferred["seq"] = f"request ids of column {cols.mapping['seq']!r} numbered 0, 1, ... in trace order"
+    index = "token index" if token_field == "token" else "position"
+    by = f"batch (in file order), then {index}" if batched else index
+    phrase = {"sequence": f"sequences one after another in order of first appearance, tokens by {by}",
+              "token": f"tokens by {by} across all sequences",
+              "file": "tokens in order of first appearance in the file"}[order]
+    if "time" in cols.mapping:
+        phrase = f"tokens in order of the time column (ties: {phrase})"
     return _Tokens(
-        experts=dense, layers=[int(v) for v in layers], rows_read=num_rows, weights=dense_weights,
-        seq=tok_seq, seq_labels=seq_labels, mapping=dict(cols.mapping),
-        ignored_columns=list(cols.ignored), inferred=inferred,
+        experts=dense, layers=[int(v) for v in layers], rows_read=num_rows, order=order, order_phrase=phrase,
+        weights=dense_weights, seq=tok_seq, seq_labels=seq_labels, first_row=head_row,
+        mapping=dict(cols.mapping), ignored_columns=list(cols.ignored), inferred=inferred,
         **{name: values[head_row] for name, values in per_token.items()})
+
+
+def _routing_rows(cols: _Columns, token_field: str, problems: _Problems) -> np.ndarray:
+    """Rows that hold routing data; the others are skipped and counted.
+
+    Not routing data: rows without experts, layer and token (a ``{"type": "meta"}`` header
+    line), and, when the log has an unmapped ``type`` column, rows whose type no row with
+    experts has (a profile record that logs a layer but no experts).
+    """
+    table = cols.table
+    has_experts = ~cols.null("experts")
+    other = ~has_experts & cols.null("layer") & cols.null(token_field)
+    kinds = None
+    if "type" in table.column_names and "type" not in cols.mapping.values():
+        kinds = table.column("type").combine_chunks()
+        if pa.types.is_dictionary(kinds.type):
+            kinds = kinds.dictionary_decode()
+        routing_kinds = pc.unique(kinds.filter(pa.array(has_experts)))
+        member = pc.is_in(kinds, value_set=routing_kinds.drop_null()).fill_null(False)
+        member = np.asarray(member.to_numpy(zero_copy_only=False), dtype=bool)
+        if routing_kinds.null_count:
+            member |= np.asarray(kinds.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        other |= ~member
+    if other.all():
+        raise MoecacheError(f"{cols.src}: no routing rows (no row holds experts, a layer and a token)")
+    if other.any():
+        at = int(np.argmax(other))
+        what = (f"type {kinds[at].as_py()!r}" if kinds is not None and kinds[at].is_valid
+                else "no experts, layer or token")
+        problems.skip("non_routing", f"{_n(int(other.sum()), 'row')} without routing data "
+                      f"(first: row {at + 1}, {what})", int(other.sum()))
+    return ~other
+
+
+def _batches(seq: np.ndarray, layer: np.ndarray, tok: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, int]:
+    """The forward batch of each row for token indices that restart per batch, and the
+    first row (-1: none) where a request's token index goes back.
+
+    Per (seq, layer), in file order, a new batch begins at a row whose token index is not
+    larger than the previous row's (a decode batch of one token restarts at the same index).
+    """
+    idx = np.flatnonzero(keep)
+    ordered = idx[np.lexsort((idx, layer[idx], seq[idx]))]
+    s, t = seq[ordered], tok[ordered]
+    same = (s[1:] == s[:-1]) & (layer[ordered][1:] == layer[ordered][:-1])
+    count = np.concatenate(([0], np.cumsum(same & (t[1:] <= t[:-1]))))
+    start = np.concatenate(([True], ~same))
+    batch = np.zeros(len(seq), np.int64)
+    batch[ordered] = count - np.maximum.accumulate(np.where(start, count, 0))
+    back = same & (t[1:] < t[:-1])
+    return batch, int(ordered[1:][back].min()) if back.any() else -1
+
+
+def _per_token_min(values: np.ndarray, tid: np.ndarray, idx: np.ndarray, num_tokens: int) -> np.ndarray:
+    """The smallest of the rows ``idx``'s values for each token."""
+    out = np.full(num_tokens, np.inf if values.dtype.kind == "f" else np.iinfo(np.int64).max, values.dtype)
+    np.minimum.at(out, tid[idx], values[idx])
+    return out
+
+
+def _time_column(cols: _Columns, rows: np.ndarray) -> np.ndarray:
+    """Timestamps per row as int64 (integers, timestamps) or float64; nulls in ``rows`` are an error."""
+    arr = cols.array("time")
+    label = cols.label("time")
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        try:
+            arr = arr.cast(pa.timestamp("ns"))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise MoecacheError(f"{cols.src}: column {label} holds text that is no ISO 8601 timestamp: "
+                                f"{_first_line(err)}") from None
+    if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
+        arr = arr.cast(pa.timestamp("ns")).cast(pa.int64())
+    if pa.types.is_floating(arr.type):
+        values = np.asarray(arr.to_numpy(zero_copy_only=False), np.float64)
+        null = np.isnan(values)
+    elif pa.types.is_integer(arr.type):
+        values = np.asarray(arr.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+        null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    else:
+        raise MoecacheError(f"{cols.src}: column {label} must hold numbers or timestamps, got {arr.type}")
+    if (null & rows).any():
+        at = int(np.argmax(null & rows))
+        raise MoecacheError(f"{cols.src}: column {label} is empty in {_n(int((null & rows).sum()), 'row')} "
+                            f"(first: row {at + 1})")
+    return values
+
+
+def _uniform_found(problems: _Problems, count: int, total: int, top_k: int, first: str, column: str, *,
+                   rows: int) -> None:
+    """Report ``count`` of ``total`` tokens with weights exactly 1/K in every layer."""
+    uniform = f"weights exactly 1/K = {1 / top_k:g} in every layer"
+    if count == total:
+        raise MoecacheError(f"{problems.source}: every token has {uniform}: {column} holds no gate weights "
+                            "(leave it out) or the log holds only warm-up rows")
+    problems.found("warmup_uniform", f"{_n(count, 'warm-up token')} with {uniform} (first: {first})",
+                   rows=rows, tokens=count)
+
+
+def _uniform_rows(weights: np.ndarray) -> np.ndarray:
+    """Rows of a (rows, K) weight array that are exactly 1/K each (never for K = 1)."""
+    top_k = weights.shape[1]
+    if top_k == 1:
+        return np.zeros(len(weights), bool)
+    return (weights == np.float32(1 / top_k)).all(axis=1)
 
 
 def _seq_column(cols: _Columns) -> tuple[np.ndarray, np.ndarray, list | None, Callable[[int], str]]:
@@ -808,23 +1073,23 @@ def _seq_column(cols: _Columns) -> tuple[np.ndarray, np.ndarray, list | None, Ca
     return values, null, None, shown
 
 
-def _phase_column(cols: _Columns) -> np.ndarray:
-    """PREFILL/DECODE per row from strings, booleans ("is prefill") or 0/1."""
+def _phase_column(cols: _Columns, rows: np.ndarray) -> np.ndarray:
+    """PREFILL/DECODE per row from strings, booleans ("is prefill") or 0/1 (checked in ``rows``)."""
     arr = cols.array("phase")
     label = cols.label("phase")
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         text = np.asarray(pc.utf8_lower(pc.utf8_trim_whitespace(arr)).fill_null("")
                           .to_numpy(zero_copy_only=False), dtype=object)
-        bad = (text != "prefill") & (text != "decode")
+        bad = rows & (text != "prefill") & (text != "decode")
         if bad.any():
             at = int(np.argmax(bad))
             raise MoecacheError(f"{cols.src}: column {label} holds {text[at] or 'nothing'!r} at row "
                                 f"{at + 1}; expected prefill or decode")
         return np.where(text == "prefill", PREFILL, DECODE).astype(np.int8)
-    values, _ = cols.ints("phase")
+    values, _ = cols.ints("phase", rows=rows)
     if pa.types.is_boolean(arr.type):
         return np.where(values == 1, PREFILL, DECODE).astype(np.int8)
-    bad = (values != PREFILL) & (values != DECODE)
+    bad = rows & (values != PREFILL) & (values != DECODE)
     if bad.any():
         at = int(np.argmax(bad))
         raise MoecacheError(f"{cols.src}: column {label} holds {values[at]} at row {at + 1}; "
@@ -911,8 +1176,8 @@ def _check_ids(experts: np.ndarray, num_experts: int | None, src: str,
 
 # -- arrays -> tokens -------------------------------------------------------------------
 
-def _from_arrays(path: Path, fmt: str, src: str, problems: _Problems, *, skip_warmup: int,
-                 num_experts: int | None, declared: np.ndarray | None) -> _Tokens:
+def _load_arrays(path: Path, fmt: str, src: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npy`` (as ``experts``) or ``.npz`` file."""
     try:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as err:
@@ -921,27 +1186,31 @@ def _from_arrays(path: Path, fmt: str, src: str, problems: _Problems, *, skip_wa
         raise MoecacheError(f"{src}: {message}") from None
     except (OSError, EOFError) as err:
         raise MoecacheError(f"{src}: not a readable {fmt} file: {_first_line(err)}") from None
-    if fmt == "npz":
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise MoecacheError(f"{src}: not an .npz archive")
-        with loaded:
-            unknown = sorted(set(loaded.files) - set(NPZ_KEYS))
-            if unknown:
-                raise MoecacheError(f"{src}: unknown array {unknown[0]!r} (accepted: {', '.join(NPZ_KEYS)})")
-            if "experts" not in loaded.files:
-                present = ", ".join(loaded.files) or "none"
-                raise MoecacheError(f"{src}: no 'experts' array (arrays: {present})")
-            try:
-                arrays = {key: loaded[key] for key in loaded.files}
-            except ValueError as err:
-                raise MoecacheError(f"{src}: holds Python objects or is damaged: "
-                                    f"{_first_line(err)}") from None
-    else:
+    if fmt == "npy":
         if not isinstance(loaded, np.ndarray):
             raise MoecacheError(f"{src}: not an .npy array")
-        arrays = {"experts": loaded}
+        return {"experts": loaded}
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise MoecacheError(f"{src}: not an .npz archive")
+    with loaded:
+        try:
+            return {key: loaded[key] for key in loaded.files}
+        except ValueError as err:
+            raise MoecacheError(f"{src}: holds Python objects or is damaged: {_first_line(err)}") from None
+
+
+def _from_arrays(arrays: Mapping[str, np.ndarray], src: str, problems: _Problems, *, name: str,
+                 skip_warmup: int, num_experts: int | None, declared: np.ndarray | None) -> _Tokens:
+    """Validate and convert the arrays of an ``.npy``/``.npz`` file or a log format reader;
+    ``name`` is how messages call the expert ids."""
+    unknown = sorted(set(arrays) - set(ARRAY_KEYS))
+    if unknown:
+        raise MoecacheError(f"{src}: unknown array {unknown[0]!r} (accepted: {', '.join(ARRAY_KEYS)})")
+    if "experts" not in arrays:
+        present = ", ".join(arrays) or "none"
+        raise MoecacheError(f"{src}: no 'experts' array (arrays: {present})")
+    arrays = {key: np.asarray(value) for key, value in arrays.items()}
     experts = arrays["experts"]
-    name = "array" if fmt == "npy" else "'experts'"
     if experts.ndim != 3:
         hint = f"; for K = 1 reshape to {(*experts.shape, 1)}" if experts.ndim == 2 else ""
         raise MoecacheError(f"{src}: {name} must have shape (tokens, layers, K), got {experts.shape}{hint}")
@@ -951,6 +1220,16 @@ def _from_arrays(path: Path, fmt: str, src: str, problems: _Problems, *, skip_wa
     if n == 0 or num_layers == 0 or top_k == 0:
         raise MoecacheError(f"{src}: {name} is empty (shape {experts.shape})")
     experts = experts.astype(np.int64)
+    inferred = {}
+    recorded = arrays.get("num_experts")
+    if recorded is not None:
+        if recorded.shape != () or not np.issubdtype(recorded.dtype, np.integer) or recorded < 1:
+            raise MoecacheError(f"{src}: 'num_experts' must be one positive integer, got {recorded!r}")
+        recorded = int(recorded)
+        if num_experts is not None and num_experts != recorded:
+            raise MoecacheError(f"{src}: the log records num_experts = {recorded}, "
+                                f"but --num-experts is {num_experts}")
+    known = num_experts if num_experts is not None else recorded
     weights = arrays.get("weights")
     if weights is not None:
         if weights.shape != experts.shape:
@@ -958,6 +1237,18 @@ def _from_arrays(path: Path, fmt: str, src: str, problems: _Problems, *, skip_wa
         if not (np.issubdtype(weights.dtype, np.floating) or np.issubdtype(weights.dtype, np.integer)):
             raise MoecacheError(f"{src}: 'weights' must be numbers, got dtype {weights.dtype}")
         weights = weights.astype(np.float32)
+    logits = arrays.get("logits")
+    if logits is not None:
+        if logits.ndim != 3 or logits.shape[:2] != (n, num_layers) or not logits.shape[2]:
+            raise MoecacheError(f"{src}: 'logits' must have shape ({n}, {num_layers}, E), got {logits.shape}")
+        if not np.issubdtype(logits.dtype, np.floating):
+            raise MoecacheError(f"{src}: 'logits' must be floats, got dtype {logits.dtype}")
+        if known is not None and logits.shape[2] != known:
+            raise MoecacheError(f"{src}: 'logits' hold {logits.shape[2]} router scores per row, "
+                                f"but num_experts is {known}")
+        if known is None:
+            known = logits.shape[2]
+            inferred["num_experts"] = f"{known}, the number of router scores per row in 'logits'"
     per_token = {}
     for key in ("seq", "step", "token_id"):
         if key in arrays:
@@ -969,7 +1260,6 @@ def _from_arrays(path: Path, fmt: str, src: str, problems: _Problems, *, skip_wa
                 raise MoecacheError(f"{src}: {key!r} must hold integers, got dtype {values.dtype}")
             per_token[key] = values.astype(np.int64)
     layers = list(range(num_layers))
-    inferred = {}
     if declared is not None and "layers" in arrays and (
             sorted(arrays["layers"].tolist()) != sorted(declared.tolist())):
         raise MoecacheError(f"{src}: 'layers' array {arrays['layers'].tolist()} disagrees with --layers "
@@ -991,8 +1281,12 @@ def _from_arrays(path: Path, fmt: str, src: str, problems: _Problems, *, skip_wa
         layers = [int(v) for v in given[by_layer]]
         experts = experts[:, by_layer]
         weights = None if weights is None else weights[:, by_layer]
+        logits = None if logits is None else logits[:, by_layer]
     else:
         inferred["layers"] = f"0..{num_layers - 1} (no 'layers' array and no --layers)"
+    tokens = _Tokens(experts=experts, layers=layers, rows_read=n * num_layers, order="file",
+                     order_phrase="tokens in the order of the array's token axis", weights=weights,
+                     logits=logits, num_experts=known, inferred=inferred, **per_token)
     keep = np.ones(n, bool)
     if "seq" in per_token and (per_token["seq"] < 0).any():
         warm = per_token["seq"] < 0
@@ -1001,6 +1295,13 @@ def _from_arrays(path: Path, fmt: str, src: str, problems: _Problems, *, skip_wa
                        f"(first: token {at}, seq {per_token['seq'][at]})",
                        rows=int(warm.sum()) * num_layers, tokens=None)
         keep &= ~warm
+    if weights is not None:
+        uniform = keep & _uniform_rows(weights.reshape(-1, top_k)).reshape(n, num_layers).all(axis=1)
+        if uniform.any():
+            _uniform_found(problems, int(uniform.sum()), int(keep.sum()), top_k,
+                           f"token {int(np.argmax(uniform))}", "'weights'",
+                           rows=int(uniform.sum()) * num_layers)
+            keep &= ~uniform
     if skip_warmup:
         kept = np.flatnonzero(keep)
         if skip_warmup >= len(kept):
@@ -1009,32 +1310,67 @@ def _from_arrays(path: Path, fmt: str, src: str, problems: _Problems, *, skip_wa
         problems.drop("skip_warmup", rows=skip_warmup * num_layers, tokens=skip_warmup)
     if not keep.any():
         raise MoecacheError(f"{src}: every token is a warm-up token: nothing left to import")
-    experts = experts[keep]
-    weights = None if weights is None else weights[keep]
-    per_token = {key: values[keep] for key, values in per_token.items()}
+    tokens = tokens.subset(keep)
     kept_index = np.flatnonzero(keep)
-    _check_ids(experts.reshape(-1, top_k), num_experts, src,
+    _check_ids(tokens.experts.reshape(-1, top_k), known, src,
                lambda i: f"token {kept_index[i // num_layers]}, layer {layers[i % num_layers]}")
-    if "step" in per_token and (np.diff(per_token["step"]) < 0).any():
-        at = int(np.argmax(np.diff(per_token["step"]) < 0)) + 1
+    step = tokens.step
+    if step is not None and (np.diff(step) < 0).any():
+        at = int(np.argmax(np.diff(step) < 0)) + 1
         raise MoecacheError(f"{src}: 'step' must not decrease (token {kept_index[at]} has step "
-                            f"{per_token['step'][at]} after {per_token['step'][at - 1]})")
+                            f"{step[at]} after {step[at - 1]})")
     if "seq" not in per_token:
         inferred["seq"] = "one sequence (0) for every token"
     inferred["pos"] = "index within its sequence in trace order"
-    return _Tokens(experts=experts, layers=layers, rows_read=n * num_layers, weights=weights,
-                   inferred=inferred, **per_token)
+    return tokens
+
+
+# -- warm-up runs (both paths) ----------------------------------------------------------
+
+def _drop_repeated_runs(tokens: _Tokens, src: str, problems: _Problems) -> _Tokens:
+    """Report (or drop) runs of :data:`REPEAT_RUN` or more consecutive tokens of one
+    sequence routed identically in every layer, with identical weights when logged."""
+    experts = tokens.experts
+    if len(experts) < REPEAT_RUN:
+        return tokens
+    same = (experts[1:] == experts[:-1]).all(axis=(1, 2))
+    if tokens.weights is not None:
+        bits = tokens.weights.view(np.int32)
+        same &= (bits[1:] == bits[:-1]).all(axis=(1, 2))
+    if tokens.seq is not None:
+        same &= tokens.seq[1:] == tokens.seq[:-1]
+    run = np.cumsum(np.concatenate(([True], ~same))) - 1
+    length = np.bincount(run)
+    flagged = length[run] >= REPEAT_RUN
+    if not flagged.any():
+        return tokens
+    at = int(np.argmax(flagged))
+    where = f"token {at} of the trace" if tokens.first_row is None else f"row {tokens.first_row[at] + 1}"
+    count = int(flagged.sum())
+    problems.found("warmup_repeated", f"{_n(count, 'warm-up token')} in runs of {REPEAT_RUN} or more "
+                   f"consecutive tokens of a sequence routed identically in every layer (first: {where}, "
+                   f"a run of {length[run[at]]})", rows=count * experts.shape[1], tokens=count)
+    if flagged.all():
+        raise MoecacheError(f"{src}: every token is a warm-up token: nothing left to import")
+    return tokens.subset(~flagged)
 
 
 # -- tokens -> trace file ---------------------------------------------------------------
 
+_STEPS_FORMED = {"column": "one per value of the step field, in step order",
+                 "token": "one per token",
+                 "prefill": "one per run of prefill tokens of a sequence and one per decode token"}
+
+
 def _write(tokens: _Tokens, out: Path, src: str, fmt: str, digest: str, problems: _Problems, *,
            num_experts: int | None, model: str | None, router_label: str,
            expert_bytes: int | str | Sequence[int] | None, step_mode: str | None, skip_warmup: int,
-           order: str, overwrite: bool) -> ImportReport:
+           token_restarts: str, overwrite: bool) -> ImportReport:
     experts = tokens.experts
     n, num_layers, top_k = experts.shape
     inferred = dict(tokens.inferred)
+    if num_experts is None:
+        num_experts = tokens.num_experts
     if num_experts is None:
         num_experts = int(experts.max()) + 1
         inferred["num_experts"] = (f"largest expert id + 1 = {num_experts} "
@@ -1060,6 +1396,8 @@ def _write(tokens: _Tokens, out: Path, src: str, fmt: str, digest: str, problems
     else:
         steps = np.arange(n, dtype=np.int64)
         inferred["step"] = "one step per token (decode-like)"
+    formed = (f"steps: {_STEPS_FORMED[mode]}; within a step, {tokens.order_phrase}" if mode == "column"
+              else f"steps: {_STEPS_FORMED[mode]}, {tokens.order_phrase}")
     sizes = _expert_sizes(expert_bytes, num_layers, src)
     dropped = {"rows": dict(problems.rows), "tokens": dict(problems.tokens)}
     capture: dict[str, Any] = {
@@ -1068,11 +1406,15 @@ def _write(tokens: _Tokens, out: Path, src: str, fmt: str, digest: str, problems
         "sha256": digest,
         "format": fmt,
         "mapping": tokens.mapping or None,
-        "order": order if fmt not in ARRAY_FORMATS.values() else None,
+        "order": tokens.order,
+        "token_restarts": token_restarts,
         "step": mode,
+        "steps_formed": formed,
         "skip_warmup": skip_warmup,
         "on_problem": problems.on_problem,
+        "on_warmup": problems.on_warmup,
         "rows_read": tokens.rows_read,
+        "skipped": dict(problems.skipped),
         "dropped": dropped,
         "problems": list(problems.lines),
         "inferred": inferred,
@@ -1091,7 +1433,7 @@ def _write(tokens: _Tokens, out: Path, src: str, fmt: str, digest: str, problems
     try:
         trace = Trace.from_arrays(experts, num_experts=num_experts, weights=tokens.weights, seq=seq,
                                   layers=tokens.layers, expert_bytes=sizes, meta=meta, step=steps,
-                                  phase=tokens.phase, token_id=tokens.token_id)
+                                  phase=tokens.phase, token_id=tokens.token_id, logits=tokens.logits)
         if tokens.pos is not None:
             trace = dataclasses.replace(trace, pos=np.asarray(tokens.pos, np.int32))
         trace.save(out, overwrite=overwrite)
@@ -1103,9 +1445,10 @@ def _write(tokens: _Tokens, out: Path, src: str, fmt: str, digest: str, problems
     return ImportReport(
         source=src, out=str(out), format=fmt, sha256=digest, rows_read=tokens.rows_read,
         tokens_written=n, steps=trace.num_steps, layers=list(tokens.layers), top_k=top_k,
-        num_experts=num_experts, sequences=len(np.unique(seq)), mapping=dict(tokens.mapping),
-        ignored_columns=list(tokens.ignored_columns), inferred=inferred,
-        dropped_rows=dict(problems.rows), dropped_tokens=dict(problems.tokens), problems=list(problems.lines))
+        num_experts=num_experts, sequences=len(np.unique(seq)), steps_formed=formed,
+        mapping=dict(tokens.mapping), ignored_columns=list(tokens.ignored_columns), inferred=inferred,
+        skipped_rows=dict(problems.skipped), dropped_rows=dict(problems.rows),
+        dropped_tokens=dict(problems.tokens), problems=list(problems.lines))
 
 
 def _expert_sizes(expert_bytes: int | str | Sequence[int] | None, num_layers: int, src: str

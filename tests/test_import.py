@@ -104,16 +104,21 @@ def test_identity_mapping_and_unused_columns(tmp_path):
 
 
 def test_per_request_token_index_orders(tmp_path):
-    # two requests served one after another, token index counted within each request
-    rows = [{"req": r, "i": i, "layer": 0, "ids": [10 * r + i]} for r in (0, 1) for i in range(3)]
+    # two requests, token index counted within each request; request 1 logged first
+    rows = [{"req": r, "i": i, "layer": 0, "ids": [10 * r + i]} for r in (1, 0) for i in (2, 0, 1)]
     log = write_jsonl(tmp_path / "log.jsonl", rows)
-    import_routing(log, tmp_path / "a.parquet", mapping="experts=ids,token=i,seq=req")
-    import_routing(log, tmp_path / "b.parquet", mapping="experts=ids,token=i,seq=req", order="file")
-    interleaved = mc.Trace.load(tmp_path / "a.parquet")
-    assert interleaved.experts[:, 0, 0].tolist() == [0, 10, 1, 11, 2, 12]
-    assert interleaved.pos.tolist() == [0, 0, 1, 1, 2, 2]
-    in_file_order = mc.Trace.load(tmp_path / "b.parquet")
-    assert in_file_order.experts[:, 0, 0].tolist() == [0, 1, 2, 10, 11, 12]
+    orders = {None: [10, 11, 12, 0, 1, 2], "sequence": [10, 11, 12, 0, 1, 2],
+              "token": [10, 0, 11, 1, 12, 2], "file": [12, 10, 11, 2, 0, 1]}
+    for order, expected in orders.items():
+        out = tmp_path / f"{order}.parquet"
+        report = import_routing(log, out, mapping="experts=ids,token=i,seq=req", order=order)
+        trace = mc.Trace.load(out)
+        assert trace.experts[:, 0, 0].tolist() == expected, order
+        assert trace.meta["capture"]["order"] == (order or "sequence")
+        assert trace.meta["capture"]["steps_formed"] == report.steps_formed
+    assert report.steps_formed == "steps: one per token, tokens in order of first appearance in the file"
+    assert mc.Trace.load(tmp_path / "token.parquet").pos.tolist() == [0, 0, 1, 1, 2, 2]
+    assert mc.Trace.load(tmp_path / "token.parquet").seq.tolist() == [1, 0, 1, 0, 1, 0]
 
 
 def test_csv_list_spellings_and_gzip(tmp_path):
@@ -212,13 +217,12 @@ def test_npy_errors(tmp_path, array, words):
 def test_npz_errors(tmp_path):
     good = np.arange(6).reshape(3, 1, 2)
     cases = {
-        "no_experts": ({"weights": good.astype(np.float32)}, ["no 'experts' array"]),
         "unknown": ({"experts": good, "expert": good}, ["unknown array 'expert'"]),
         "weights": ({"experts": good, "weights": np.ones((3, 1, 3))}, ["'weights' has shape"]),
         "seq": ({"experts": good, "seq": np.zeros(2, int)}, ["'seq' must have shape (3,)"]),
         "layers": ({"experts": good, "layers": np.array([1, 2])}, ["'layers' must be 1 integers"]),
         "warmup": ({"experts": good, "seq": np.array([-1, 0, 0])},
-                   ["1 warm-up token with a negative seq", "--drop-problems"]),
+                   ["1 warm-up token with a negative seq", "--drop-warmup"]),
     }
     for name, (arrays, words) in cases.items():
         path = tmp_path / f"{name}.npz"
@@ -227,7 +231,7 @@ def test_npz_errors(tmp_path):
     np.save(tmp_path / "r.npy", good)
     one_line_error(lambda: import_routing(tmp_path / "r.npy", tmp_path / "t.parquet", mapping="experts=x"),
                    str(tmp_path / "r.npy"), "--map applies to row logs")
-    report = import_routing(tmp_path / "warmup.npz", tmp_path / "t.parquet", on_problem="drop")
+    report = import_routing(tmp_path / "warmup.npz", tmp_path / "t.parquet", on_warmup="drop")
     assert report.tokens_written == 2 and report.dropped_rows == {"warmup": 1}
 
 
@@ -311,8 +315,8 @@ def test_warmup_rows(tmp_path, routed):
     negative = [dict(r, token_idx=-1) for r in rows[:3]]
     path = write_jsonl(tmp_path / "log.jsonl", dummy + negative + rows)
     one_line_error(lambda: import_routing(path, tmp_path / "t.parquet", mapping=VLLM_MAP),
-                   str(path), "6 warm-up rows", "row 1", "seq null", "--drop-problems")
-    report = import_routing(path, tmp_path / "t.parquet", mapping=VLLM_MAP, on_problem="drop")
+                   str(path), "6 warm-up rows", "row 1", "seq null", "--drop-warmup")
+    report = import_routing(path, tmp_path / "t.parquet", mapping=VLLM_MAP, on_warmup="drop")
     assert report.dropped_rows == {"warmup": 6} and report.tokens_written == 6
     np.testing.assert_array_equal(mc.Trace.load(tmp_path / "t.parquet").experts, routed[0])
 
