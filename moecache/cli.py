@@ -290,8 +290,7 @@ def sweep_command(traces: tuple[str, ...], policies: str, scopes: str, capacitie
                   per_token: bool, seed: int, executor: str, scheduler: str | None,
                   workers: int | None) -> None:
     """Replay TRACES under every policy, scope and capacity into one tidy table."""
-    table = sweep(traces, _names(policies), _names(scopes),
-                  None if capacities is None else parse_int_list(capacities), out=out,
+    table = sweep(traces, _names(policies), _names(scopes), capacities, out=out,
                   resume=resume, overwrite=force, per_token=per_token, bandwidth=bandwidth,
                   latency=latency, seed=seed, executor=executor, scheduler=scheduler,
                   workers=workers)
@@ -342,14 +341,15 @@ def _has_logits(path: str) -> bool:
               help="Confidence bands from N resamples of whole sequences (0: none).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--format", "formats", multiple=True, default=("png", "pdf"), show_default=True)
+@click.option("--force", is_flag=True, help="Replace the figures in --out (and remove stale ones).")
 def plot_command(results: str, out: str, traces: tuple[str, ...], window: int, bootstrap: int, seed: int,
-                 formats: tuple[str, ...]) -> None:
+                 formats: tuple[str, ...], force: bool) -> None:
     """Figures from a sweep table: hit rate and bytes per token vs capacity, reuse vs window,
     per-layer reuse."""
     from .plots import plot_results
 
     written = plot_results(results, out, traces=list(traces) or None, bootstrap=bootstrap,
-                           max_window=window, formats=formats, seed=seed,
+                           max_window=window, formats=formats, seed=seed, overwrite=force,
                            on_note=lambda note: click.echo(f"moecache: note: {note}", err=True))
     for path in written:
         click.echo(f"wrote {path}")

@@ -31,6 +31,12 @@ def os_reason(err: OSError) -> str:
     return err.strerror or str(err).splitlines()[0]
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def require_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     """``path`` as a Path if it is a regular file; otherwise one-line MoecacheError."""
     path = Path(path)

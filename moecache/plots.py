@@ -42,7 +42,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .curve import STACK_POLICIES, fetched_bytes, stack_hits
 from .errors import MoecacheError
-from .files import atomic_target
+from .files import atomic_write, output_lock, write_errors
 from .locality import bootstrap_band, bootstrap_over_sequences, per_layer_reuse, reuse_by_window
 from .requests import Requests
 from .tables import read_table
@@ -51,6 +51,7 @@ from .trace import Trace
 REQUIRED_COLUMNS = ("trace", "policy", "scope", "capacity", "hit_rate", "reuse_rate")
 FIGURES = ("hit_rate_vs_capacity", "bytes_per_token_vs_capacity", "reuse_vs_window", "per_layer_reuse")
 FORMATS = ("png", "pdf", "svg")
+MAX_WINDOW = 4096  # steps of the reuse-by-window figure; farther windows are flat on real traces
 MIB = 2**20
 DPI = 150
 
@@ -108,6 +109,7 @@ def plot_results(
     level: float = 0.95,
     workers: int | None = None,
     on_note: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write the figures of a results table into ``out_dir``; returns the files written.
 
@@ -116,33 +118,59 @@ def plot_results(
     trace paths that exist); a trace is matched to table rows by path, else by file name.
     ``bootstrap`` > 0 draws ``level`` percentile bands from that many resamples of
     sequences (seeded by ``seed``, resamples run on ``workers`` threads, None = one per
-    CPU); ``max_window`` is W of the reuse-by-window figure.
+    CPU); ``max_window`` is W of the reuse-by-window figure (at most :data:`MAX_WINDOW`).
     Skipped figures and bands are reported through ``on_note`` (default: a PlotNote warning).
+    A folder already holding figures of these names (any format) is refused unless
+    ``overwrite``; then the figures this run does not write (other formats, figures
+    skipped now) are removed, so none is left stale. The folder's write lock is held.
     """
     note = on_note or (lambda message: warnings.warn(message, PlotNote, stacklevel=3))
     formats = _check_formats(formats)
-    if int(max_window) < 1:
-        raise MoecacheError(f"the reuse window must be at least 1 step, got {max_window}")
+    if not 1 <= int(max_window) <= MAX_WINDOW:
+        raise MoecacheError(f"--window must be from 1 to {MAX_WINDOW} steps, got {max_window}")
     if int(bootstrap) < 0:
         raise MoecacheError(f"the number of bootstrap resamples must be >= 0, got {bootstrap}")
     if not 0.0 < level < 1.0:
         raise MoecacheError(f"the confidence level must lie in (0, 1), got {level}")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MoecacheError(f"{out}: exists and is not a folder")
+    with output_lock(out):
+        if out.exists() and not out.is_dir():
+            raise MoecacheError(f"{out}: exists and is not a folder")
+        earlier = _our_figures(out)
+        if earlier and not overwrite:
+            raise MoecacheError(f"{out}: holds figures of an earlier plot ({earlier[0].name}); "
+                                "pass --force to replace them")
+        written = _plot(results, out, traces, int(bootstrap), int(max_window), formats, seed, level,
+                        workers, note)
+        for stale in set(_our_figures(out)) - set(written):
+            with write_errors(stale):
+                stale.unlink()
+    return written
+
+
+def _our_figures(out: Path) -> list[Path]:
+    """The figure files (any format) a plot writes that exist in ``out``."""
+    if not out.is_dir():
+        return []
+    return sorted(path for name in FIGURES for fmt in FORMATS if (path := out / f"{name}.{fmt}").exists())
+
+
+def _plot(results: str | os.PathLike | pd.DataFrame, out: Path, traces: Iterable[str | os.PathLike] | None,
+          bootstrap: int, max_window: int, formats: list[str], seed: int, level: float,
+          workers: int | None, note: Callable[[str], None]) -> list[Path]:
     table, base_dir = _load_results(results)
     series = _series_from_table(table)
     _attach_traces(series, traces, base_dir, note)
     _label(series)
     if bootstrap:
         for s in series:
-            _bootstrap(s, int(bootstrap), int(max_window), seed, level, workers, note)
+            _bootstrap(s, bootstrap, max_window, seed, level, workers, note)
 
     written: list[Path] = []
     figures = {
         "hit_rate_vs_capacity": lambda: _hit_rate_figure(series, table, bootstrap, level),
         "bytes_per_token_vs_capacity": lambda: _bytes_figure(series, table, bootstrap, level, note),
-        "reuse_vs_window": lambda: _window_figure(series, int(max_window), bootstrap, level, note),
+        "reuse_vs_window": lambda: _window_figure(series, max_window, bootstrap, level, note),
         "per_layer_reuse": lambda: _layer_figure(series, bootstrap, level, note),
     }
     for name, make in figures.items():
@@ -228,11 +256,9 @@ def _attach_traces(series: list[_Series], traces: Iterable | None, base_dir: Pat
         if not matches:
             matches = [s for s in series if Path(s.name).name == path.name]
         if not matches:
-            extra = _Series(name=str(path), per_token=False, rows=pd.DataFrame())
-            extra.router = trace.meta.get("router")
-            extra.model = (trace.meta.get("model") or {}).get("name")
-            series.append(extra)
-            matches = [extra]
+            names = sorted({s.name for s in series})
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise MoecacheError(f"--traces {path}: not a trace of the results table (it holds {shown})")
         for s in matches:
             s.trace = trace
 
@@ -604,12 +630,8 @@ def _save(fig: Figure, stem: Path, formats: list[str]) -> list[Path]:
     written = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = atomic_target(path)
-        try:
+        with atomic_write(path) as tmp:
             metadata = {"CreationDate": None} if fmt == "pdf" else None
             fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(path)
     return written

@@ -4,17 +4,21 @@ A cell is (trace, policy, scope); it yields one row per capacity from :func:`cur
 (one stack pass for lru/lfu/opt). Cells run on local threads (the numba kernels release
 the GIL) or on a dask.distributed cluster. After every finished cell the table is
 rewritten atomically, as Parquet and CSV side by side, so an interrupted sweep keeps
-its finished cells and ``resume=True`` skips them.
+its finished cells and ``resume=True`` skips them. The Parquet file records the
+settings its rows were made with; a resume with other settings is refused, and the
+table's write lock keeps a second sweep to the same output out.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -23,12 +27,16 @@ from moecache.policies import POLICIES
 
 from .curve import curve
 from .errors import MoecacheError
+from .files import first_line, output_lock
 from .replay import SCOPES
 from .requests import Requests
-from .tables import read_table, write_table
+from .tables import read_table, read_table_meta, write_table
 from .trace import Trace
+from .units import parse_bandwidth, parse_duration, parse_int_list
 
 KEY_COLUMNS = ["trace", "policy", "scope", "capacity"]
+SETTINGS_KEY = "moecache.sweep"  # Parquet metadata: the settings every row was made with
+CONNECT_TIMEOUT = 5  # seconds to reach a dask scheduler
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ def sweep(
     traces: Iterable[str | os.PathLike],
     policies: Iterable[str] = ("lru", "lfu", "opt"),
     scopes: Iterable[str] = ("layer",),
-    capacities: Iterable[int] | None = None,
+    capacities: Iterable[int] | str | None = None,
     *,
     out: str | os.PathLike | None = None,
     resume: bool = False,
@@ -94,39 +102,129 @@ def sweep(
     workers: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run every (trace, policy, scope) cell at the given capacities; returns the tidy table."""
+    """Run every (trace, policy, scope) cell at the given capacities; returns the tidy table.
+
+    ``capacities`` is a list, a text such as ``"8:64:4"`` (ranges stop at the largest
+    capacity any trace allows, so a huge bound costs nothing) or None (every valid one).
+    A trace named twice (even by another path to the same file) is an error; repeated
+    policies and scopes count once. ``out`` holds the sweep's settings in its Parquet
+    metadata, and ``resume`` refuses a table made with other settings.
+    """
     traces = [str(t) for t in traces]
-    policies, scopes = list(policies), list(scopes)
+    policies, scopes = list(dict.fromkeys(policies)), list(dict.fromkeys(scopes))
+    _check_names(traces, policies, scopes)
+    if executor not in ("local", "dask"):
+        raise MoecacheError(f"unknown executor {executor!r}: choose local or dask")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise MoecacheError(f"--workers must be an integer of at least 1, got {workers!r}")
+    if resume and overwrite:
+        raise MoecacheError("--resume keeps an existing table and --force replaces it: pass one of them")
+    # fail fast, before any work, on a bad trace; the largest trace bounds the capacities
+    loaded = [Trace.load(path, weights=False) for path in traces]
+    if isinstance(capacities, str):
+        top = max(t.num_experts * (t.num_layers if "global" in scopes else 1) for t in loaded)
+        capacities = parse_int_list(capacities, high=top)
+    settings = SweepSettings(None if capacities is None else tuple(sorted(set(capacities))),
+                             per_token, bandwidth, latency, seed)
+    if out is None:
+        return _sweep(traces, policies, scopes, settings, None, pd.DataFrame(), executor, scheduler,
+                      workers, progress)
+    parquet, csv = results_paths(out)
+    with output_lock(parquet):
+        done = _previous(parquet, csv, settings, resume=resume, overwrite=overwrite)
+        return _sweep(traces, policies, scopes, settings, (parquet, csv), done, executor, scheduler,
+                      workers, progress)
+
+
+def _check_names(traces: list[str], policies: list[str], scopes: list[str]) -> None:
+    for what, names in (("traces", traces), ("policies", policies), ("scopes", scopes)):
+        if not names:
+            raise MoecacheError(f"--{what} names none: give at least one")
     for policy in policies:
         if policy not in POLICIES:
             raise MoecacheError(f"unknown policy {policy!r}: choose from {', '.join(POLICIES)}")
     for scope in scopes:
         if scope not in SCOPES:
             raise MoecacheError(f"unknown scope {scope!r}: choose layer or global")
-    if executor not in ("local", "dask"):
-        raise MoecacheError(f"unknown executor {executor!r}: choose local or dask")
+    seen: dict[tuple[int, int] | str, str] = {}
     for path in traces:
-        Trace.load(path, weights=False)  # fail fast, before any work, on a bad trace
-    settings = SweepSettings(None if capacities is None else tuple(sorted(set(capacities))),
-                             per_token, bandwidth, latency, seed)
-    parquet, csv = results_paths(out) if out is not None else (None, None)
-    done = pd.DataFrame()
-    if parquet is not None and parquet.exists():
-        if resume:
-            done = read_table(parquet)
-        elif not overwrite:
-            raise MoecacheError(f"{parquet}: already exists (pass --resume to continue it or --force)")
+        try:
+            info = os.stat(path)
+            key: tuple[int, int] | str = (info.st_dev, info.st_ino)
+        except OSError:
+            key = path  # Trace.load names the problem
+        if key in seen:
+            raise MoecacheError(f"{path}: trace given twice (also as {seen[key]}); a sweep runs each once")
+        seen[key] = path
+
+
+def _settings_meta(settings: SweepSettings) -> dict[str, Any]:
+    """What must match for resumed rows to belong to one table (rates and times parsed)."""
+    return {"capacities": None if settings.capacities is None else list(settings.capacities),
+            "per_token": settings.per_token,
+            "bandwidth": None if settings.bandwidth is None else parse_bandwidth(settings.bandwidth),
+            "latency": parse_duration(settings.latency), "seed": settings.seed}
+
+
+_OPTIONS = {"capacities": "--capacities", "per_token": "--per-token", "bandwidth": "--bandwidth (bytes/s)",
+            "latency": "--latency (s)", "seed": "--seed"}
+
+
+def _previous(parquet: Path, csv: Path, settings: SweepSettings, *, resume: bool,
+              overwrite: bool) -> pd.DataFrame:
+    """The finished rows to keep: those of a resumed table made with the same settings."""
+    if overwrite:
+        return pd.DataFrame()
+    if csv.exists() and not parquet.exists():
+        raise MoecacheError(f"{csv}: already exists (pass --force to overwrite)")
+    if not parquet.exists():
+        return pd.DataFrame()
+    if not resume:
+        raise MoecacheError(f"{parquet}: already exists (pass --resume to continue it or --force)")
+    raw = read_table_meta(parquet).get(SETTINGS_KEY)
+    try:
+        stored = json.loads(raw) if raw is not None else None
+    except json.JSONDecodeError:
+        stored = None
+    if not isinstance(stored, dict):
+        raise MoecacheError(f"{parquet}: not a table written by `moecache sweep` (no sweep settings): "
+                            "nothing to resume; pass --force to replace it")
+    current = _settings_meta(settings)
+    for key, option in _OPTIONS.items():
+        if stored.get(key) != current[key]:
+            raise MoecacheError(f"{parquet}: made with {option} {_shown(stored.get(key))}, this sweep "
+                                f"has {_shown(current[key])}: resume with the same settings, or choose "
+                                "another --out")
+    done = read_table(parquet)
+    missing = [c for c in KEY_COLUMNS if c not in done.columns]
+    if missing:
+        raise MoecacheError(f"{parquet}: not a sweep table: missing column {missing[0]!r}")
+    return done
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "(not given)"
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{value[0]}, {value[1]}, ..., {value[-1]}] ({len(value)} values)"
+    return json.dumps(value)
+
+
+def _sweep(traces: list[str], policies: list[str], scopes: list[str], settings: SweepSettings,
+           outputs: tuple[Path, Path] | None, done: pd.DataFrame, executor: str, scheduler: str | None,
+           workers: int | None, progress: bool) -> pd.DataFrame:
     finished = set(zip(done["trace"], done["policy"], done["scope"], strict=True)) if len(done) else set()
     cells = [(t, p, s) for t in traces for p in policies for s in scopes if (t, p, s) not in finished]
     frames = [done] if len(done) else []
+    meta = {SETTINGS_KEY: json.dumps(_settings_meta(settings))}
     run = _run_dask if executor == "dask" else _run_local
     with tqdm(total=len(cells), desc="sweep", unit="cell", disable=not progress) as bar:
         for frame in run(cells, settings, workers, scheduler):
             frames.append(frame)
-            if parquet is not None:
+            if outputs is not None:
                 table = _tidy(frames)
-                write_table(table, parquet)
-                write_table(table, csv)
+                write_table(table, outputs[0], meta=meta)
+                write_table(table, outputs[1])
             bar.update()
     return _tidy(frames)
 
@@ -162,7 +260,11 @@ def _run_dask(cells: list, settings: SweepSettings, workers: int | None,
     cluster = None if scheduler else LocalCluster(n_workers=workers or os.cpu_count() or 1,
                                                   threads_per_worker=1, dashboard_address=None)
     try:
-        with Client(scheduler or cluster) as client:
+        try:
+            client = Client(scheduler or cluster, timeout=f"{CONNECT_TIMEOUT}s")
+        except (OSError, ValueError, TypeError) as err:
+            raise MoecacheError(f"--scheduler {scheduler}: cannot connect: {first_line(err)}") from None
+        with client:
             futures = [client.submit(run_cell, *cell, settings, pure=False) for cell in cells]
             for future in dask_completed(futures):
                 yield future.result()

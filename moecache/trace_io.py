@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import MoecacheError, TraceError
-from .files import atomic_write, os_reason, output_lock, write_errors
+from .files import atomic_write, first_line, os_reason, output_lock, write_errors
 from .trace import (
     _PARQUET_MAGIC,
     _REQUIRED_COLUMNS,
@@ -343,12 +343,7 @@ def _open_one(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:
-        raise TraceError(f"{path}: unreadable Parquet file: {_first_line(err)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise TraceError(f"{path}: unreadable Parquet file: {first_line(err)}") from None
 
 
 def _read_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
@@ -410,7 +405,7 @@ def read_trace(path: str | os.PathLike, *, weights: bool = True, logits: bool = 
                 for name in columns:
                     chunks[name].append(_column(table, name, source))
     except (pa.ArrowException, OSError) as err:
-        raise TraceError(f"{source}: corrupt or truncated data: {_first_line(err)}") from None
+        raise TraceError(f"{source}: corrupt or truncated data: {first_line(err)}") from None
     cols = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in chunks.items()}
     rows = len(cols["layer"])
     if rows % max(num_layers, 1):

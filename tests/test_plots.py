@@ -252,6 +252,7 @@ def test_plot_errors_are_one_line(tmp_path):
                           "hit_rate": [0.5], "reuse_rate": [0.4]})
     with pytest.raises(mc.MoecacheError, match="unknown figure format 'jpg'"):
         plot_results(table, tmp_path / "out", formats=("png", "jpg"))
-    with pytest.raises(mc.MoecacheError, match="at least 1 step"):
-        plot_results(table, tmp_path / "out", max_window=0)
+    for window in (0, 100_000_000):
+        with pytest.raises(mc.MoecacheError, match=f"--window must be from 1 to 4096 steps, got {window}"):
+            plot_results(table, tmp_path / "out", max_window=window)
     assert not (tmp_path / "out").exists()
