@@ -1,11 +1,17 @@
 """Third-party routing formats: vLLM routed experts, fitz-tec RTRACE01 (moecache.log_formats)."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import moecache as mc
 from moecache.errors import MoecacheError
+from moecache.importer import import_routing
 from moecache.log_formats import READERS, read_rtrace, read_vllm, sniff
 
 # -- writers that follow the published layouts ---------------------------------------------
@@ -251,3 +257,74 @@ def test_sniff(tmp_path):
     assert sniff(tmp_path / "missing.bin") is None
     assert sniff(tmp_path) is None
     assert set(READERS) == {"vllm", "rtrace"}
+
+
+# -- llama.cpp recipe (docs/llama-cpp-logs.md) ------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "llama-cpp-logs.md"
+
+
+def doc_script(first_line):
+    """The fenced python block of the doc that starts with ``first_line``."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    (script,) = [b for b in blocks if b.startswith(first_line)]
+    return script
+
+
+# What capture_routing.py writes: one line per (forward pass, MoE layer), layers 1 and 3, K = 2.
+# seq 0: a 3-token prompt pass, then 2 decode passes; seq 1: a 2-token prompt pass, 1 decode pass.
+PASSES = [(0, [[[1, 2], [0, 5]], [[3, 4], [6, 7]], [[1, 5], [2, 3]]]),
+          (0, [[[2, 1], [5, 0]]]),
+          (0, [[[1, 2], [0, 5]]]),
+          (1, [[[7, 6], [4, 3]], [[3, 0], [1, 2]]]),
+          (1, [[[7, 0], [4, 1]]])]
+
+
+def capture_log(path, passes=PASSES):
+    lines = []
+    for batch, (seq, tokens) in enumerate(passes):
+        for li, layer in enumerate((1, 3)):
+            topk = [token[li] for token in tokens]
+            lines.append(json.dumps({"seq": seq, "batch": batch, "layer": layer, "topk": topk}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_converter(tmp_path, raw):
+    script = tmp_path / "routing_to_npz.py"
+    script.write_text(doc_script("# routing_to_npz.py"))
+    out = tmp_path / "routing.npz"
+    done = subprocess.run([sys.executable, str(script), str(raw), str(out)], capture_output=True, text=True,
+                          timeout=60)
+    return done, out
+
+
+def test_llama_cpp_converter_and_import(tmp_path):
+    done, out = run_converter(tmp_path, capture_log(tmp_path / "raw.jsonl"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{out}: 8 tokens, 5 steps, MoE layers [1, 3]"
+    with np.load(out) as arrays:
+        experts, seq, step = arrays["experts"], arrays["seq"], arrays["step"]
+        assert arrays["layers"].tolist() == [1, 3]
+    assert experts.tolist() == [token for _, tokens in PASSES for token in tokens]
+    assert seq.tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert step.tolist() == [0, 0, 0, 1, 2, 3, 3, 4]
+    import_routing(out, tmp_path / "t.parquet", num_experts=8)
+    imported = mc.Trace.load(tmp_path / "t.parquet")
+    direct = mc.Trace.from_arrays(experts, num_experts=8, seq=seq, layers=[1, 3], step=step)
+    assert imported.meta["moe_layers"] == [1, 3]
+    for policy in ("lru", "opt"):
+        assert mc.replay(imported, policy, 6).hits == mc.replay(direct, policy, 6).hits
+    assert mc.replay(imported, "lru", 6).requests == 31    # step unions: 5 + 6, 2 + 2, 2 + 2, 4 + 4, 2 + 2
+
+
+def test_llama_cpp_converter_refuses_a_short_last_layer(tmp_path):
+    raw = capture_log(tmp_path / "raw.jsonl")
+    lines = raw.read_text().splitlines()
+    record = json.loads(lines[1])                 # pass 0, layer 3: only the last prompt token ran
+    record["topk"] = record["topk"][-1:]
+    raw.write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
+    done, out = run_converter(tmp_path, raw)
+    assert done.returncode == 1 and not out.exists()
+    assert done.stderr.strip() == (f"{raw}: pass 0 has layers [1, 3] with token counts [1, 3], "
+                                   "expected layers [1, 3] with one count (capture with logits_all=True)")
