@@ -7,6 +7,7 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -16,18 +17,25 @@ import click
 from moecache.policies import POLICIES
 
 from . import __version__
-from .compare import BANDWIDTH_PRESETS, compare
+from .compare import compare
 from .curve import curve
 from .errors import MoecacheError
 from .replay import SCOPES, replay
 from .report import comparison_table, curve_table, per_layer_table, result_summary, trace_summary
 from .reroute import reroute
 from .sweep import results_paths, sweep
-from .synth import DEFAULT_EXPERT_BYTES, synth
+from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, synth
 from .tables import write_table
 from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
-from .units import parse_int_list
+from .units import (
+    BANDWIDTH_PRESETS,
+    INT64_MAX,
+    parse_bandwidth,
+    parse_bytes,
+    parse_duration,
+    parse_int_list,
+)
 
 
 class _Commands(click.Group):
@@ -45,6 +53,39 @@ class _Commands(click.Group):
         except KeyboardInterrupt:
             click.echo("moecache: interrupted", err=True)
             ctx.exit(130)
+
+
+class _Parsed(click.ParamType):
+    """A size, bandwidth or duration read by a parser of :mod:`moecache.units`."""
+
+    def __init__(self, name: str, parse) -> None:
+        self.name, self.parse = name, parse
+
+    def convert(self, value, param, ctx):
+        try:
+            return self.parse(value)
+        except MoecacheError as err:
+            self.fail(str(err), param, ctx)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that is finite (never nan or inf) and within the given range."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+# Option types shared by every command, so the same input gets the same checks everywhere.
+SIZE = _Parsed("size", parse_bytes)               # bytes: at least 1, fits int64
+BANDWIDTH = _Parsed("bandwidth", parse_bandwidth)  # bytes per second, or a preset such as ufs4
+DURATION = _Parsed("duration", parse_duration)     # seconds, finite, >= 0
+COUNT = click.IntRange(1, INT64_MAX)                # a positive whole number that fits int64
+SEED = click.IntRange(0, INT64_MAX)                 # every seeded command takes 0 <= seed < 2**63
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,18 +108,20 @@ def info(trace: str) -> None:
 @click.argument("trace", type=click.Path(dir_okay=True))
 @click.option("--policy", "-p", type=click.Choice(POLICIES), default="lru", show_default=True,
               help="Replacement policy.")
-@click.option("--capacity", "-c", type=int, help="Experts the cache holds (per layer in layer scope).")
-@click.option("--memory", help="Byte budget instead of --capacity, e.g. 8GiB (uses expert_bytes).")
+@click.option("--capacity", "-c", type=COUNT, help="Experts the cache holds (per layer in layer scope).")
+@click.option("--memory", type=SIZE, help="Byte budget instead of --capacity, e.g. 8GiB (uses expert_bytes).")
 @click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True,
               help="One cache per MoE layer, or one pool shared by all layers.")
-@click.option("--bandwidth", help="Fetch bandwidth for I/O time, e.g. 4GB/s.")
-@click.option("--latency", default="0", show_default=True, help="Fixed cost per fetched expert, e.g. 80us.")
+@click.option("--bandwidth", type=BANDWIDTH,
+              help=f"Fetch bandwidth for I/O time, e.g. 4GB/s or a preset ({', '.join(BANDWIDTH_PRESETS)}).")
+@click.option("--latency", type=DURATION, default="0", show_default=True,
+              help="Fixed cost per fetched expert, e.g. 80us.")
 @click.option("--per-token", is_flag=True, help="Every token is its own step (no prefill unions).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random policy.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random policy.")
 @click.option("--per-layer", is_flag=True, help="Also print one row per MoE layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def replay_command(trace: str, policy: str, capacity: int | None, memory: str | None, scope: str,
-                   bandwidth: str | None, latency: str, per_token: bool, seed: int,
+def replay_command(trace: str, policy: str, capacity: int | None, memory: int | None, scope: str,
+                   bandwidth: float | None, latency: float, per_token: bool, seed: int,
                    per_layer: bool, as_json: bool) -> None:
     """Simulate an expert cache over TRACE and report hit rate, reuse and miss I/O."""
     if capacity is None and memory is None:
@@ -104,19 +147,20 @@ def replay_command(trace: str, policy: str, capacity: int | None, memory: str | 
 @click.option("--policy", "-p", type=click.Choice(POLICIES), default="lru", show_default=True)
 @click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True)
 @click.option("--capacities", help="START:STOP[:STEP] or a list, e.g. 8:64:4 (default: every valid one).")
-@click.option("--bandwidth", help="Fetch bandwidth for I/O time, e.g. 4GB/s.")
-@click.option("--latency", default="0", show_default=True, help="Fixed cost per fetched expert.")
+@click.option("--bandwidth", type=BANDWIDTH, help="Fetch bandwidth for I/O time, e.g. 4GB/s or ufs4.")
+@click.option("--latency", type=DURATION, default="0", show_default=True,
+              help="Fixed cost per fetched expert.")
 @click.option("--per-token", is_flag=True, help="Every token is its own step.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random policy.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random policy.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the table (.csv or .parquet).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
-def curve_command(trace: str, policy: str, scope: str, capacities: str | None, bandwidth: str | None,
-                  latency: str, per_token: bool, seed: int, out: str | None, force: bool,
+def curve_command(trace: str, policy: str, scope: str, capacities: str | None, bandwidth: float | None,
+                  latency: float, per_token: bool, seed: int, out: str | None, force: bool,
                   as_json: bool) -> None:
     """Metrics at every capacity: one pass for lru, lfu and opt."""
     loaded = Trace.load(trace, weights=False)
-    chosen = None if capacities is None else parse_int_list(capacities)
+    chosen = None if capacities is None else parse_int_list(capacities, high=_top_capacity(loaded, scope))
     frame = curve(loaded, policy, scope, capacities=chosen, per_token=per_token, bandwidth=bandwidth,
                   latency=latency, seed=seed)
     frame.insert(0, "trace", trace)
@@ -131,6 +175,11 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
         click.echo(f"wrote {out}: {len(frame)} capacities")
 
 
+def _top_capacity(trace: Trace, scope: str) -> int:
+    """The capacity from which every expert fits: ranges of capacities stop there."""
+    return trace.num_experts * (trace.num_layers if scope == "global" else 1)
+
+
 @cli.command("capture")
 @click.argument("model", type=click.Path())
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False),
@@ -140,16 +189,16 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
 @click.option("--mode", type=click.Choice(["generate", "forward"]), default="generate", show_default=True,
               help="generate: prefill step, then one step per new token; forward: teacher-forced, "
                    "one step per token of the text.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
+@click.option("--batch-size", type=COUNT, default=1, show_default=True)
 @click.option("--sample/--greedy", default=False, show_default=True, help="Sampled or greedy decoding.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampled decoding.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for sampled decoding.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")
 @click.option("--save-logits", is_flag=True, help="Also store full router scores (for rerouting).")
 @click.option("--router-label", help="Router name in the metadata [default: remoe for a folder from "
               "`remoe finetune`, else baseline].")
-@click.option("--limit", type=int, help="Use only the first N prompts.")
+@click.option("--limit", type=COUNT, help="Use only the first N prompts.")
 @click.option("--chat-template", is_flag=True, help="Wrap each prompt in the model's chat template.")
 @click.option("--force", is_flag=True, help="Overwrite an existing trace.")
 def capture_command(model: str, prompts: str, out: str | None, mode: str, max_new_tokens: int,
@@ -209,7 +258,7 @@ def remoe_group() -> None:
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", default="float32", show_default=True, help="Training dtype.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 def remoe_finetune_command(model: str, data: str, out: str, locality_weight: float, window: int,
                            kl_weight: float, lm_weight: float, steps: int, lr: float, seq_len: int,
@@ -227,11 +276,12 @@ def remoe_finetune_command(model: str, data: str, out: str, locality_weight: flo
                           batch_size=batch_size, device=device, dtype=dtype, seed=seed, overwrite=force)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    click.echo(f"wrote {out}: {report.steps} steps, reuse {100 * report.reuse_before:.2f}% -> "
-               f"{100 * report.reuse_after:.2f}% on held-in text"
-               + (" (interrupted: partial training saved)" if report.interrupted else ""))
-    if report.interrupted:
+    if report.interrupted:  # saved, but not evaluated
+        click.echo(f"moecache: interrupted; the routers trained in {report.steps} steps are saved "
+                   f"in {out} (marked interrupted)", err=True)
         raise SystemExit(130)
+    click.echo(f"wrote {out}: {report.steps} steps, reuse {100 * report.reuse_before:.2f}% -> "
+               f"{100 * report.reuse_after:.2f}% on held-in text")
 
 
 @cli.command("import")
@@ -307,9 +357,9 @@ def _names(text: str) -> list[str]:
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Rerouted trace.")
 @click.option("--mode", type=click.Choice(["recent", "cache"]), default="recent", show_default=True,
               help="Favour experts used in the last --window steps, or resident in an LRU cache.")
-@click.option("--bias", type=float, default=1.0, show_default=True, help="Added to favoured scores.")
-@click.option("--window", type=int, default=1, show_default=True, help="Steps of history (recent).")
-@click.option("--capacity", type=int, help="Cache size per layer (cache mode).")
+@click.option("--bias", type=FiniteFloat(), default=1.0, show_default=True, help="Added to favoured scores.")
+@click.option("--window", type=COUNT, default=1, show_default=True, help="Steps of history (recent).")
+@click.option("--capacity", type=COUNT, help="Cache size per layer (cache mode only).")
 @click.option("--label", help="Router label of the new trace (default rerouted-MODE).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 def reroute_command(trace: str, out: str, mode: str, bias: float, window: int, capacity: int | None,
@@ -318,9 +368,9 @@ def reroute_command(trace: str, out: str, mode: str, bias: float, window: int, c
     original = Trace.load(trace, logits=_has_logits(trace))
     rerouted, fidelity = reroute(original, mode=mode, bias=bias, window=window, capacity=capacity,
                                  label=label)
-    rerouted.save(out, overwrite=force)
     before = replay(original, "lru", original.num_experts).reuse_rate
     after = replay(rerouted, "lru", rerouted.num_experts).reuse_rate
+    rerouted.save(out, overwrite=force)
     click.echo(f"wrote {out} (router {rerouted.meta['router']}): reuse {100 * before:.2f}% -> "
                f"{100 * after:.2f}%, overlap with the original top-K {100 * fidelity.overlap:.2f}%, "
                f"gate mass kept {100 * fidelity.gate_mass:.2f}%")
@@ -364,7 +414,8 @@ def plot_command(results: str, out: str, traces: tuple[str, ...], window: int, b
 @click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True)
 @click.option("--bandwidth", "bandwidths", default="ufs4,nvme4,pcie4x16", show_default=True,
               help=f"Profiles: presets ({', '.join(BANDWIDTH_PRESETS)}) or values like 3GB/s.")
-@click.option("--compute-ms", type=float, help="Compute time per token without I/O, for the speedup.")
+@click.option("--compute-ms", type=FiniteFloat(min=0, min_open=True),
+              help="Compute time per token without I/O, for the speedup.")
 @click.option("--per-token", is_flag=True, help="Every token is its own step.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Also write the table (.csv/.parquet).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
@@ -373,8 +424,10 @@ def compare_command(base: str, remoe: str, capacities: str, policies: str, scope
                     compute_ms: float | None, per_token: bool, out: str | None, force: bool,
                     as_json: bool) -> None:
     """Baseline router against a ReMoE router: reuse, hit rates, bytes and I/O per token."""
-    frame = compare(Trace.load(base, weights=False), Trace.load(remoe, weights=False),
-                    capacities=parse_int_list(capacities), policies=_names(policies), scope=scope,
+    base_trace, remoe_trace = Trace.load(base, weights=False), Trace.load(remoe, weights=False)
+    frame = compare(base_trace, remoe_trace,
+                    capacities=parse_int_list(capacities, high=_top_capacity(base_trace, scope)),
+                    policies=_names(policies), scope=scope,
                     bandwidths=_names(bandwidths), compute_ms=compute_ms, per_token=per_token)
     if out:
         write_table(frame, out, overwrite=force)
@@ -383,20 +436,23 @@ def compare_command(base: str, remoe: str, capacities: str, policies: str, scope
 
 @cli.command("synth")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Trace to write.")
-@click.option("--layers", type=int, default=8, show_default=True, help="MoE layers.")
-@click.option("--experts", type=int, default=64, show_default=True, help="Routed experts per layer (E).")
-@click.option("--top-k", type=int, default=8, show_default=True, help="Experts per token (K).")
-@click.option("--tokens", type=int, default=4096, show_default=True, help="Tokens in all.")
-@click.option("--sequences", type=int, default=1, show_default=True, help="Sequences the tokens split into.")
-@click.option("--prompt-len", type=int, default=0, show_default=True,
+@click.option("--layers", type=click.IntRange(1, MAX_IDS), default=8, show_default=True, help="MoE layers.")
+@click.option("--experts", type=click.IntRange(1, MAX_IDS), default=64, show_default=True,
+              help="Routed experts per layer (E).")
+@click.option("--top-k", type=click.IntRange(1, MAX_IDS), default=8, show_default=True,
+              help="Experts per token (K).")
+@click.option("--tokens", type=COUNT, default=4096, show_default=True, help="Tokens in all.")
+@click.option("--sequences", type=COUNT, default=1, show_default=True,
+              help="Sequences the tokens split into.")
+@click.option("--prompt-len", type=click.IntRange(0, INT64_MAX), default=0, show_default=True,
               help="Leading tokens of each sequence served as one prefill step.")
-@click.option("--stickiness", type=float, default=0.5, show_default=True,
+@click.option("--stickiness", type=FiniteFloat(0, 1), default=0.5, show_default=True,
               help="Probability that each expert of the previous token is kept.")
-@click.option("--skew", type=float, default=0.8, show_default=True,
+@click.option("--skew", type=FiniteFloat(0, MAX_SKEW), default=0.8, show_default=True,
               help="Zipf exponent of expert popularity (0 = uniform).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--expert-bytes", type=int, default=DEFAULT_EXPERT_BYTES, show_default=True,
-              help="Bytes of one expert's weights, for miss bytes and memory budgets.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--expert-bytes", type=SIZE, default=DEFAULT_EXPERT_BYTES, show_default=True,
+              help="Bytes of one expert's weights (e.g. 16MiB), for miss bytes and memory budgets.")
 @click.option("--logits", is_flag=True, help="Also write router scores and gate weights.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def synth_command(out: str, layers: int, experts: int, top_k: int, tokens: int, sequences: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import pandas as pd
@@ -9,31 +10,7 @@ import pandas as pd
 from .curve import curve
 from .errors import MoecacheError
 from .trace import Trace
-from .units import parse_bandwidth
-
-# Nominal sequential-read bandwidths; pass a measured figure ("3.1GB/s") for real numbers.
-BANDWIDTH_PRESETS = {
-    "ufs3.1": ("UFS 3.1", 2.1e9),
-    "ufs4": ("UFS 4.0", 4.2e9),
-    "nvme3": ("NVMe PCIe Gen3 x4", 3.5e9),
-    "nvme4": ("NVMe PCIe Gen4 x4", 7.0e9),
-    "nvme5": ("NVMe PCIe Gen5 x4", 14.0e9),
-    "pcie4x16": ("PCIe 4.0 x16 (host to GPU)", 25.0e9),
-    "pcie5x16": ("PCIe 5.0 x16 (host to GPU)", 50.0e9),
-}
-
-
-def bandwidth_profile(text: str) -> tuple[str, float]:
-    """(label, bytes per second) for a preset name or a custom value such as 3GB/s."""
-    key = text.strip().lower()
-    if key in BANDWIDTH_PRESETS:
-        return BANDWIDTH_PRESETS[key]
-    try:
-        return text.strip(), parse_bandwidth(text)
-    except MoecacheError:
-        names = ", ".join(BANDWIDTH_PRESETS)
-        raise MoecacheError(f"unknown bandwidth {text!r}: use a preset ({names}) "
-                            "or a value like 4GB/s") from None
+from .units import bandwidth_profile
 
 
 def compare(
@@ -55,6 +32,9 @@ def compare(
     time of a token without I/O, the decode speedup (base time / ReMoE time, each
     ``compute + I/O`` with no overlap).
     """
+    if compute_ms is not None and not (math.isfinite(compute_ms) and compute_ms > 0):
+        raise MoecacheError(f"compute time per token (--compute-ms) must be a finite number > 0, "
+                            f"got {compute_ms}")
     _check_compatible(base, remoe)
     capacities, policies = sorted(set(int(c) for c in capacities)), list(policies)
     profiles = [bandwidth_profile(b) for b in bandwidths]
@@ -63,6 +43,8 @@ def compare(
     rows: list[dict] = []
 
     def add(metric, before, after, policy=None, capacity=None, bandwidth=None, pp=False):
+        # a rate with no denominator (the reuse of a one-step trace) is NaN, never None
+        before, after = (float("nan") if value is None else value for value in (before, after))
         rows.append({"metric": metric, "policy": policy, "capacity": capacity, "bandwidth": bandwidth,
                      base_label: before, remoe_label: after,
                      "change": (after - before) / before if before else float("nan"),

@@ -15,7 +15,7 @@ from moecache.policies import KERNELS, POLICIES
 from .errors import MoecacheError
 from .requests import Requests
 from .trace import Trace
-from .units import parse_bandwidth, parse_bytes, parse_duration
+from .units import INT64_MAX, check_seed, format_bytes, parse_bandwidth, parse_bytes, parse_duration
 
 SCOPES = ("layer", "global")
 
@@ -96,14 +96,17 @@ def replay(
         raise MoecacheError(f"unknown scope {scope!r}: choose layer or global")
     if (capacity is None) == (memory is None):
         raise MoecacheError("give exactly one of capacity (experts) or memory (bytes)")
+    check_seed(seed)
     memory_bytes = None if memory is None else parse_bytes(memory, "memory")
     bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
     fetch_latency = parse_duration(latency)
     req = requests if requests is not None else Requests.from_trace(trace, per_token=per_token)
     num_layers, num_experts = trace.num_layers, trace.num_experts
     expert_bytes = trace.expert_bytes
-    if memory_bytes is not None and expert_bytes is None:
-        raise MoecacheError(f"{trace.source}: memory budgets need expert_bytes in the trace metadata")
+    if memory_bytes is not None:
+        if expert_bytes is None:
+            raise MoecacheError(f"{trace.source}: memory budgets need expert_bytes in the trace metadata")
+        _check_memory(trace, memory_bytes, req, scope)
     kernel = KERNELS[policy]
     hits = np.zeros((req.num_steps, num_layers), np.int64)
 
@@ -136,13 +139,34 @@ def replay(
                      bytes_per_second, fetch_latency)
 
 
+def _check_memory(trace: Trace, memory_bytes: int, req: Requests, scope: str) -> None:
+    """Reject a byte budget that cannot hold one request, in bytes and experts."""
+    sizes = trace.expert_bytes
+    largest = req.layer_totals["largest"]
+    share = memory_bytes // trace.num_layers if scope == "layer" else memory_bytes
+    needed = largest * sizes
+    short = np.flatnonzero(needed > share)
+    if not len(short):
+        return
+    li = int(short[np.argmax(needed[short])])
+    fits = share // int(sizes[li])
+    split = f" split over {trace.num_layers} layers ({format_bytes(share)} each)" if scope == "layer" else ""
+    required = int(needed.max()) * (trace.num_layers if scope == "layer" else 1)
+    raise MoecacheError(
+        f"{trace.source}: memory {format_bytes(memory_bytes)}{split} holds "
+        f"{'no expert' if fits == 0 else f'only {fits} experts'} of layer {int(trace.layers[li])} "
+        f"({format_bytes(int(sizes[li]))} each), whose largest step set needs {int(largest[li])}; "
+        f"use a memory budget >= {format_bytes(required)}"
+        + (" or per-token steps (--per-token)" if req.num_steps < req.num_tokens else ""))
+
+
 def _check_capacity(trace: Trace, capacity: int, req: Requests, layer: int | None,
                     unit: np.ndarray | None = None) -> None:
     """Reject capacities that cannot hold one request (DESIGN: an error, never a result)."""
     if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool):
         raise MoecacheError(f"capacity must be a whole number of experts, got {capacity!r}")
-    if capacity <= 0:
-        raise MoecacheError(f"capacity must be positive, got {capacity}")
+    if not 0 < capacity <= INT64_MAX:
+        raise MoecacheError(f"capacity must be positive and below 2**63, got {capacity}")
     largest = req.layer_totals["largest"]
     if layer is not None:
         largest = largest[layer:layer + 1]
@@ -181,6 +205,10 @@ def summarize(trace: Trace, req: Requests, layer_hits: np.ndarray, policy: str, 
     expert_bytes = trace.expert_bytes
     miss_bytes = None
     if expert_bytes is not None:
+        if int(totals["requests"].sum()) * int(expert_bytes.max()) > INT64_MAX:
+            raise MoecacheError(f"{trace.source}: metadata expert_bytes (up to "
+                                f"{format_bytes(int(expert_bytes.max()))}) is too large: the miss bytes "
+                                "of this trace could exceed 2**63")
         per_layer["miss_bytes"] = per_layer["misses"] * expert_bytes
         miss_bytes = int(per_layer["miss_bytes"].sum())
     totals = per_layer[["requests", "hits", "misses", "cold_misses", "reuse_hits",

@@ -130,12 +130,14 @@ def comparison_table(frame: pd.DataFrame) -> str:
             what += f" @C={int(capacity)}"
         if bandwidth is not None and not pd.isna(bandwidth):
             what += f", {bandwidth}"
+        relative = "-" if math.isnan(change) else f"{100 * change:+.1f}%"
         if metric in ("reuse rate", "hit rate"):
-            cells = (_pct(before), _pct(after), f"{change_pp:+.2f} pp ({100 * change:+.1f}%)")
+            cells = (_pct(before), _pct(after),
+                     "-" if math.isnan(change_pp) else f"{change_pp:+.2f} pp ({relative})")
         elif metric == "decode speedup":
-            cells = ("1.00x", f"{after:.2f}x", f"{100 * change:+.1f}%")
+            cells = ("1.00x", f"{after:.2f}x", relative)
         else:
-            cells = (f"{before:.3f}", f"{after:.3f}", f"{100 * change:+.1f}%")
+            cells = (f"{before:.3f}", f"{after:.3f}", relative)
         lines.append((what, *cells))
     header = ("", str(base), str(remoe), "change")
     widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(4)]

@@ -16,6 +16,7 @@ from numba import njit
 
 from moecache.policies._state import bit_index
 
+from .errors import MoecacheError
 from .trace import Trace
 
 
@@ -108,7 +109,9 @@ class Requests:
     @classmethod
     def from_trace(cls, trace: Trace, *, per_token: bool = False) -> Requests:
         """The requests of a trace (built once, then cached on it); ``per_token`` makes
-        every token its own step."""
+        every token its own step. A trace without tokens is an error: nothing to replay."""
+        if trace.num_tokens == 0:
+            raise MoecacheError(f"{trace.source}: the trace holds no tokens: nothing to replay")
         key = ("requests", per_token)
         if key not in trace.cache:
             starts = (np.arange(trace.num_tokens + 1, dtype=np.int64) if per_token

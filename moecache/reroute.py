@@ -20,6 +20,7 @@ weights' total (or to 1 when the trace has none).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from numba import njit
 
 from .errors import MoecacheError
 from .trace import Trace
+from .units import INT64_MAX
 
 MODES = ("recent", "cache")
 
@@ -60,10 +62,11 @@ def _reroute(logits, step_starts, top_k, bias, window, capacity, cache_mode):
     resident = np.zeros((num_layers, num_experts), np.bool_)
     scores = np.empty(num_experts, np.float64)
     for t in range(step_starts.shape[0] - 1):
+        oldest = max(t - window, 0)  # never-used experts (last_use < 0) are never favoured
         for n in range(step_starts[t], step_starts[t + 1]):
             for layer in range(num_layers):
                 for e in range(num_experts):
-                    favoured = resident[layer, e] if cache_mode else last_use[layer, e] >= t - window
+                    favoured = resident[layer, e] if cache_mode else last_use[layer, e] >= oldest
                     scores[e] = logits[n, layer, e] + (bias if favoured else 0.0)
                 _top_k(scores, top_k, routed[n, layer])
         for layer in range(num_layers):
@@ -117,10 +120,15 @@ def reroute(
                             "capture it with --save-logits to reroute")
     if mode not in MODES:
         raise MoecacheError(f"unknown reroute mode {mode!r}: choose recent or cache")
-    if window < 1:
-        raise MoecacheError(f"window must be >= 1 step, got {window}")
-    if mode == "cache" and (capacity is None or capacity < trace.top_k):
-        raise MoecacheError(f"cache-aware rerouting needs a capacity >= K = {trace.top_k}")
+    if not math.isfinite(bias):
+        raise MoecacheError(f"bias must be a finite number, got {bias}")
+    if not 1 <= window <= INT64_MAX:
+        raise MoecacheError(f"window must be from 1 to 2**63 - 1 steps, got {window}")
+    if mode == "recent" and capacity is not None:
+        raise MoecacheError("a capacity only applies to cache-aware rerouting (mode cache); "
+                            "recent mode uses the window")
+    if mode == "cache" and (capacity is None or not trace.top_k <= capacity <= INT64_MAX):
+        raise MoecacheError(f"cache-aware rerouting needs a capacity >= K = {trace.top_k}, got {capacity}")
     try:
         routed = _reroute(trace.logits.astype(np.float32), trace.step_starts(), trace.top_k,
                           float(bias), int(window), int(capacity or 0), mode == "cache")

@@ -7,8 +7,9 @@ from click.testing import CliRunner
 
 import moecache as mc
 from moecache.cli import cli
-from moecache.compare import bandwidth_profile, compare
+from moecache.compare import compare
 from moecache.reroute import reroute
+from moecache.units import bandwidth_profile
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_figures_equal_single_replays(pair):
 
 def test_presets_and_errors(pair):
     assert bandwidth_profile("UFS4") == ("UFS 4.0", 4.2e9)
-    with pytest.raises(mc.MoecacheError, match="unknown bandwidth"):
+    with pytest.raises(mc.MoecacheError, match="cannot read bandwidth 'floppy'.*preset: ufs3.1, ufs4"):
         bandwidth_profile("floppy")
     other = mc.synth(layers=2, experts=32, top_k=4, tokens=50)
     with pytest.raises(mc.MoecacheError, match="differ in num_layers"):
