@@ -289,8 +289,11 @@ def remoe_finetune_command(model: str, data: str, out: str, locality_weight: flo
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Trace to write.")
 @click.option("--map", "mapping", help="Field=column pairs, e.g. experts=topk_ids,layer=layer,"
               "token=token_idx,seq=req_id (fields: experts, weights, layer, token, seq, pos, step, "
-              "phase, token_id).")
-@click.option("--num-experts", type=int, help="E (default: the largest id + 1, recorded as inferred).")
+              "time, phase, token_id).")
+@click.option("--num-experts", type=int, help="E (default: recorded by the log, else the largest id + 1, "
+              "recorded as inferred).")
+@click.option("--top-k", type=int, help="K, experts per token: needed by logs that do not record it "
+              "(RTRACE01), checked against the others.")
 @click.option("--layers", help="The model's MoE layer ids, e.g. 1:23 or 1,3,5 (rows of others are reported).")
 @click.option("--model", help="Model name or path for the metadata.")
 @click.option("--router-label", default="imported", show_default=True)
@@ -298,23 +301,35 @@ def remoe_finetune_command(model: str, data: str, out: str, locality_weight: flo
 @click.option("--step", "step_mode", type=click.Choice(["column", "token", "prefill"]),
               help="Steps from a step column, one per token, or one per prefill run (default: the "
                    "step column if present, else one per token).")
-@click.option("--order", type=click.Choice(["token", "file"]), default="token", show_default=True,
-              help="Order tokens by the token column, or by first appearance in the file.")
+@click.option("--order", type=click.Choice(["sequence", "token", "file"]),
+              help="Row logs: each sequence's tokens together, sequences in order of first appearance "
+                   "(sequence, the default); by token index across sequences (token); or by first "
+                   "appearance in the file (file). A step or time column orders first.")
+@click.option("--token-restarts", type=click.Choice(["none", "batch"]), default="none", show_default=True,
+              help="batch: the token index restarts at every forward batch of a request (a new batch "
+                   "begins where it does not increase; batches in file order).")
 @click.option("--skip-warmup", type=int, default=0, show_default=True, help="Drop the first N tokens.")
+@click.option("--drop-warmup", is_flag=True,
+              help="Drop (and count) warm-up rows (null or negative ids, weights exactly 1/K, runs of "
+                   "identical routing) instead of failing.")
 @click.option("--drop-problems", is_flag=True,
-              help="Drop (and count) incomplete, duplicate and warm-up rows instead of failing.")
+              help="Drop (and count) incomplete, duplicate and conflicting rows instead of failing.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
-def import_command(source: str, out: str, mapping: str | None, num_experts: int | None, layers: str | None,
-                   model: str | None, router_label: str, expert_bytes: str | None, step_mode: str | None,
-                   order: str, skip_warmup: int, drop_problems: bool, force: bool) -> None:
-    """Turn routing logs (JSONL, CSV, Parquet rows or .npy/.npz arrays) into a trace."""
+def import_command(source: str, out: str, mapping: str | None, num_experts: int | None, top_k: int | None,
+                   layers: str | None, model: str | None, router_label: str, expert_bytes: str | None,
+                   step_mode: str | None, order: str | None, token_restarts: str, skip_warmup: int,
+                   drop_warmup: bool, drop_problems: bool, force: bool) -> None:
+    """Turn routing logs (JSONL, CSV, Parquet rows, .npy/.npz arrays, vLLM routed experts,
+    RTRACE01) into a trace."""
     from .importer import import_routing
 
     report = import_routing(
-        source, out, mapping=mapping, num_experts=num_experts, model=model, router_label=router_label,
-        expert_bytes=expert_bytes, layers=None if layers is None else parse_int_list(layers, "layers"),
-        step=step_mode, order=order, skip_warmup=skip_warmup,
-        on_problem="drop" if drop_problems else "error", overwrite=force)
+        source, out, mapping=mapping, num_experts=num_experts, top_k=top_k, model=model,
+        router_label=router_label, expert_bytes=expert_bytes,
+        layers=None if layers is None else parse_int_list(layers, "layers"), step=step_mode, order=order,
+        token_restarts=token_restarts, skip_warmup=skip_warmup,
+        on_problem="drop" if drop_problems else "error", on_warmup="drop" if drop_warmup else "error",
+        overwrite=force)
     click.echo(report.summary())
 
 

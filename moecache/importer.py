@@ -800,9 +800,9 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
             if full.any():
                 dropped = uniform & of_tokens(full)
                 first = int(first_row[token_order[full[token_order]][0]])
-                _uniform_found(problems, int(full.sum()), len(np.unique(tid[idx])), top_k,
-                               f"row {first + 1}, {tok_desc(first)}", f"column {cols.label('weights')}",
-                               rows=int(dropped.sum()))
+                _uniform_found(problems, int(full.sum()), top_k, f"row {first + 1}, {tok_desc(first)}",
+                               f"column {cols.label('weights')}", rows=int(dropped.sum()),
+                               nothing_left=not (keep & ~dropped).any())
                 keep &= ~dropped
                 idx = np.flatnonzero(keep)
 
@@ -1024,11 +1024,12 @@ def _time_column(cols: _Columns, rows: np.ndarray) -> np.ndarray:
     return values
 
 
-def _uniform_found(problems: _Problems, count: int, total: int, top_k: int, first: str, column: str, *,
-                   rows: int) -> None:
-    """Report ``count`` of ``total`` tokens with weights exactly 1/K in every layer."""
+def _uniform_found(problems: _Problems, count: int, top_k: int, first: str, column: str, *,
+                   rows: int, nothing_left: bool) -> None:
+    """Report ``count`` tokens with weights exactly 1/K in every layer (an error when
+    dropping them would leave ``nothing_left``)."""
     uniform = f"weights exactly 1/K = {1 / top_k:g} in every layer"
-    if count == total:
+    if nothing_left:
         raise MoecacheError(f"{problems.source}: every token has {uniform}: {column} holds no gate weights "
                             "(leave it out) or the log holds only warm-up rows")
     problems.found("warmup_uniform", f"{_n(count, 'warm-up token')} with {uniform} (first: {first})",
@@ -1298,9 +1299,9 @@ def _from_arrays(arrays: Mapping[str, np.ndarray], src: str, problems: _Problems
     if weights is not None:
         uniform = keep & _uniform_rows(weights.reshape(-1, top_k)).reshape(n, num_layers).all(axis=1)
         if uniform.any():
-            _uniform_found(problems, int(uniform.sum()), int(keep.sum()), top_k,
-                           f"token {int(np.argmax(uniform))}", "'weights'",
-                           rows=int(uniform.sum()) * num_layers)
+            first = f"token {int(np.argmax(uniform))}"
+            _uniform_found(problems, int(uniform.sum()), top_k, first, "'weights'",
+                           rows=int(uniform.sum()) * num_layers, nothing_left=uniform.sum() == keep.sum())
             keep &= ~uniform
     if skip_warmup:
         kept = np.flatnonzero(keep)

@@ -42,6 +42,7 @@ def trace_summary(trace: Trace, path: str | Path | None = None, size: int | None
         ("dtype", meta.get("dtype") or "-"),
         ("sequences", int(len(np.unique(trace.seq)))),
         ("steps", trace.num_steps),
+        *_import_steps(meta.get("capture")),
         ("tokens", f"{trace.num_tokens} ({phases[PREFILL]} prefill, {phases[DECODE]} decode)"),
         ("optional columns", ", ".join(
             c for c in ("weights", "logits")
@@ -52,6 +53,17 @@ def trace_summary(trace: Trace, path: str | Path | None = None, size: int | None
     if id_bytes is not None:
         pairs.append(("bytes per expert id", f"{id_bytes:.3f} (int16 ids, zstd)"))
     return _rows(pairs)
+
+
+def _import_steps(capture: object) -> list[tuple[str, object]]:
+    """How an imported trace's steps were formed (``moecache import`` records one sentence)."""
+    if not isinstance(capture, dict) or capture.get("mode") != "import":
+        return []
+    formed = capture.get("steps_formed")
+    if not isinstance(formed, str):
+        formed = (f"not recorded (imported by moecache {capture.get('moecache_version', '-')} "
+                  f"with order {capture.get('order', '-')})")
+    return [("steps formed", formed.removeprefix("steps: "))]
 
 
 def _layer_list(layers: np.ndarray) -> str:
