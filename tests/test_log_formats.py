@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import moecache as mc
+from moecache.cli import cli
 from moecache.errors import MoecacheError
 from moecache.importer import import_routing
 from moecache.log_formats import READERS, read_rtrace, read_vllm, sniff
+from moecache.reroute import reroute
 
 # -- writers that follow the published layouts ---------------------------------------------
 
@@ -328,3 +331,51 @@ def test_llama_cpp_converter_refuses_a_short_last_layer(tmp_path):
     assert done.returncode == 1 and not out.exists()
     assert done.stderr.strip() == (f"{raw}: pass 0 has layers [1, 3] with token counts [1, 3], "
                                    "expected layers [1, 3] with one count (capture with logits_all=True)")
+
+
+# -- end to end: `moecache import` of each format, then replay / reroute --------------------------
+
+def cli_import(*args):
+    result = CliRunner().invoke(cli, ["import", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def assert_same_replays(imported, direct, capacity):
+    for policy in ("lru", "lfu", "opt"):
+        a, b = mc.replay(imported, policy, capacity), mc.replay(direct, policy, capacity)
+        assert (a.requests, a.hits, a.misses) == (b.requests, b.hits, b.misses)
+
+
+def test_vllm_import_end_to_end(tmp_path):
+    path = write_jsonl(tmp_path / "out.jsonl", [vllm_request("cmpl-a", [11, 12], [13, 14], REQ_A),
+                                                 vllm_request("cmpl-b", [21], [22, 23], REQ_B)])
+    code, output = cli_import(path, "--out", tmp_path / "v.parquet", "--num-experts", 8)
+    assert code == 0, output
+    imported = mc.Trace.load(tmp_path / "v.parquet")
+    experts = np.concatenate([REQ_A, REQ_B])[:, 1:]
+    direct = mc.Trace.from_arrays(experts, num_experts=8, seq=[0, 0, 0, 1, 1], layers=[1, 2])
+    np.testing.assert_array_equal(imported.experts, experts)
+    assert imported.meta["moe_layers"] == [1, 2] and imported.token_id.tolist() == [11, 12, 13, 21, 22]
+    assert_same_replays(imported, direct, 2)
+    npz = tmp_path / "routed.npz"
+    np.savez(npz, **{"cmpl-a": REQ_A, "cmpl-b": REQ_B})
+    code, output = cli_import(npz, "--out", tmp_path / "n.parquet", "--num-experts", 8)
+    assert code == 0, output
+    assert_same_replays(mc.Trace.load(tmp_path / "n.parquet"), direct, 2)
+
+
+def test_rtrace_import_end_to_end_and_reroute(tmp_path):
+    path = write_rtrace(tmp_path / "router_trace.bin", llama_order(), 5)
+    code, output = cli_import(path, "--out", tmp_path / "r.parquet")
+    assert code == 2 and output.count("\n") == 1 and "--top-k" in output
+    code, output = cli_import(path, "--out", tmp_path / "r.parquet", "--top-k", 2)
+    assert code == 0, output
+    imported = mc.Trace.load(tmp_path / "r.parquet", logits=True)
+    assert imported.num_experts == 5 and imported.meta["moe_layers"] == [0, 2]
+    assert imported.experts.tolist() == TOP2
+    assert imported.logits.shape == (3, 2, 5)
+    assert_same_replays(imported, mc.Trace.from_arrays(np.array(TOP2), num_experts=5, layers=[0, 2]), 2)
+    same, fidelity = reroute(imported, bias=0.0)       # no bias: the stored scores give back the routing
+    assert fidelity.overlap == 1.0 and same.experts.tolist() == TOP2
+    biased, fidelity = reroute(imported, bias=100.0)   # history dominates: token 1 keeps token 0's experts
+    assert biased.experts[1].tolist() == [[1, 3], [0, 2]] and fidelity.overlap < 1.0
