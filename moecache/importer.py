@@ -1002,11 +1002,16 @@ def _time_column(cols: _Columns, rows: np.ndarray) -> np.ndarray:
     arr = cols.array("time")
     label = cols.label("time")
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        try:
-            arr = arr.cast(pa.timestamp("ns"))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-            raise MoecacheError(f"{cols.src}: column {label} holds text that is no ISO 8601 timestamp: "
-                                f"{_first_line(err)}") from None
+        text = arr
+        for zone in (None, "UTC"):          # times without, then with a zone offset
+            try:
+                arr = text.cast(pa.timestamp("ns", tz=zone))
+                break
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                failed = err
+        else:
+            raise MoecacheError(f"{cols.src}: column {label} holds text that is no ISO 8601 timestamp "
+                                f"(all with or all without a zone offset): {_first_line(failed)}")
     if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
         arr = arr.cast(pa.timestamp("ns")).cast(pa.int64())
     if pa.types.is_floating(arr.type):

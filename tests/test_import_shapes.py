@@ -357,3 +357,15 @@ def test_cli_flags_for_warmup_and_restarts(tmp_path, requests):
     assert "dropped (warmup_uniform): 36 rows, 9 tokens" in result.stdout
     assert "steps: one per token, sequences one after another" in result.stdout
     np.testing.assert_array_equal(mc.Trace.load(tmp_path / "t.parquet").experts, ex)
+
+
+def test_time_column_of_iso_timestamps(tmp_path):
+    stamps = ["2024-05-01T10:00:02Z", "2024-05-01T10:00:01Z", "2024-05-01T10:00:03.5+00:00"]
+    rows = [{"t": i, "layer": 0, "experts": [i], "ts": ts} for i, ts in enumerate(stamps)]
+    log = write_jsonl(tmp_path / "log.jsonl", rows)
+    import_routing(log, tmp_path / "t.parquet", mapping="token=t,time=ts")
+    assert mc.Trace.load(tmp_path / "t.parquet").experts[:, 0, 0].tolist() == [1, 0, 2]
+    rows[1]["ts"] = "yesterday"
+    log = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(MoecacheError, match=r"column .ts. \(time\) holds text that is no ISO 8601"):
+        import_routing(log, tmp_path / "u.parquet", mapping="token=t,time=ts")
