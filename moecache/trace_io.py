@@ -342,7 +342,7 @@ def _open_one(path: Path) -> pq.ParquetFile:
         raise TraceError(f"{path}: truncated Parquet file (no footer): it was not written completely")
     try:
         return pq.ParquetFile(path, page_checksum_verification=True)
-    except (pa.ArrowException, OSError) as err:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:  # names in a corrupted footer
         raise TraceError(f"{path}: unreadable Parquet file: {first_line(err)}") from None
 
 
@@ -377,8 +377,14 @@ def _check_columns(pf: pq.ParquetFile, columns: list[str], meta: dict[str, Any],
                 and actual.value_type == expected.value_type):
             raise TraceError(f"{source}: inconsistent K: {name} column is {actual}, "
                              f"metadata top_k={meta['top_k']}")
-        raise TraceError(f"{source}: column {name!r} is {actual}, trace format v1 stores {expected} "
-                         "(convert other data with `moecache import`)")
+        raise TraceError(f"{source}: column {name!r} is {_type_name(actual)}, trace format v1 stores "
+                         f"{_type_name(expected)} (convert other data with `moecache import`)")
+
+
+def _type_name(kind: pa.DataType) -> str:
+    if pa.types.is_fixed_size_list(kind):
+        return f"fixed_size_list<{kind.value_type}>[{kind.list_size}]"
+    return str(kind)
 
 
 def read_trace(path: str | os.PathLike, *, weights: bool = True, logits: bool = False) -> Trace:

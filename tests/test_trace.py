@@ -178,3 +178,94 @@ def test_not_parquet_and_truncated(tmp_path, trace):
 def test_from_arrays_validates(experts, message):
     with pytest.raises(mc.TraceError, match=message):
         mc.Trace.from_arrays(experts, num_experts=4)
+
+
+# -- ids, column types and metadata types: errors, never casts -------------------------------------------
+
+def _with_experts(table, array):
+    return table.set_column(table.schema.get_field_index("experts"), "experts", array)
+
+
+@pytest.mark.parametrize("values, value_type, message", [
+    (lambda ids: ids.astype(np.int64) + 65536, pa.int64(),
+     "column 'experts' is fixed_size_list<int64>\\[4\\]"),  # 65539 would read as 3 after a cast
+    (lambda ids: ids + 0.5, pa.float64(), "column 'experts' is fixed_size_list<double>\\[4\\]"),
+    (lambda ids: ids.astype(np.int32), pa.int32(), "column 'experts' is fixed_size_list<int32>\\[4\\]"),
+])
+def test_ids_of_another_type_are_an_error_not_a_cast(tmp_path, trace, values, value_type, message):
+    def edit(table):
+        ids = _experts(table)
+        return _with_experts(table, pa.FixedSizeListArray.from_arrays(
+            pa.array(values(ids).reshape(-1), value_type), 4))
+    bad = _rewrite(tmp_path, trace, edit)
+    with pytest.raises(mc.TraceError, match=f"{message}.*trace format v1 stores") as info:
+        mc.Trace.load(bad)
+    assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
+
+
+def test_null_ids_are_an_error_not_zero(tmp_path, trace):
+    def edit(table):
+        ids = _experts(table).reshape(-1).tolist()
+        ids[5] = None
+        return _with_experts(table, pa.FixedSizeListArray.from_arrays(pa.array(ids, pa.int16()), 4))
+    with pytest.raises(mc.TraceError, match="null expert id in some row"):
+        mc.Trace.load(_rewrite(tmp_path, trace, edit))
+
+
+def test_other_columns_of_another_type_are_an_error(tmp_path, trace):
+    bad = _rewrite(tmp_path, trace, lambda t: t.set_column(1, "step", t.column("step").cast(pa.float64())))
+    with pytest.raises(mc.TraceError, match="column 'step' is double, trace format v1 stores int64"):
+        mc.Trace.load(bad)
+
+
+def _with_meta(tmp_path, trace, change):
+    def edit(table):
+        meta = json.loads(table.schema.metadata[b"moecache"])
+        return table.replace_schema_metadata({b"moecache": json.dumps(change(meta))})
+    return _rewrite(tmp_path, trace, edit)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_experts", "sixteen", "'num_experts' must be an integer from 1 to 32768, got \"sixteen\""),
+    ("num_experts", 16.0, "'num_experts' must be an integer"),
+    ("num_experts", True, "'num_experts' must be an integer"),
+    ("top_k", 0, "'top_k' must be an integer from 1"),
+    ("moe_layers", [1, "3", 5], "'moe_layers' must be a list of layer indices"),
+    ("moe_layers", 3, "'moe_layers' must be a list"),
+    ("expert_bytes", ["100", 100, 200], "'expert_bytes' must be null or a list of positive integers"),
+    ("expert_bytes", [100, 2**63, 200], "'expert_bytes' must be null or a list of positive integers"),
+    ("expert_bytes", [100, 0, 200], "'expert_bytes' must be null or a list of positive integers"),
+    ("partial", "no", "'partial' must be true or false, got \"no\""),
+    ("model", "mixtral", "'model' must be null or a JSON object"),
+    ("router", ["a"], "'router' must be null or a string"),
+])
+def test_metadata_of_the_wrong_type_names_file_and_key(tmp_path, trace, key, value, message):
+    bad = _with_meta(tmp_path, trace, lambda meta: {**meta, key: value})
+    with pytest.raises(mc.TraceError, match=message) as info:
+        mc.Trace.load(bad)
+    assert str(info.value).startswith(f"{bad}: metadata '{key}'")
+
+
+def test_null_expert_bytes_and_a_list_as_metadata(tmp_path, trace):
+    assert mc.Trace.load(_with_meta(tmp_path, trace, lambda meta: {**meta, "expert_bytes": None})
+                         ).expert_bytes is None
+    with pytest.raises(mc.TraceError, match="'moecache' metadata must be a JSON object, got list"):
+        mc.Trace.load(_with_meta(tmp_path, trace, lambda meta: [meta]))
+    with pytest.raises(mc.TraceError, match="unsupported trace format_version True"):
+        mc.Trace.load(_with_meta(tmp_path, trace, lambda meta: {**meta, "format_version": True}))
+
+
+def test_in_memory_metadata_is_checked_too():
+    with pytest.raises(mc.TraceError, match="<memory>: metadata 'partial' must be true or false"):
+        mc.Trace.from_arrays(np.zeros((2, 1, 1), np.int16), num_experts=4, meta={"partial": "no"})
+
+
+def test_a_corrupted_page_is_an_error_not_other_ids(tmp_path, trace):
+    path = trace.save(tmp_path / "t.parquet")
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(
+        pq.ParquetFile(path).schema_arrow.get_field_index("experts") + 0)
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 8] ^= 0x10  # inside the page data
+    path.write_bytes(bytes(data))
+    with pytest.raises(mc.TraceError, match="CRC|checksum"):
+        mc.Trace.load(path)
