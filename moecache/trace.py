@@ -229,7 +229,8 @@ def _of(kind: type) -> Callable[[Any], bool]:
 _META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_experts": (lambda v: _is_int(v, 1, MAX_EXPERTS), f"an integer from 1 to {MAX_EXPERTS}"),
     "top_k": (lambda v: _is_int(v, 1, MAX_EXPERTS), f"an integer from 1 to {MAX_EXPERTS}"),
-    "moe_layers": (_ints(0, 2**15 - 1), "a list of layer indices (integers from 0 to 32767)"),
+    "moe_layers": (lambda v: _ints(0, 2**15 - 1)(v) and len(v) > 0,
+                   "a non-empty list of layer indices (integers from 0 to 32767)"),
     "expert_bytes": (_optional(_ints(1, MAX_BYTES)), "null or a list of positive integers below 2**63"),
     "partial": (_of(bool), "true or false"),
     "num_layers": (_optional(lambda v: _is_int(v, 0, MAX_BYTES)), "null or a non-negative integer"),
