@@ -60,7 +60,7 @@ def test_capture_then_info_and_replay(model_dir, prompts, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--prompts", "{missing}"], "no such prompts file"),
-    (["--prompts", "{prompts}", "--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
+    (["--prompts", "{prompts}", "--max-new-tokens", "0"], "invalid value for '--max-new-tokens': 0 is not"),
 ])
 def test_capture_bad_input(model_dir, prompts, tmp_path, args, message):
     names = {"missing": tmp_path / "none.txt", "prompts": prompts}
@@ -113,3 +113,35 @@ def test_killed_capture_leaves_readable_parts(model_dir, tmp_path):
     code, stdout, _ = run("info", parts_dir(out))
     assert code == 0 and "PARTIAL" in stdout
     assert mc.Trace.load(parts_dir(out)).num_tokens > 0
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "cannot load model: Error while deserializing header"),
+    ("no-tokenizer", "the tokenizer is missing"),
+])
+def test_damaged_model_folder_is_one_line(model_dir, prompts, tmp_path, damage, message):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    if damage == "truncate":
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    else:
+        for path in broken.glob("tokenizer*"):
+            path.unlink()
+    code, stdout, stderr = run("capture", broken, "--prompts", prompts, "--out", tmp_path / "x.parquet",
+                               "--device", "cpu")
+    assert code == 2 and stdout == ""
+    assert stderr.startswith(f"moecache: error: {broken}: ") and message in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--seed", "-1"), ("--seed", str(2**63)),
+                                           ("--batch-size", "0"), ("--limit", "0")])
+def test_capture_numbers_out_of_range(model_dir, prompts, tmp_path, option, value):
+    code, _, stderr = run("capture", model_dir, "--prompts", prompts, "--out", tmp_path / "x.parquet",
+                          option, value)
+    assert code == 2 and f"Invalid value for '{option}': {value} is not in the range" in stderr
+    assert len(stderr.strip().splitlines()) == 1

@@ -213,6 +213,37 @@ def test_interrupt_saves_what_was_trained(paths, data_file, tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut"]
 
 
+def test_cli_interrupt_saves_then_exits_130(paths, data_file, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import moecache.remoe.train as module
+    from moecache.cli import cli
+
+    calls = {"n": 0}
+
+    def loader(path, **kwargs):
+        model, tokenizer = load_model(path, **kwargs)
+
+        def stop(_module, _args, _output):
+            calls["n"] += 1
+            if calls["n"] == 6:  # the probe, then two forwards per step: cuts step 3
+                raise KeyboardInterrupt
+
+        model.model.layers[-1].mlp.gate.register_forward_hook(stop)
+        return model, tokenizer
+
+    monkeypatch.setattr(module, "load_model", loader)
+    out = tmp_path / "cut"
+    result = CliRunner().invoke(cli, ["remoe", "finetune", str(paths["qwen2_moe"]), "--data", str(data_file),
+                                      "--out", str(out), "--steps", "10", "--seq-len", "16",
+                                      "--batch-size", "2", "--device", "cpu"])
+    assert result.exit_code == 130, result.output
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"moecache: interrupted; the routers trained in 2 steps are saved in {out} (marked interrupted)")
+    assert json.loads((out / "remoe.json").read_text())["interrupted"] is True
+
+
 # -- losses and helpers ---------------------------------------------------------------------------
 
 def test_locality_loss_matches_definition():
@@ -301,6 +332,8 @@ def test_missing_or_empty_data(paths, tmp_path):
     ("locality_weight", -1.0, "--locality-weight must be a finite number >= 0"),
     ("kl_weight", float("nan"), "--kl-weight must be"),
     ("dtype", "int8", "--dtype must be one of"),
+    ("seed", -1, "seed must be a whole number from 0 to 2\\*\\*63 - 1"),
+    ("seed", 2**63, "seed must be a whole number from 0 to 2\\*\\*63 - 1"),
 ])
 def test_bad_options(paths, data_file, tmp_path, knob, value, message):
     with pytest.raises(MoecacheError, match=message):

@@ -42,6 +42,7 @@ from .._version import __version__
 from ..errors import MoecacheError
 from ..trace import DECODE, PREFILL, build_meta, now_iso
 from ..trace_io import TraceWriter, check_output
+from ..units import check_seed
 from .prompts import Prompts, load_prompts
 
 MODES = ("generate", "forward")
@@ -98,7 +99,7 @@ def capture(
     error) the trace of every completed step is written with metadata ``partial: true``
     and the exception propagates. Returns the path written.
     """
-    check_options(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype)
+    check_options(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, seed=seed)
     prompt_set = load_prompts(prompts, limit=limit)
     out = default_out(model_path, mode) if out is None else Path(out)
     check_output(out, overwrite=overwrite, streaming=True)
@@ -138,7 +139,7 @@ def capture_model(
     from .recorder import RoutingRecorder
     from .routers import find_routers
 
-    check_options(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    check_options(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     prompt_set = load_prompts(prompts, limit=limit)
     out = Path(out)
     check_output(out, overwrite=overwrite, streaming=True)
@@ -178,7 +179,9 @@ def capture_model(
 # -- options, loading, prompts -------------------------------------------------------------
 
 def check_options(*, mode: str = "generate", max_new_tokens: int = 1, batch_size: int = 1,
-                  dtype: str = "auto") -> None:
+                  dtype: str = "auto", seed: int = 0) -> None:
+    """One-line MoecacheError for an impossible capture setting."""
+    check_seed(seed)
     if mode not in MODES:
         raise MoecacheError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -218,6 +221,7 @@ def resolve_device(device: str):
 def load_model(model_path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) from a local folder or the local Hugging Face cache, never the hub."""
     torch = _torch()
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(dtype).removeprefix("torch.")
@@ -231,8 +235,14 @@ def load_model(model_path: str | os.PathLike, *, device: str = "auto", dtype: st
         kwargs["device_map"] = str(target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+            # transformers builds an empty tokenizer when the folder has no tokenizer files
+            raise MoecacheError(f"{source}: the tokenizer is missing (its vocabulary holds only special "
+                                "tokens): copy the model's tokenizer files (tokenizer.json, ...) into it")
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except MoecacheError:
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # missing, truncated, corrupt
         where = "" if Path(source).exists() else " (not a local folder nor in the local HF cache)"
         raise MoecacheError(f"{source}: cannot load model{where}: {_first_line(err)}") from None
     if target.type != "cuda":

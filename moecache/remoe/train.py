@@ -76,6 +76,7 @@ from .._version import __version__
 from ..capture.driver import DTYPES, REMOE_META, load_model
 from ..capture.routers import MoeModelInfo, RouterOutput, find_routers, parse_router_output
 from ..errors import MoecacheError
+from ..units import check_seed
 from .data import load_texts, pack_blocks
 
 # Router parameters that models update by a non-gradient rule (aux-loss-free load
@@ -183,7 +184,7 @@ def finetune(
     """
     check_options(locality_weight=locality_weight, window=window, kl_weight=kl_weight,
                   lm_weight=lm_weight, steps=steps, lr=lr, seq_len=seq_len,
-                  batch_size=batch_size, log_every=log_every)
+                  batch_size=batch_size, log_every=log_every, seed=seed)
     if str(dtype).removeprefix("torch.") not in DTYPES:
         raise MoecacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if save_dtype is not None and DTYPES.get(str(save_dtype).removeprefix("torch.")) not in SAVE_DTYPES:
@@ -264,7 +265,7 @@ def finetune_model(
     """
     check_options(locality_weight=locality_weight, window=window, kl_weight=kl_weight,
                   lm_weight=lm_weight, steps=steps, lr=lr, seq_len=seq_len,
-                  batch_size=batch_size, log_every=log_every)
+                  batch_size=batch_size, log_every=log_every, seed=seed)
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -367,8 +368,9 @@ def finetune_model(
 
 def check_options(*, locality_weight: float = 1.0, window: int = 1, kl_weight: float = 1.0,
                   lm_weight: float = 1.0, steps: int = 1, lr: float = 1e-3, seq_len: int = 128,
-                  batch_size: int = 1, log_every: int = 1) -> None:
+                  batch_size: int = 1, log_every: int = 1, seed: int = 0) -> None:
     """One-line :class:`MoecacheError` for an impossible knob."""
+    check_seed(seed)
     for flag, value in (("--locality-weight", locality_weight), ("--kl-weight", kl_weight),
                         ("--lm-weight", lm_weight)):
         if not _real(value) or value < 0:
