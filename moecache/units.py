@@ -37,15 +37,20 @@ _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Zµ]*)\s*$")
 
 
-def _split(text: str | int | float, what: str) -> tuple[float, str]:
-    """(finite value, lower-case unit) of ``text``; a plain number has the unit ''."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
+def _split(text: str | int | float, what: str) -> tuple[int | float, str]:
+    """(finite value, lower-case unit) of ``text``; a plain number has the unit ''. Whole
+    numbers stay exact integers."""
+    value: int | float
+    if isinstance(text, numbers.Integral) and not isinstance(text, bool):
+        value, unit = int(text), ""
+    elif isinstance(text, float):
+        value, unit = text, ""
     else:
         match = _NUMBER.match(str(text))
         if not match:
             raise MoecacheError(f"cannot read {what} {text!r}: expected a number and a unit")
-        value, unit = float(match.group(1)), match.group(2).lower()
+        number, unit = match.group(1), match.group(2).lower()
+        value = int(number) if number.isdigit() else float(number)
     if not math.isfinite(value):
         raise MoecacheError(f"{what} {text!r} must be a finite number")
     return value, unit

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -91,3 +92,102 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, sample, args, message):
 def test_per_token_allows_small_capacity(sample):
     code, out, _ = run("replay", sample, "-c", 4, "--per-token", "--json")
     assert code == 0 and json.loads(out)["steps"] == 400
+
+
+@pytest.fixture(scope="module")
+def odd_traces(tmp_path_factory):
+    """A zero-row trace, a one-step trace and a trace with router scores."""
+    root = tmp_path_factory.mktemp("odd")
+    empty = mc.Trace.from_arrays(np.zeros((0, 2, 2), np.int16), num_experts=8, expert_bytes=1000)
+    return {"empty": empty.save(root / "empty.parquet"),
+            "one": mc.synth(layers=2, experts=8, top_k=2, tokens=1).save(root / "one.parquet"),
+            "scored": mc.synth(layers=2, experts=8, top_k=2, tokens=30, logits=True).save(root / "l.parquet")}
+
+
+BIG = str(2**63)
+
+
+@pytest.mark.parametrize("args, message", [
+    # numbers out of range: the option, the value and the range
+    (["replay", "{sample}", "-c", BIG], f"Invalid value for '--capacity' / '-c': {BIG} is not in the range"),
+    (["replay", "{sample}", "-c", "8", "--seed", BIG], f"'--seed': {BIG} is not in the range 0<=x"),
+    (["replay", "{sample}", "-c", "8", "--seed", "-1"], "'--seed': -1 is not in the range 0<=x"),
+    (["replay", "{sample}", "--memory", "1e400"], "'--memory': size '1e400' must be a finite number"),
+    (["replay", "{sample}", "--memory", "1e30"], "'--memory': size '1e30' is too large"),
+    (["replay", "{sample}", "-c", "8", "--bandwidth", "1e400"], "bandwidth '1e400' must be a finite number"),
+    (["replay", "{sample}", "-c", "8", "--latency", "1e400s"], "duration '1e400s' must be a finite number"),
+    (["curve", "{sample}", "--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["curve", "{sample}", "--capacities", BIG], "every value must fit a 64-bit integer"),
+    (["synth", "--out", "{new}", "--layers", "40000"], "'--layers': 40000 is not in the range 1<=x<=32768"),
+    (["synth", "--out", "{new}", "--experts", "40000"], "'--experts': 40000 is not in the range 1<=x<=32768"),
+    (["synth", "--out", "{new}", "--seed", BIG], f"'--seed': {BIG} is not in the range"),
+    (["synth", "--out", "{new}", "--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["synth", "--out", "{new}", "--prompt-len", "-5"], "'--prompt-len': -5 is not in the range 0<=x"),
+    (["synth", "--out", "{new}", "--skew", "20"], "'--skew': 20.0 is not in the range 0<=x<=10"),
+    (["synth", "--out", "{new}", "--skew", "inf"], "'--skew': 'inf' is not a finite number"),
+    (["synth", "--out", "{new}", "--skew", "nan"], "'--skew': 'nan' is not a finite number"),
+    (["synth", "--out", "{new}", "--expert-bytes", "0"], "size '0' must be at least 1 byte"),
+    (["synth", "--out", "{new}", "--tokens", "1000000000000000"], "more than this machine has"),
+    # budgets, empty traces and options that do not apply
+    (["replay", "{sample}", "--memory", "1MiB"],
+     "memory 1.00 MiB split over 3 layers (341.33 KiB each) holds no expert of layer 2 (16.50 MiB each), "
+     "whose largest step set needs 13; use a memory budget >= 643.50 MiB or per-token steps"),
+    (["replay", "{empty}", "-c", "4"], "empty.parquet: the trace holds no tokens: nothing to replay"),
+    (["curve", "{empty}"], "the trace holds no tokens: nothing to replay"),
+    (["compare", "{empty}", "{empty}", "--capacity", "2"], "the trace holds no tokens"),
+    (["compare", "{sample}", "{sample}", "--compute-ms", "nan"], "'--compute-ms': 'nan' is not a finite"),
+    (["compare", "{sample}", "{sample}", "--compute-ms", "inf"], "'--compute-ms': 'inf' is not a finite"),
+    (["compare", "{sample}", "{sample}", "--compute-ms", "-1"], "-1.0 is not in the range x>0"),
+    (["compare", "{sample}", "{sample}", "--bandwidth", "ufs9"], "cannot read bandwidth 'ufs9'"),
+    (["reroute", "{scored}", "--out", "{new}", "--capacity", "4"], "a capacity only applies to cache-aware"),
+    (["reroute", "{scored}", "--out", "{new}", "--bias", "nan"], "'--bias': 'nan' is not a finite number"),
+    (["reroute", "{scored}", "--out", "{new}", "--window", "0"], "'--window': 0 is not in the range 1<=x"),
+])
+def test_out_of_range_and_inapplicable_input(tmp_path, sample, odd_traces, args, message):
+    names = {"sample": sample, "new": tmp_path / "new.parquet", **odd_traces}
+    code, out, err = run(*[a.format(**names) for a in args])
+    assert (code, out) == (2, ""), err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "new.parquet").exists()
+
+
+def test_bandwidth_presets_work_everywhere(sample):
+    code, out, _ = run("replay", sample, "-c", 16, "--bandwidth", "ufs4", "--json")
+    assert code == 0 and json.loads(out)["bandwidth"] == 4.2e9
+    code, out, _ = run("curve", sample, "--capacities", "16", "--bandwidth", "UFS4", "--json")
+    assert code == 0 and json.loads(out)[0]["bandwidth"] == 4.2e9
+
+
+def test_capacity_ranges_stop_where_every_expert_fits(sample):
+    # E = 16 in layer scope, 48 in global scope: a range that far would be a billion rows
+    code, out, _ = run("curve", sample, "--per-token", "--capacities", "4:1000000000", "--json")
+    assert code == 0 and [row["capacity"] for row in json.loads(out)] == list(range(4, 17))
+    code, out, _ = run("curve", sample, "--scope", "global", "--capacities", "40:1000000000:4", "--json")
+    assert code == 0 and [row["capacity"] for row in json.loads(out)] == [40, 44, 48]
+    code, out, _ = run("compare", sample, sample, "--capacity", "12:1000000000", "--policies", "lru",
+                       "--per-token", "--json")
+    assert code == 0 and {r["capacity"] for r in json.loads(out) if r["metric"] == "hit rate"} == {
+        12, 13, 14, 15, 16}
+
+
+def test_compare_of_one_step_traces_shows_no_reuse(odd_traces):
+    code, out, err = run("compare", odd_traces["one"], odd_traces["one"], "--capacity", "2,4")
+    assert code == 0, err
+    assert out.splitlines()[1].split() == ["reuse", "rate", "-", "-", "-"]
+
+
+def test_units_reject_what_traces_and_tables_cannot_hold():
+    from moecache.units import parse_bandwidth, parse_bytes, parse_duration, parse_int_list
+
+    assert parse_bytes("16MiB") == 16 * 2**20 and parse_bytes(2**63 - 1) == 2**63 - 1
+    for text, message in [("1e30", "too large"), ("1e400", "finite"), (float("nan"), "finite"),
+                          ("0.4", "at least 1 byte"), ("8 parsecs", "unknown unit")]:
+        with pytest.raises(mc.MoecacheError, match=message):
+            parse_bytes(text, "expert size")
+    assert parse_bandwidth("NVMe4") == 7.0e9 and parse_bandwidth("2GB/s") == 2e9
+    with pytest.raises(mc.MoecacheError, match="finite"):
+        parse_duration(float("inf"))
+    assert parse_int_list("8:10,4", high=9) == [4, 8, 9]
+    with pytest.raises(mc.MoecacheError, match="more than 1,000,000 values"):
+        parse_int_list("1:2000000")

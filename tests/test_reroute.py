@@ -78,3 +78,19 @@ def test_errors():
         reroute(scored, mode="cache", capacity=1)
     with pytest.raises(mc.MoecacheError, match="unknown reroute mode"):
         reroute(scored, mode="sticky")
+    with pytest.raises(mc.MoecacheError, match="a capacity only applies to cache-aware rerouting"):
+        reroute(scored, mode="recent", capacity=4)
+    for bias in (float("nan"), float("inf")):
+        with pytest.raises(mc.MoecacheError, match="bias must be a finite number"):
+            reroute(scored, bias=bias)
+    with pytest.raises(mc.MoecacheError, match="window must be from 1 to 2"):
+        reroute(scored, window=2**63)
+
+
+def test_huge_window_never_favours_unused_experts():
+    trace = mc.synth(layers=2, experts=16, top_k=2, tokens=40, seed=3, logits=True)
+    for window in (2**40, 2**63 - 1):
+        new, _ = reroute(trace, bias=100.0, window=window)
+        # step 0 has no history: the original top-K; later steps keep the experts used before
+        np.testing.assert_array_equal(new.experts[0], trace.experts[0])
+        np.testing.assert_array_equal(new.experts, reroute(trace, bias=100.0, window=40)[0].experts)
