@@ -7,8 +7,9 @@ failure (unwritable folder, full disk) as one line naming the path and the reaso
 
 The lock is ``fcntl.flock`` on a hidden file ``.<name>.lock`` beside the output. The
 kernel releases it when its holder dies, so a killed writer never blocks the next one;
-the holder removes the file when it is done (a killed one leaves an empty lock file,
-which the next writer takes over and removes).
+the holder removes the file when it is done. A killed writer leaves an empty lock file
+and perhaps a temporary ``.<name>.XXXXXXXX.tmp``; the next writer takes both over and
+removes them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -23,12 +25,17 @@ from pathlib import Path
 
 from .errors import MoecacheError
 
+_TEMP_SUFFIX = ".tmp"
 _HELD: dict[Path, int] = {}  # lock files this process holds, with their nesting depth
 
 
 def os_reason(err: OSError) -> str:
-    """The operating system's words for ``err`` (``No space left on device``)."""
-    return err.strerror or str(err).splitlines()[0]
+    """The operating system's words for ``err`` (``No space left on device``), also for
+    pyarrow's errors, which carry the number only in their text."""
+    if err.strerror:
+        return err.strerror
+    number = err.errno or next((int(n) for n in re.findall(r"\[errno (\d+)\]", str(err), re.I)), None)
+    return os.strerror(number) if number else first_line(err)
 
 
 def first_line(err: BaseException) -> str:
@@ -76,6 +83,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
     fd = _acquire(path, lock)
     _HELD[lock] = 1
     try:
+        remove_stale_temps(path)
         yield
     finally:
         del _HELD[lock]
@@ -122,12 +130,22 @@ def write_errors(path: str | os.PathLike) -> Iterator[None]:
 def atomic_target(path: Path) -> Path:
     """A temporary file beside ``path`` to be renamed onto it once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
     return Path(tmp)
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temporary files a killed writer of ``path`` left (call with its lock held:
+    only a lock holder makes them, so any that exist are dead)."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX))
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ pyplot state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 import warnings
@@ -42,7 +43,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .curve import STACK_POLICIES, fetched_bytes, stack_hits
 from .errors import MoecacheError
-from .files import atomic_write, output_lock, write_errors
+from .files import atomic_write, output_lock, remove_stale_temps, write_errors
 from .locality import bootstrap_band, bootstrap_over_sequences, per_layer_reuse, reuse_by_window
 from .requests import Requests
 from .tables import read_table
@@ -122,7 +123,8 @@ def plot_results(
     Skipped figures and bands are reported through ``on_note`` (default: a PlotNote warning).
     A folder already holding figures of these names (any format) is refused unless
     ``overwrite``; then the figures this run does not write (other formats, figures
-    skipped now) are removed, so none is left stale. The folder's write lock is held.
+    skipped now) are removed, so none is left stale. The folder's write lock is held; a
+    folder this call creates is removed again if it fails.
     """
     note = on_note or (lambda message: warnings.warn(message, PlotNote, stacklevel=3))
     formats = _check_formats(formats)
@@ -136,12 +138,24 @@ def plot_results(
     with output_lock(out):
         if out.exists() and not out.is_dir():
             raise MoecacheError(f"{out}: exists and is not a folder")
+        for name in FIGURES if out.is_dir() else ():
+            for fmt in FORMATS:
+                remove_stale_temps(out / f"{name}.{fmt}")
         earlier = _our_figures(out)
         if earlier and not overwrite:
             raise MoecacheError(f"{out}: holds figures of an earlier plot ({earlier[0].name}); "
                                 "pass --force to replace them")
-        written = _plot(results, out, traces, int(bootstrap), int(max_window), formats, seed, level,
-                        workers, note)
+        created = not out.exists()
+        try:
+            written = _plot(results, out, traces, int(bootstrap), int(max_window), formats, seed, level,
+                            workers, note)
+        except BaseException:
+            if created:  # a failed or interrupted plot leaves no folder it made
+                for figure in _our_figures(out):
+                    figure.unlink()
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
         for stale in set(_our_figures(out)) - set(written):
             with write_errors(stale):
                 stale.unlink()

@@ -11,9 +11,10 @@ table's write lock keeps a second sweep to the same output out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import lru_cache
@@ -113,7 +114,7 @@ def sweep(
     traces = [str(t) for t in traces]
     policies, scopes = list(dict.fromkeys(policies)), list(dict.fromkeys(scopes))
     _check_names(traces, policies, scopes)
-    if executor not in ("local", "dask"):
+    if executor not in _EXECUTORS:
         raise MoecacheError(f"unknown executor {executor!r}: choose local or dask")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise MoecacheError(f"--workers must be an integer of at least 1, got {workers!r}")
@@ -217,9 +218,9 @@ def _sweep(traces: list[str], policies: list[str], scopes: list[str], settings: 
     cells = [(t, p, s) for t in traces for p in policies for s in scopes if (t, p, s) not in finished]
     frames = [done] if len(done) else []
     meta = {SETTINGS_KEY: json.dumps(_settings_meta(settings))}
-    run = _run_dask if executor == "dask" else _run_local
-    with tqdm(total=len(cells), desc="sweep", unit="cell", disable=not progress) as bar:
-        for frame in run(cells, settings, workers, scheduler):
+    with (_EXECUTORS[executor](workers, scheduler) as run,
+          tqdm(total=len(cells), desc="sweep", unit="cell", disable=not progress) as bar):
+        for frame in run(cells, settings):
             frames.append(frame)
             if outputs is not None:
                 table = _tidy(frames)
@@ -236,39 +237,51 @@ def _tidy(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).sort_values(KEY_COLUMNS, ignore_index=True)
 
 
-def _run_local(cells: list, settings: SweepSettings, workers: int | None,
-               scheduler: str | None) -> Iterator[pd.DataFrame]:
+Runner = Callable[[list, SweepSettings], Iterator[pd.DataFrame]]
+
+
+@contextlib.contextmanager
+def _local(workers: int | None, scheduler: str | None) -> Iterator[Runner]:
+    """Cells on local threads (the numba kernels release the GIL)."""
     if scheduler is not None:
         raise MoecacheError("--scheduler needs --executor dask")
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        futures = [pool.submit(run_cell, *cell, settings) for cell in cells]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+        def run(cells: list, settings: SweepSettings) -> Iterator[pd.DataFrame]:
+            futures = [pool.submit(run_cell, *cell, settings) for cell in cells]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+            finally:
+                for future in futures:
+                    future.cancel()
+
+        yield run
 
 
-def _run_dask(cells: list, settings: SweepSettings, workers: int | None,
-              scheduler: str | None) -> Iterator[pd.DataFrame]:
+@contextlib.contextmanager
+def _dask(workers: int | None, scheduler: str | None) -> Iterator[Runner]:
+    """Cells on a dask.distributed cluster: the one at ``scheduler``, else a local one.
+    Connecting happens here, before any work, and gives up after CONNECT_TIMEOUT seconds."""
     try:
         from dask.distributed import Client, LocalCluster
         from dask.distributed import as_completed as dask_completed
     except ImportError:
         raise MoecacheError("--executor dask needs dask.distributed: pip install 'moecache[dask]'") from None
-    cluster = None if scheduler else LocalCluster(n_workers=workers or os.cpu_count() or 1,
-                                                  threads_per_worker=1, dashboard_address=None)
-    try:
+    with contextlib.ExitStack() as stack:
+        cluster = None if scheduler else stack.enter_context(LocalCluster(
+            n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, dashboard_address=None))
         try:
             client = Client(scheduler or cluster, timeout=f"{CONNECT_TIMEOUT}s")
         except (OSError, ValueError, TypeError) as err:
             raise MoecacheError(f"--scheduler {scheduler}: cannot connect: {first_line(err)}") from None
-        with client:
+        stack.enter_context(client)
+
+        def run(cells: list, settings: SweepSettings) -> Iterator[pd.DataFrame]:
             futures = [client.submit(run_cell, *cell, settings, pure=False) for cell in cells]
             for future in dask_completed(futures):
                 yield future.result()
-            del futures
-    finally:
-        if cluster is not None:
-            cluster.close()
+
+        yield run
+
+
+_EXECUTORS = {"local": _local, "dask": _dask}
