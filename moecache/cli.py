@@ -342,16 +342,17 @@ def import_command(source: str, out: str, mapping: str | None, num_experts: int 
               help="Results table; written as .parquet and .csv side by side.")
 @click.option("--resume", is_flag=True, help="Keep the finished cells of an existing --out.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-@click.option("--bandwidth", help="Fetch bandwidth for I/O time, e.g. 4GB/s.")
-@click.option("--latency", default="0", show_default=True, help="Fixed cost per fetched expert.")
+@click.option("--bandwidth", type=BANDWIDTH, help="Fetch bandwidth for I/O time, e.g. 4GB/s or ufs4.")
+@click.option("--latency", type=DURATION, default="0", show_default=True,
+              help="Fixed cost per fetched expert.")
 @click.option("--per-token", is_flag=True, help="Every token is its own step.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random policy.")
 @click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
               help="Local threads, or a dask.distributed cluster.")
 @click.option("--scheduler", help="Address of a running dask scheduler (default: a local cluster).")
 @click.option("--workers", type=int, help="Parallel cells (default: all cores).")
 def sweep_command(traces: tuple[str, ...], policies: str, scopes: str, capacities: str | None,
-                  out: str, resume: bool, force: bool, bandwidth: str | None, latency: str,
+                  out: str, resume: bool, force: bool, bandwidth: float | None, latency: float,
                   per_token: bool, seed: int, executor: str, scheduler: str | None,
                   workers: int | None) -> None:
     """Replay TRACES under every policy, scope and capacity into one tidy table."""
@@ -404,7 +405,7 @@ def _has_logits(path: str) -> bool:
 @click.option("--window", type=int, default=16, show_default=True, help="Largest window of reuse vs window.")
 @click.option("--bootstrap", type=int, default=0, show_default=True,
               help="Confidence bands from N resamples of whole sequences (0: none).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--format", "formats", multiple=True, default=("png", "pdf"), show_default=True)
 @click.option("--force", is_flag=True, help="Replace the figures in --out (and remove stale ones).")
 def plot_command(results: str, out: str, traces: tuple[str, ...], window: int, bootstrap: int, seed: int,

@@ -53,6 +53,7 @@ REQUIRED_COLUMNS = ("trace", "policy", "scope", "capacity", "hit_rate", "reuse_r
 FIGURES = ("hit_rate_vs_capacity", "bytes_per_token_vs_capacity", "reuse_vs_window", "per_layer_reuse")
 FORMATS = ("png", "pdf", "svg")
 MAX_WINDOW = 4096  # steps of the reuse-by-window figure; farther windows are flat on real traces
+MAX_BOOTSTRAP = 100_000  # resamples; each costs about one sweep of the trace's lru/lfu/opt cells
 MIB = 2**20
 DPI = 150
 
@@ -130,8 +131,8 @@ def plot_results(
     formats = _check_formats(formats)
     if not 1 <= int(max_window) <= MAX_WINDOW:
         raise MoecacheError(f"--window must be from 1 to {MAX_WINDOW} steps, got {max_window}")
-    if int(bootstrap) < 0:
-        raise MoecacheError(f"the number of bootstrap resamples must be >= 0, got {bootstrap}")
+    if not 0 <= int(bootstrap) <= MAX_BOOTSTRAP:
+        raise MoecacheError(f"--bootstrap must be from 0 to {MAX_BOOTSTRAP} resamples, got {bootstrap}")
     if not 0.0 < level < 1.0:
         raise MoecacheError(f"the confidence level must lie in (0, 1), got {level}")
     out = Path(out_dir)

@@ -46,8 +46,8 @@ class SweepSettings:
 
     capacities: tuple[int, ...] | None = None
     per_token: bool = False
-    bandwidth: str | None = None
-    latency: str = "0"
+    bandwidth: str | float | None = None
+    latency: str | float = "0"
     seed: int = 0
 
 
@@ -95,8 +95,8 @@ def sweep(
     resume: bool = False,
     overwrite: bool = False,
     per_token: bool = False,
-    bandwidth: str | None = None,
-    latency: str = "0",
+    bandwidth: str | float | None = None,
+    latency: str | float = "0",
     seed: int = 0,
     executor: str = "local",
     scheduler: str | None = None,

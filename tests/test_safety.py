@@ -410,6 +410,8 @@ def test_plot_replaces_figures_only_with_force_and_removes_stale_ones(tmp_path, 
 @pytest.mark.parametrize("args, message", [
     (("--traces", "other.parquet"), "--traces other.parquet: not a trace of the results table (it holds "),
     (("--window", "100000000"), "--window must be from 1 to 4096 steps, got 100000000"),
+    (("--bootstrap", "1000000000"), "--bootstrap must be from 0 to 100000 resamples, got 1000000000"),
+    (("--seed", "-1"), "Invalid value for '--seed'"),
 ])
 def test_plot_options_are_checked(tmp_path, inputs, args, message):
     _, results = inputs
