@@ -75,9 +75,11 @@ def listing(folder):
 def held_write(marker_dir, *args):
     """A moecache subprocess stopped inside its first Parquet write (temporary file complete)."""
     ready = marker_dir / f"ready-{time.monotonic_ns()}"
+    # the default SIGINT disposition, which a background job would not inherit
     proc = subprocess.Popen([sys.executable, "-c", HELD_WRITE, *map(str, args)],
                             env={**os.environ, "READY": str(ready)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
