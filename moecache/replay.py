@@ -141,21 +141,20 @@ def replay(
 
 def _check_memory(trace: Trace, memory_bytes: int, req: Requests, scope: str) -> None:
     """Reject a byte budget that cannot hold one request, in bytes and experts."""
-    sizes = trace.expert_bytes
-    largest = req.layer_totals["largest"]
+    sizes = trace.expert_bytes.tolist()
+    largest = req.layer_totals["largest"].tolist()
     share = memory_bytes // trace.num_layers if scope == "layer" else memory_bytes
-    needed = largest * sizes
-    short = np.flatnonzero(needed > share)
-    if not len(short):
+    needed = [count * size for count, size in zip(largest, sizes, strict=True)]  # Python ints: no overflow
+    if max(needed) <= share:
         return
-    li = int(short[np.argmax(needed[short])])
-    fits = share // int(sizes[li])
+    li = needed.index(max(needed))
+    fits = share // sizes[li]
     split = f" split over {trace.num_layers} layers ({format_bytes(share)} each)" if scope == "layer" else ""
-    required = int(needed.max()) * (trace.num_layers if scope == "layer" else 1)
+    required = needed[li] * (trace.num_layers if scope == "layer" else 1)
     raise MoecacheError(
         f"{trace.source}: memory {format_bytes(memory_bytes)}{split} holds "
         f"{'no expert' if fits == 0 else f'only {fits} experts'} of layer {int(trace.layers[li])} "
-        f"({format_bytes(int(sizes[li]))} each), whose largest step set needs {int(largest[li])}; "
+        f"({format_bytes(sizes[li])} each), whose largest step set needs {largest[li]}; "
         f"use a memory budget >= {format_bytes(required)}"
         + (" or per-token steps (--per-token)" if req.num_steps < req.num_tokens else ""))
 

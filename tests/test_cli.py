@@ -191,3 +191,13 @@ def test_units_reject_what_traces_and_tables_cannot_hold():
     assert parse_int_list("8:10,4", high=9) == [4, 8, 9]
     with pytest.raises(mc.MoecacheError, match="more than 1,000,000 values"):
         parse_int_list("1:2000000")
+
+
+def test_huge_expert_sizes_are_errors_not_overflows(tmp_path):
+    path = tmp_path / "big.parquet"
+    assert run("synth", "--out", path, "--tokens", 10, "--expert-bytes", "4e18")[0] == 0
+    for args, message in [(["-c", "8"], "metadata expert_bytes (up to 3637978.81 TiB) is too large"),
+                          (["--memory", "8e18"], "holds no expert of layer 0 (3637978.81 TiB each)"),
+                          (["--memory", "8e18", "--scope", "global"], "holds only 2 experts of layer 0")]:
+        code, out, err = run("replay", path, *args)
+        assert (code, out) == (2, "") and message in err and len(err.strip().splitlines()) == 1
