@@ -54,7 +54,7 @@ sweep: $(CORE)
 	    --capacities $(CAPACITIES) --bandwidth $(BANDWIDTH) --out $(RESULTS)/sweep.parquet --resume
 
 plots: $(CORE)
-	$(MC) plot $(RESULTS)/sweep.parquet --out $(RESULTS)/figures --bootstrap $(BOOTSTRAP)
+	$(MC) plot $(RESULTS)/sweep.parquet --out $(RESULTS)/figures --bootstrap $(BOOTSTRAP) --force
 
 compare: $(CORE)
 	@mkdir -p $(RESULTS)

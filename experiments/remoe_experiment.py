@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
          "--bandwidth", "4GB/s", "--out", str(args.results / "sweep.parquet"), "--force",
          "--workers", str(args.threads)])
     run([MC, "plot", str(args.results / "sweep.parquet"), "--out", str(args.results / "figures"),
-         "--format", "png"])
+         "--format", "png", "--force"])
     summary = dict(baseline=base, remoe=main_row, main_weight=weight, sweep=rows,
                    toy_model=json.loads((args.model / "toy_train.json").read_text()).get("train_s"),
                    settings={k: str(v) for k, v in vars(args).items()},

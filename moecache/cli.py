@@ -297,7 +297,8 @@ def remoe_finetune_command(model: str, data: str, out: str, locality_weight: flo
 @click.option("--layers", help="The model's MoE layer ids, e.g. 1:23 or 1,3,5 (rows of others are reported).")
 @click.option("--model", help="Model name or path for the metadata.")
 @click.option("--router-label", default="imported", show_default=True)
-@click.option("--expert-bytes", help="Bytes of one expert, e.g. 16MiB (for miss bytes and --memory).")
+@click.option("--expert-bytes", type=SIZE,
+              help="Bytes of one expert, e.g. 16MiB (for miss bytes and --memory).")
 @click.option("--step", "step_mode", type=click.Choice(["column", "token", "prefill"]),
               help="Steps from a step column, one per token, or one per prefill run (default: the "
                    "step column if present, else one per token).")
@@ -316,7 +317,7 @@ def remoe_finetune_command(model: str, data: str, out: str, locality_weight: flo
               help="Drop (and count) incomplete, duplicate and conflicting rows instead of failing.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 def import_command(source: str, out: str, mapping: str | None, num_experts: int | None, top_k: int | None,
-                   layers: str | None, model: str | None, router_label: str, expert_bytes: str | None,
+                   layers: str | None, model: str | None, router_label: str, expert_bytes: int | None,
                    step_mode: str | None, order: str | None, token_restarts: str, skip_warmup: int,
                    drop_warmup: bool, drop_problems: bool, force: bool) -> None:
     """Turn routing logs (JSONL, CSV, Parquet rows, .npy/.npz arrays, vLLM routed experts,

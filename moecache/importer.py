@@ -131,6 +131,7 @@ import pyarrow.compute as pc
 from . import log_formats
 from ._version import __version__
 from .errors import MoecacheError, TraceError
+from .files import first_line
 from .trace import DECODE, PREFILL, Trace, now_iso
 from .units import parse_bytes
 
@@ -467,10 +468,6 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 def _read_table(path: Path, fmt: str, src: str) -> pa.Table:
     try:
@@ -498,7 +495,7 @@ def _read_table(path: Path, fmt: str, src: str) -> pa.Table:
     except MoecacheError:
         raise
     except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
-        raise MoecacheError(f"{src}: cannot read {fmt}: {_first_line(err)}") from None
+        raise MoecacheError(f"{src}: cannot read {fmt}: {first_line(err)}") from None
     while any(pa.types.is_struct(f.type) for f in table.schema):
         table = table.flatten()
     if table.num_rows == 0:
@@ -545,7 +542,7 @@ def _records_table(records: Any, src: str, unit: str) -> pa.Table:
     try:
         return pa.Table.from_pylist(records)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise MoecacheError(f"{src}: column types vary between rows: {_first_line(err)}") from None
+        raise MoecacheError(f"{src}: column types vary between rows: {first_line(err)}") from None
 
 
 # -- column conversion ------------------------------------------------------------------
@@ -664,7 +661,7 @@ def _lists(arr: pa.Array, value_type: pa.DataType, fail: Callable[[str], str]
     try:
         values = flat.cast(value_type) if not pa.types.is_null(item) else pa.array([], value_type)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise MoecacheError(fail(f"holds a value that is not a number: {_first_line(err)}")) from None
+        raise MoecacheError(fail(f"holds a value that is not a number: {first_line(err)}")) from None
     return np.asarray(values.to_numpy(zero_copy_only=False)), lengths, null
 
 
@@ -1011,7 +1008,7 @@ def _time_column(cols: _Columns, rows: np.ndarray) -> np.ndarray:
                 failed = err
         else:
             raise MoecacheError(f"{cols.src}: column {label} holds text that is no ISO 8601 timestamp "
-                                f"(all with or all without a zone offset): {_first_line(failed)}")
+                                f"(all with or all without a zone offset): {first_line(failed)}")
     if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
         arr = arr.cast(pa.timestamp("ns")).cast(pa.int64())
     if pa.types.is_floating(arr.type):
@@ -1188,10 +1185,10 @@ def _load_arrays(path: Path, fmt: str, src: str) -> dict[str, np.ndarray]:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as err:
         message = "holds Python objects (pickled arrays are not read)" if "pickle" in str(err) else (
-            f"not a readable {fmt} file: {_first_line(err)}")
+            f"not a readable {fmt} file: {first_line(err)}")
         raise MoecacheError(f"{src}: {message}") from None
     except (OSError, EOFError) as err:
-        raise MoecacheError(f"{src}: not a readable {fmt} file: {_first_line(err)}") from None
+        raise MoecacheError(f"{src}: not a readable {fmt} file: {first_line(err)}") from None
     if fmt == "npy":
         if not isinstance(loaded, np.ndarray):
             raise MoecacheError(f"{src}: not an .npy array")
@@ -1202,7 +1199,7 @@ def _load_arrays(path: Path, fmt: str, src: str) -> dict[str, np.ndarray]:
         try:
             return {key: loaded[key] for key in loaded.files}
         except ValueError as err:
-            raise MoecacheError(f"{src}: holds Python objects or is damaged: {_first_line(err)}") from None
+            raise MoecacheError(f"{src}: holds Python objects or is damaged: {first_line(err)}") from None
 
 
 def _from_arrays(arrays: Mapping[str, np.ndarray], src: str, problems: _Problems, *, name: str,

@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MoecacheError
+from .files import first_line
 from .trace import MAX_EXPERTS
 
 Reader = Callable[[Path, str], dict[str, np.ndarray]]
@@ -362,11 +363,6 @@ def _regular_file(path: Path, src: str) -> None:
     if not path.is_file():
         raise MoecacheError(f"{src}: not a regular file" if path.exists() else f"{src}: no such file")
 
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 READERS: dict[str, Reader] = {"vllm": read_vllm, "rtrace": read_rtrace}

@@ -40,6 +40,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import MoecacheError
+from ..files import first_line
 from ..trace import DECODE, PREFILL, build_meta, now_iso
 from ..trace_io import TraceWriter, check_output
 from ..units import check_seed
@@ -244,7 +245,7 @@ def load_model(model_path: str | os.PathLike, *, device: str = "auto", dtype: st
         raise
     except (OSError, ValueError, KeyError, SafetensorError) as err:  # missing, truncated, corrupt
         where = "" if Path(source).exists() else " (not a local folder nor in the local HF cache)"
-        raise MoecacheError(f"{source}: cannot load model{where}: {_first_line(err)}") from None
+        raise MoecacheError(f"{source}: cannot load model{where}: {first_line(err)}") from None
     if target.type != "cuda":
         model.to(target)
     model.eval()
@@ -619,10 +620,6 @@ def _revision(config, name: str) -> str | None:
         return path.name
     return None
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _torch():
