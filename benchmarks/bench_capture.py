@@ -1,6 +1,6 @@
 """Capture overhead: ``moecache`` capture vs plain ``model.generate`` on the same model and prompts.
 
-Goal (DESIGN section 6, "capture must not slow generation"): capturing the routing of
+Goal ("capture must not slow generation"): capturing the routing of
 a model of hidden size >= 256 costs at most 5% more wall time than plain greedy
 ``generate`` of the same prompts on CPU, trace writing included. The same command runs
 on a GPU with ``--device cuda``.

@@ -1,6 +1,6 @@
 """Replay throughput: moecache vs the ``libcachesim`` Python package vs a plain pass.
 
-Goal (DESIGN section 6): on a 10-million-request single-layer trace (E = 64, K = 8,
+Goal: on a 10-million-request single-layer trace (E = 64, K = 8,
 sticky routing), moecache replays at least 5x faster than ``libcachesim`` for lru, fifo
 and lfu and at least 3x for opt (libcachesim's Belady), at C = 16 and 32, both measured
 side by side in one run; and report the ratio to a plain NumPy / numba pass over the
@@ -35,7 +35,7 @@ Methodology
 * Every time is the best of ``--repeat`` runs (``time.perf_counter``); moecache and
   libcachesim runs of one (policy, C) are interleaved so that machine noise hits both.
 
-Hit rates differ on the K = 8 trace, by design: moecache follows DESIGN section 3, where
+Hit rates differ on the K = 8 trace, by design: moecache follows docs/semantics.md, where
 a step's set is one request. All its ids are looked up before any is admitted, so a
 miss never evicts another expert of the same step; libcachesim serves the ids one by
 one, so a step's miss can evict an expert that the same step needs next (it then misses

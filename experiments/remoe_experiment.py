@@ -4,7 +4,7 @@
 2. Locality-weight sweep: for each weight in ``--weights``, the base model's routers
    are fine-tuned in memory with :func:`moecache.remoe.finetune_model` on the training
    split (same seed, steps, lr, window, KL weight for every point; weight 0 is the
-   control: LM + KL only), then held-out perplexity and held-out reuse (DESIGN reuse,
+   control: LM + KL only), then held-out perplexity and held-out reuse (the reuse rate of docs/semantics.md,
    w = 1, :func:`moecache.remoe.measure_reuse`) are measured on the same held-out
    blocks. Written: ``locality_sweep.csv`` and ``locality_tradeoff.png``.
 3. The ReMoE model: the sweep point of ``--main-weight`` (or, with ``auto``, the point

@@ -7,7 +7,7 @@ start of the trace)::
     reuse(w) = Σ_{t>=1} Σ_l |E[t,l] ∩ (E[t-1,l] ∪ ... ∪ E[max(0,t-w),l])|  /  Σ_{t>=1} Σ_l |E[t,l]|
 
 Step 0 is left out of both sums and every step counts in the denominator of every w, so
-``reuse(1)`` is exactly DESIGN's ``reuse_rate`` (``mc.replay(...).reuse_rate``) and
+``reuse(1)`` is exactly the ``reuse_rate`` of docs/semantics.md (``mc.replay(...).reuse_rate``) and
 ``reuse(w)`` never decreases with w. Like ``reuse_rate`` the window runs across sequence
 boundaries (steps in trace order). Per layer, the sums run over one layer only.
 
@@ -102,7 +102,7 @@ def reuse_by_window(trace: Trace, max_window: int = 16, *, per_layer: bool = Fal
 
 def per_layer_reuse(trace: Trace, *, per_token: bool = False,
                     requests: Requests | None = None) -> pd.DataFrame:
-    """DESIGN's reuse rate of each MoE layer: columns ``layer``, ``reused``, ``requests``, ``reuse``."""
+    """The reuse rate of each MoE layer: columns ``layer``, ``reused``, ``requests``, ``reuse``."""
     return reuse_by_window(trace, 1, per_layer=True, per_token=per_token,
                            requests=requests).drop(columns="window")
 

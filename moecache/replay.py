@@ -22,7 +22,7 @@ SCOPES = ("layer", "global")
 
 @dataclass
 class ReplayResult:
-    """Pooled metrics of one replay (DESIGN section 3); ``per_layer`` has one row per layer."""
+    """Pooled metrics of one replay (docs/semantics.md); ``per_layer`` has one row per layer."""
 
     policy: str
     scope: str
@@ -61,7 +61,7 @@ class ReplayResult:
         return None if io is None or not self.tokens else io / self.tokens
 
     def to_dict(self) -> dict[str, Any]:
-        """The DESIGN keys, JSON-ready (NaN becomes None)."""
+        """The metric keys of docs/semantics.md, JSON-ready (NaN becomes None)."""
         keys = ("policy", "scope", "capacity", "memory_bytes", "requests", "hits", "misses",
                 "cold_misses", "hit_rate", "reuse_rate", "miss_bytes", "bytes_per_token",
                 "bandwidth", "latency", "io_seconds", "io_seconds_per_token", "tokens", "steps")
@@ -161,7 +161,7 @@ def _check_memory(trace: Trace, memory_bytes: int, req: Requests, scope: str) ->
 
 def _check_capacity(trace: Trace, capacity: int, req: Requests, layer: int | None,
                     unit: np.ndarray | None = None) -> None:
-    """Reject capacities that cannot hold one request (DESIGN: an error, never a result)."""
+    """Reject capacities that cannot hold one request (an error, never a result)."""
     if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool):
         raise MoecacheError(f"capacity must be a whole number of experts, got {capacity!r}")
     if not 0 < capacity <= INT64_MAX:

@@ -1,4 +1,4 @@
-"""From a trace to cache requests: the per-(step, layer) expert sets of DESIGN section 3.
+"""From a trace to cache requests: the per-(step, layer) expert sets of docs/semantics.md.
 
 The sets are stored once, step-major (request ``r = t * L + l``), as a CSR pair
 (``ids``, ``offsets``) with ascending ids inside each set. Layer scope replays one

@@ -8,7 +8,7 @@ biased scores become the new routing (ties -> smallest id). Two notions of favou
   previous ``window`` steps (trace order);
 * ``cache`` (cache-aware routing, as in "Mixture of Cache-Conditional Experts"):
   experts resident in a simulated per-layer LRU cache of ``capacity`` experts, fed with
-  the new routing under DESIGN's semantics.
+  the new routing under the semantics of docs/semantics.md.
 
 History only comes from earlier steps, never from tokens of the same step. Fidelity
 compares the new routing with the original: ``overlap`` is the mean share of a token's

@@ -3,7 +3,7 @@
 In memory a :class:`Trace` is dense: ``experts`` has shape (tokens, layers, K) and the
 per-token columns (step, seq, pos, token_id, phase) have one entry per token. On disk
 there is one row per (token, layer), sorted by (step, token, layer), with the JSON
-metadata of DESIGN section 4 under the schema key ``moecache``.
+metadata of traces/README.md under the schema key ``moecache``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def build_meta(
     expert_bytes: int | Sequence[int] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Complete trace metadata: the given ``meta`` over defaults for every DESIGN key."""
+    """Complete trace metadata: the given ``meta`` over defaults for every format key."""
     layers = [int(x) for x in layers]
     if isinstance(expert_bytes, (int, np.integer)):
         expert_bytes = [int(expert_bytes)] * len(layers)

@@ -14,7 +14,7 @@ KERNELS = {
     "random": random.simulate,
 }
 POLICIES = tuple(KERNELS)
-# policies that keep every fetched expert (DESIGN's demand admission); opt bounds these
+# policies that keep every fetched expert (demand admission, docs/semantics.md); opt bounds these
 DEMAND_POLICIES = tuple(p for p in POLICIES if p != "opt-bypass")
 
 __all__ = ["DEMAND_POLICIES", "KERNELS", "POLICIES"]

@@ -4,7 +4,7 @@ Every kernel sees the same input: ``keys`` (int32), the expert ids of all reques
 order, ``offsets`` (int64, one more than the requests) delimiting each request, whose
 keys are distinct and ascending; ``sizes`` (int64 per key) and ``capacity`` in the same
 units. It returns the hits of every request (int32). Keys of the current request are
-never eviction candidates (DESIGN section 3).
+never eviction candidates (docs/semantics.md).
 
 All of a request's misses are admitted together after its victims are evicted. That
 equals admitting them one by one in ascending id order: victims are never keys of the

@@ -1,6 +1,6 @@
 """OPT's stack depths at every capacity from the past alone, for requests of one size K.
 
-Belady with DESIGN's set requests keeps, at each capacity C, exactly the reuses that a
+Belady with set requests (docs/semantics.md) keeps, at each capacity C, exactly the reuses that a
 greedy pass in order of reuse time accepts (ties within a request: larger ids first, as
 Belady evicts the smallest id first): the reuse of a key last requested at p, now at t,
 hits iff at every request strictly between there is a slot left beside that request's K

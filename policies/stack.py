@@ -5,7 +5,7 @@ when the key is requested (LRU: last use; LFU: uses, then last use; OPT: next us
 they are stack algorithms: a cache of C experts always holds the top C entries of one
 stack, and a request hits every capacity at least as deep as the key's stack position.
 
-DESIGN's set requests (misses admitted together, never evicting a key of the current
+the set requests of docs/semantics.md (misses admitted together, never evicting a key of the current
 request) make the whole request one update: a request R of n keys leaves the cache of
 size C >= n holding R and the C - n highest-priority other entries it held before. So
 the new stack is R on top, and one walk down the old stack rebuilds the rest. It keeps

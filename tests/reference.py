@@ -1,4 +1,4 @@
-"""A slow, obviously-correct replay written straight from DESIGN section 3.
+"""A slow, obviously-correct replay written straight from docs/semantics.md.
 
 It shares no code with moecache's kernels: sets are Python sets, the cache is a dict,
 and every eviction takes ``min`` over the candidates with the policy's full sort key.

@@ -1,10 +1,10 @@
-"""moecache.capture on tiny random models of each MoE architecture (DESIGN section 7).
+"""moecache.capture on tiny random models of each MoE architecture (README: Capture).
 
 Every model is built from its config class, saved with ``save_pretrained`` beside a
 tokenizer trained locally, and captured by path. The recorded routing is checked
 against an independent reference: a plain batch-1 forward, without KV cache or
 padding, over each sequence's full token stream (prompt + generated tokens), with
-hooks of its own on the routers at the DESIGN paths (``model.layers[i].mlp.gate``,
+hooks of its own on the routers at the usual paths (``model.layers[i].mlp.gate``,
 ``.mlp.router`` for GPT-OSS).
 """
 
@@ -67,7 +67,7 @@ def mixtral(tmp_path_factory):
 # -- independent reference --------------------------------------------------------------------
 
 def routers(arch, model):
-    """{layer: router module} at the DESIGN paths, for MoE layers only."""
+    """{layer: router module} at the usual paths, for MoE layers only."""
     attr = ROUTER_ATTR.get(arch, "gate")
     found = {}
     for index, layer in enumerate(model.model.layers):

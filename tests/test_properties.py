@@ -1,4 +1,4 @@
-"""Properties every correct expert-cache simulator has (DESIGN section 3, ReMoE appendix)."""
+"""Properties every correct expert-cache simulator has (docs/semantics.md, ReMoE appendix)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""ReMoE-style router fine-tuning: make consecutive tokens reuse experts (DESIGN section 1).
+"""ReMoE-style router fine-tuning: make consecutive tokens reuse experts (README: ReMoE).
 
 Only the routers learn. Every other parameter (attention, experts, shared experts,
 embeddings, norms, the LM head) is frozen, so a fine-tuned checkpoint has exactly the
@@ -29,7 +29,7 @@ selection and correction biases shape which experts win but are not modelled in 
 raising q on S raises exactly the scores that selection ranks.
 
 The locality window ``w`` only defines S; the reuse rate that is logged and reported
-is always the DESIGN one (w = 1): ``sum_{t>=1} |E[t] & E[t-1]| / sum_{t>=1} |E[t]|``
+is always the one of docs/semantics.md (w = 1): ``sum_{t>=1} |E[t] & E[t-1]| / sum_{t>=1} |E[t]|``
 over the tokens of each block, pooled over MoE layers.
 
 Choices, each on purpose:
@@ -432,7 +432,7 @@ def score_kind(route: RouterOutput, module: nn.Module | None = None) -> str:
 def measure_reuse(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> float:
     """The reuse rate of ``model``'s routing over token blocks ``input_ids`` (n, T).
 
-    DESIGN reuse (w = 1): ``sum_{t>=1} |E[t] & E[t-1]| / sum_{t>=1} |E[t]|`` within each
+    The reuse rate (w = 1): ``sum_{t>=1} |E[t] & E[t-1]| / sum_{t>=1} |E[t]|`` within each
     block, pooled over blocks and MoE layers; a teacher-forced forward, no padding.
     """
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
