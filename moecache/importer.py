@@ -132,7 +132,8 @@ from . import log_formats
 from ._version import __version__
 from .errors import MoecacheError, TraceError
 from .files import first_line
-from .trace import DECODE, PREFILL, Trace, now_iso
+from .trace import Trace
+from .trace_format import DECODE, PREFILL, now_iso
 from .units import parse_bytes
 
 FIELDS = ("experts", "weights", "layer", "token", "seq", "pos", "step", "time", "phase", "token_id")

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from .replay import ReplayResult
-from .trace import DECODE, PREFILL, Trace
+from .trace import Trace
+from .trace_format import DECODE, PREFILL
 from .units import format_bytes
 
 

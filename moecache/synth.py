@@ -16,7 +16,8 @@ import numpy as np
 from numba import njit
 
 from .errors import MoecacheError
-from .trace import DECODE, PREFILL, Trace, positions
+from .trace import Trace, positions
+from .trace_format import DECODE, PREFILL
 from .units import check_seed, format_bytes
 
 # One expert of a Qwen1.5-MoE-A2.7B-sized FFN in bf16: 3 matrices of 2048 x 1408, 2 bytes each.

@@ -1,17 +1,16 @@
-"""Trace format v1: routed experts per (token, MoE layer), stored as Parquet.
+"""The in-memory trace: routed experts per (token, MoE layer), and its validation.
 
 In memory a :class:`Trace` is dense: ``experts`` has shape (tokens, layers, K) and the
 per-token columns (step, seq, pos, token_id, phase) have one entry per token. On disk
-there is one row per (token, layer), sorted by (step, token, layer), with the JSON
-metadata of traces/README.md under the schema key ``moecache``.
+(:mod:`moecache.trace_io`, format: :mod:`moecache.trace_format`) there is one row per
+(token, layer), sorted by (step, token, layer), with the JSON metadata of
+traces/README.md under the schema key ``moecache``.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,43 +18,8 @@ from typing import Any
 import numpy as np
 
 from .errors import TraceError
-
-FORMAT_VERSION = 1
-META_KEY = b"moecache"
-PHASES = ("prefill", "decode")
-PREFILL, DECODE = 0, 1
-_REQUIRED_COLUMNS = ("seq", "step", "token", "pos", "token_id", "phase", "layer", "experts")
-_PARQUET_MAGIC = b"PAR1"
-
-
-def build_meta(
-    num_experts: int,
-    top_k: int,
-    layers: Sequence[int],
-    expert_bytes: int | Sequence[int] | None = None,
-    meta: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Complete trace metadata: the given ``meta`` over defaults for every format key."""
-    layers = [int(x) for x in layers]
-    if isinstance(expert_bytes, (int, np.integer)):
-        expert_bytes = [int(expert_bytes)] * len(layers)
-    full: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "model": {"name": None, "revision": None, "architecture": None},
-        "num_layers": (max(layers) + 1) if layers else 0,
-        "moe_layers": layers,
-        "num_experts": int(num_experts),
-        "top_k": int(top_k),
-        "num_shared_experts": 0,
-        "expert_bytes": None if expert_bytes is None else [int(b) for b in expert_bytes],
-        "dtype": None,
-        "router": None,
-        "capture": None,
-        "partial": False,
-    }
-    full.update(meta or {})
-    full["format_version"] = FORMAT_VERSION
-    return full
+from .trace_format import DECODE, MAX_EXPERTS, PREFILL, build_meta, check_meta
+from .trace_io import read_columns, save_trace
 
 
 @dataclass(eq=False)
@@ -180,8 +144,6 @@ class Trace:
     def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write the trace as Parquet, atomically (temporary file, then rename): an
         interrupted or failed save leaves the previous file, if any, and nothing else."""
-        from .trace_io import save_trace
-
         return save_trace(self, path, overwrite=overwrite)
 
     @classmethod
@@ -191,75 +153,12 @@ class Trace:
         ``weights=False`` and ``logits=False`` skip those columns, so replaying a large
         trace only reads the expert ids.
         """
-        from .trace_io import read_trace
-
-        return read_trace(path, weights=weights, logits=logits)
-
-
-def now_iso() -> str:
-    """UTC timestamp for capture metadata."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def meta_json(meta: dict[str, Any]) -> bytes:
-    return json.dumps(meta, sort_keys=True).encode()
-
-
-MAX_EXPERTS = 2**15  # ids are int16
-MAX_BYTES = 2**63 - 1  # sizes are summed as int64
-
-
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _ints(low: int, high: int) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, list) and all(_is_int(v, low, high) for v in value)
-
-
-def _optional(valid: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: value is None or valid(value)
-
-
-def _of(kind: type) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, kind)
-
-
-# metadata key -> (test of its value, what it must be); keys a trace may omit are optional
-_META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "num_experts": (lambda v: _is_int(v, 1, MAX_EXPERTS), f"an integer from 1 to {MAX_EXPERTS}"),
-    "top_k": (lambda v: _is_int(v, 1, MAX_EXPERTS), f"an integer from 1 to {MAX_EXPERTS}"),
-    "moe_layers": (lambda v: _ints(0, 2**15 - 1)(v) and len(v) > 0,
-                   "a non-empty list of layer indices (integers from 0 to 32767)"),
-    "expert_bytes": (_optional(_ints(1, MAX_BYTES)), "null or a list of positive integers below 2**63"),
-    "partial": (_of(bool), "true or false"),
-    "num_layers": (_optional(lambda v: _is_int(v, 0, MAX_BYTES)), "null or a non-negative integer"),
-    "num_shared_experts": (_optional(lambda v: _is_int(v, 0, MAX_BYTES)), "null or a non-negative integer"),
-    "model": (_optional(_of(dict)), "null or a JSON object"),
-    "capture": (_optional(_of(dict)), "null or a JSON object"),
-    "router": (_optional(_of(str)), "null or a string"),
-    "dtype": (_optional(_of(str)), "null or a string"),
-}
-_REQUIRED_META = ("num_experts", "top_k", "moe_layers")
-
-
-def check_meta(meta: Any, source: str) -> None:
-    """Raise TraceError naming ``source`` and the key if the metadata has a wrong type."""
-    if not isinstance(meta, dict):
-        raise TraceError(f"{source}: 'moecache' metadata must be a JSON object, got {type(meta).__name__}")
-    for key in _REQUIRED_META:
-        if key not in meta:
-            raise TraceError(f"{source}: metadata lacks '{key}'")
-    for key, (valid, wanted) in _META_TYPES.items():
-        if key in meta and not valid(meta[key]):
-            shown = json.dumps(meta[key], default=repr)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise TraceError(f"{source}: metadata '{key}' must be {wanted}, got {shown}")
+        return cls(**read_columns(path, weights=weights, logits=logits))
 
 
 def _as_ids(experts: np.ndarray, source: str) -> np.ndarray:
-    if experts.size and (experts.min() < -32768 or experts.max() > 32767):
-        bad = int(experts.max() if experts.max() > 32767 else experts.min())
+    if experts.size and (experts.min() < -MAX_EXPERTS or experts.max() >= MAX_EXPERTS):
+        bad = int(experts.max() if experts.max() >= MAX_EXPERTS else experts.min())
         raise TraceError(f"{source}: expert id {bad} does not fit the int16 id column")
     return np.ascontiguousarray(experts, dtype=np.int16)
 

@@ -6,7 +6,7 @@ place, so an interruption leaves the previous file and nothing else.
 :class:`TraceWriter` streams (capture) and is crash-safe: every flushed block becomes
 a complete Parquet file in a part folder ``<out>.parts/`` (each written to a temporary
 name, then renamed), and ``close()`` merges the parts into ``<out>`` the same way. A
-process killed half-way therefore leaves a part folder that :func:`read_trace` loads
+process killed half-way therefore leaves a part folder that :func:`read_columns` loads
 as a partial trace; an interrupted one that still runs ``close(partial=True)`` leaves
 a normal file whose metadata says ``partial``. An existing part folder is never wiped:
 it is refused, and with ``overwrite`` only moecache's own part files are removed.
@@ -24,7 +24,7 @@ import re
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,19 +32,22 @@ import pyarrow.parquet as pq
 
 from .errors import MoecacheError, TraceError
 from .files import atomic_write, first_line, os_reason, output_lock, write_errors
-from .trace import (
-    _PARQUET_MAGIC,
-    _REQUIRED_COLUMNS,
+from .trace_format import (
     DECODE,
+    FORMAT_VERSION,
     META_KEY,
+    PARQUET_MAGIC,
     PHASES,
-    Trace,
+    REQUIRED_COLUMNS,
     check_meta,
     meta_json,
+    schema,
 )
 
+if TYPE_CHECKING:  # the trace module builds on this one: no import at run time
+    from .trace import Trace
+
 PARTS_SUFFIX = ".parts"
-_PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
 # counters climb by small steps: delta encoding stores them in a few bits per row
 _DELTA_COLUMNS = ("step", "token", "pos")
 _WRITE_OPTIONS = {
@@ -60,25 +63,6 @@ _OWN_PART = re.compile(r"part-\d{6}\.parquet|\.part-\d{6}\.parquet\..+\.tmp")
 def parts_dir(path: str | os.PathLike) -> Path:
     """Folder where a streaming write keeps its committed blocks until it closes."""
     return Path(str(path) + PARTS_SUFFIX)
-
-
-def schema(meta: dict[str, Any], *, with_weights: bool, with_logits: bool) -> pa.Schema:
-    """Arrow schema of trace format v1 for the given metadata."""
-    fields = [
-        pa.field("seq", pa.int32(), nullable=False),
-        pa.field("step", pa.int64(), nullable=False),
-        pa.field("token", pa.int64(), nullable=False),
-        pa.field("pos", pa.int32(), nullable=False),
-        pa.field("token_id", pa.int32()),
-        pa.field("phase", _PHASE_TYPE, nullable=False),
-        pa.field("layer", pa.int16(), nullable=False),
-        pa.field("experts", pa.list_(pa.int16(), int(meta["top_k"])), nullable=False),
-    ]
-    if with_weights:
-        fields.append(pa.field("weights", pa.list_(pa.float32(), int(meta["top_k"]))))
-    if with_logits:
-        fields.append(pa.field("logits", pa.list_(pa.float16(), int(meta["num_experts"]))))
-    return pa.schema(fields, metadata={META_KEY: meta_json(meta)})
 
 
 def check_output(path: Path, *, overwrite: bool, streaming: bool = False) -> None:
@@ -336,9 +320,9 @@ def _open_one(path: Path) -> pq.ParquetFile:
         if size >= 4:
             handle.seek(-4, os.SEEK_END)
             tail = handle.read(4)
-    if head != _PARQUET_MAGIC:
+    if head != PARQUET_MAGIC:
         raise TraceError(f"{path}: not a Parquet file")
-    if tail != _PARQUET_MAGIC:
+    if tail != PARQUET_MAGIC:
         raise TraceError(f"{path}: truncated Parquet file (no footer): it was not written completely")
     try:
         return pq.ParquetFile(path, page_checksum_verification=True)
@@ -356,9 +340,9 @@ def _read_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
         raise TraceError(f"{source}: 'moecache' metadata is not valid JSON") from None
     if isinstance(meta, dict):
         version = meta.get("format_version")
-        if type(version) is not int or version != 1:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise TraceError(f"{source}: unsupported trace format_version {version!r} "
-                             "(this moecache reads 1)")
+                             f"(this moecache reads {FORMAT_VERSION})")
     check_meta(meta, source)
     return meta
 
@@ -387,18 +371,19 @@ def _type_name(kind: pa.DataType) -> str:
     return str(kind)
 
 
-def read_trace(path: str | os.PathLike, *, weights: bool = True, logits: bool = False) -> Trace:
-    """Load a trace, reading only the columns asked for, one row group at a time."""
+def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool = False) -> dict[str, Any]:
+    """The fields of a :class:`~moecache.trace.Trace` read from a trace file (or part folder):
+    only the columns asked for, one row group at a time. ``Trace.load`` validates them."""
     files, meta, source = open_parquet_files(path)
     names = set(files[0].schema_arrow.names)
-    missing = [c for c in _REQUIRED_COLUMNS if c not in names]
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise TraceError(f"{source}: missing column {missing[0]!r}")
     if logits and "logits" not in names:
         raise TraceError(f"{source}: trace has no 'logits' column (capture with --save-logits)")
     top_k = meta["top_k"]
     num_layers = len(meta["moe_layers"])
-    columns = ["seq", "step", "token", "pos", "token_id", "phase", "layer", "experts"]
+    columns = list(REQUIRED_COLUMNS)
     columns += ["weights"] * (weights and "weights" in names) + ["logits"] * logits
     chunks: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     try:
@@ -435,7 +420,7 @@ def read_trace(path: str | os.PathLike, *, weights: bool = True, logits: bool = 
         raise TraceError(f"{source}: rows are not sorted by token")
     def grid(name: str, width: int) -> np.ndarray | None:
         return cols[name].reshape(n, num_layers, width) if name in cols else None
-    return Trace(
+    return dict(
         experts=grid("experts", top_k).astype(np.int16, copy=False),
         step=cols["step"][first].astype(np.int64, copy=False),
         seq=cols["seq"][first].astype(np.int32, copy=False),

@@ -41,7 +41,7 @@ import numpy as np
 from .._version import __version__
 from ..errors import MoecacheError
 from ..files import first_line
-from ..trace import DECODE, PREFILL, build_meta, now_iso
+from ..trace_format import DECODE, PREFILL, build_meta, now_iso
 from ..trace_io import TraceWriter, check_output
 from ..units import check_seed
 from .prompts import Prompts, load_prompts
