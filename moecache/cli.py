@@ -20,7 +20,7 @@ from . import __version__
 from .compare import compare
 from .curve import curve
 from .errors import MoecacheError
-from .replay import SCOPES, replay
+from .replay import replay
 from .report import comparison_table, curve_table, per_layer_table, result_summary, trace_summary
 from .reroute import reroute
 from .sweep import results_paths, sweep
@@ -36,6 +36,7 @@ from .units import (
     parse_duration,
     parse_int_list,
 )
+from .validate import SCOPES
 
 
 class _Commands(click.Group):

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
-from moecache.policies import POLICIES
 from moecache.policies.stack import LFU, LRU, OPT, depth_histogram
 
-from .errors import MoecacheError
-from .replay import SCOPES, ReplayResult, replay, summarize
+from .replay import ReplayResult, replay, summarize
 from .requests import Requests
 from .trace import Trace
-from .units import parse_bandwidth, parse_duration
+from .validate import plan_range
 
 STACK_POLICIES = {"lru": LRU, "lfu": LFU, "opt": OPT}
 PRIORITY_LIMIT = 2**63  # the stack packs each priority into one int64
@@ -68,7 +67,7 @@ def curve(
     policy: str = "lru",
     scope: str = "layer",
     *,
-    capacities: list[int] | None = None,
+    capacities: str | Iterable[int] | None = None,
     per_token: bool = False,
     bandwidth: str | float | None = None,
     latency: str | float = 0.0,
@@ -79,32 +78,22 @@ def curve(
     """Replay metrics at many capacities, one row per capacity.
 
     By default every valid capacity: from the largest step set to E (layer scope) or
-    L x E (global scope). ``lru``, ``lfu`` and ``opt`` take one pass whatever the number
-    of capacities; other policies (and LFU past about 3e9 requested experts) replay each
-    capacity, ``workers`` at a time.
+    L x E (global scope); ``capacities`` may be a text such as ``"8:64:4"`` (ranges stop
+    at E or L x E) or integers, checked by :func:`moecache.validate.plan_range`. ``lru``,
+    ``lfu`` and ``opt`` take one pass whatever the number of capacities; other policies
+    (and LFU past about 3e9 requested experts) replay each capacity, ``workers`` at a time.
     """
-    if policy not in POLICIES:
-        raise MoecacheError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
-    if scope not in SCOPES:
-        raise MoecacheError(f"unknown scope {scope!r}: choose layer or global")
-    req = requests if requests is not None else Requests.from_trace(trace, per_token=per_token)
-    top = trace.num_experts * (trace.num_layers if scope == "global" else 1)
-    smallest = int(req.layer_totals["largest"].max()) if req.set_sizes.size else 1
-    if capacities is None:
-        capacities = list(range(smallest, top + 1))
-    capacities = sorted({int(c) for c in capacities})
-    if capacities and capacities[0] < smallest:
-        raise MoecacheError(f"{trace.source}: capacity {capacities[0]} is below the largest step set "
-                            f"({smallest} experts); capacities must be >= {smallest}")
-    bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
-    fetch_latency = parse_duration(latency)
+    checked = plan_range(trace, policy, scope, capacities=capacities, per_token=per_token,
+                         bandwidth=bandwidth, latency=latency, seed=seed, requests=requests)
+    req, capacities = checked.requests, list(checked.capacities)
+    bytes_per_second, fetch_latency = checked.bandwidth, checked.latency
     if one_pass(req, policy):
         cumulative = stack_hits(req, policy, scope, trace.expert_bytes)
         # the routing-only figures; once every expert fits, every reuse hits
         all_reuses = req.layer_totals["requests"] - req.layer_totals["cold_misses"]
         base = summarize(trace, req, all_reuses, policy, scope, None, None, bytes_per_second,
                          fetch_latency)
-        table = _columns(trace, base, cumulative[np.minimum(capacities, top)], capacities)
+        table = _columns(trace, base, cumulative[checked.rows], capacities)
     else:
         # build what every replay shares once, before the threads
         req.layer_totals  # noqa: B018

@@ -1,23 +1,22 @@
-"""Replay driver: validates a configuration, runs a policy kernel, explains the result."""
+"""Replay driver: runs a policy kernel on a configuration checked by :mod:`moecache.validate`,
+explains the result."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import reduce
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from moecache.policies import KERNELS, POLICIES
+from moecache.policies import KERNELS
 
 from .errors import MoecacheError
 from .requests import Requests
 from .trace import Trace
-from .units import INT64_MAX, check_seed, format_bytes, parse_bandwidth, parse_bytes, parse_duration
-
-SCOPES = ("layer", "global")
+from .units import INT64_MAX, format_bytes
+from .validate import plan
 
 
 @dataclass
@@ -90,99 +89,24 @@ def replay(
     ``bandwidth`` ("4GB/s") and ``latency`` (per fetch, "80us") turn misses into I/O
     time. ``requests`` lets a caller reuse the sets built for an earlier replay.
     """
-    if policy not in KERNELS:
-        raise MoecacheError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
-    if scope not in SCOPES:
-        raise MoecacheError(f"unknown scope {scope!r}: choose layer or global")
-    if (capacity is None) == (memory is None):
-        raise MoecacheError("give exactly one of capacity (experts) or memory (bytes)")
-    check_seed(seed)
-    memory_bytes = None if memory is None else parse_bytes(memory, "memory")
-    bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
-    fetch_latency = parse_duration(latency)
-    req = requests if requests is not None else Requests.from_trace(trace, per_token=per_token)
-    num_layers, num_experts = trace.num_layers, trace.num_experts
-    expert_bytes = trace.expert_bytes
-    if memory_bytes is not None:
-        if expert_bytes is None:
-            raise MoecacheError(f"{trace.source}: memory budgets need expert_bytes in the trace metadata")
-        _check_memory(trace, memory_bytes, req, scope)
-    kernel = KERNELS[policy]
+    checked = plan(trace, policy, scope, capacity=capacity, memory=memory, per_token=per_token,
+                   bandwidth=bandwidth, latency=latency, seed=seed, requests=requests)
+    req, num_layers, num_experts = checked.requests, trace.num_layers, trace.num_experts
+    kernel = KERNELS[checked.policy]
     hits = np.zeros((req.num_steps, num_layers), np.int64)
-
     if scope == "layer":
-        caps = ([capacity] * num_layers if memory_bytes is None
-                else [memory_bytes // num_layers // int(b) for b in expert_bytes])
-        for layer, cap in enumerate(caps):
-            _check_capacity(trace, cap, req, layer)
+        sizes = np.ones(num_experts, np.int64)
+        for layer, cap in enumerate(checked.layer_capacities):
             keys, offsets = req.layer(layer)
-            sizes = np.ones(num_experts, np.int64)
-            hits[:, layer] = kernel(keys, offsets, sizes, np.int64(cap), np.int64(seed))
-        capacity = caps[0] if len(set(caps)) == 1 else None
+            hits[:, layer] = kernel(keys, offsets, sizes, np.int64(cap), np.int64(checked.seed))
     else:
-        if memory_bytes is None:
-            unit = np.ones(num_layers, np.int64)
-            cap = int(capacity)
-        else:
-            # sizes in units of their greatest common divisor, to keep counts small and exact
-            divisor = reduce(math.gcd, (int(b) for b in expert_bytes))
-            unit = np.asarray(expert_bytes, np.int64) // divisor
-            cap = memory_bytes // divisor
-        _check_capacity(trace, cap, req, None, unit)
         keys, offsets = req.pooled()
-        sizes = np.repeat(unit, num_experts)
-        hits[:] = kernel(keys, offsets, sizes, np.int64(cap), np.int64(seed)).reshape(-1, num_layers)
-        if memory_bytes is not None and len(set(unit.tolist())) == 1:
-            capacity = cap // int(unit[0])
+        sizes = np.repeat(np.asarray(checked.units, np.int64), num_experts)
+        hits[:] = kernel(keys, offsets, sizes, np.int64(checked.pool),
+                         np.int64(checked.seed)).reshape(-1, num_layers)
 
-    return summarize(trace, req, hits.sum(axis=0), policy, scope, capacity, memory_bytes,
-                     bytes_per_second, fetch_latency)
-
-
-def _check_memory(trace: Trace, memory_bytes: int, req: Requests, scope: str) -> None:
-    """Reject a byte budget that cannot hold one request, in bytes and experts."""
-    sizes = trace.expert_bytes.tolist()
-    largest = req.layer_totals["largest"].tolist()
-    share = memory_bytes // trace.num_layers if scope == "layer" else memory_bytes
-    needed = [count * size for count, size in zip(largest, sizes, strict=True)]  # Python ints: no overflow
-    if max(needed) <= share:
-        return
-    li = needed.index(max(needed))
-    fits = share // sizes[li]
-    split = f" split over {trace.num_layers} layers ({format_bytes(share)} each)" if scope == "layer" else ""
-    required = needed[li] * (trace.num_layers if scope == "layer" else 1)
-    raise MoecacheError(
-        f"{trace.source}: memory {format_bytes(memory_bytes)}{split} holds "
-        f"{'no expert' if fits == 0 else f'only {fits} experts'} of layer {int(trace.layers[li])} "
-        f"({format_bytes(sizes[li])} each), whose largest step set needs {largest[li]}; "
-        f"use a memory budget >= {format_bytes(required)}"
-        + (" or per-token steps (--per-token)" if req.num_steps < req.num_tokens else ""))
-
-
-def _check_capacity(trace: Trace, capacity: int, req: Requests, layer: int | None,
-                    unit: np.ndarray | None = None) -> None:
-    """Reject capacities that cannot hold one request (an error, never a result)."""
-    if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool):
-        raise MoecacheError(f"capacity must be a whole number of experts, got {capacity!r}")
-    if not 0 < capacity <= INT64_MAX:
-        raise MoecacheError(f"capacity must be positive and below 2**63, got {capacity}")
-    largest = req.layer_totals["largest"]
-    if layer is not None:
-        largest = largest[layer:layer + 1]
-    if (largest * (1 if unit is None else unit)).max(initial=0) <= capacity:
-        return
-    # the first step holding the largest set, for the message
-    sizes = req.set_sizes if layer is None else req.set_sizes[:, layer:layer + 1]
-    if unit is not None:
-        sizes = sizes * unit[None, :]
-    t, li = np.unravel_index(int(np.argmax(sizes)), sizes.shape)
-    needed = int(sizes[t, li])
-    model_layer = int(trace.layers[li if layer is None else layer])
-    what = "experts" if unit is None else "units"
-    raise MoecacheError(
-        f"{trace.source}: capacity {capacity} is below the largest step set "
-        f"({needed} {what} in layer {model_layer} at step {t}); use a capacity >= {needed}"
-        + (" or per-token steps (--per-token)" if req.num_steps < req.num_tokens else ""))
+    return summarize(trace, req, hits.sum(axis=0), checked.policy, scope, checked.capacity,
+                     checked.memory_bytes, checked.bandwidth, checked.latency)
 
 
 def summarize(trace: Trace, req: Requests, layer_hits: np.ndarray, policy: str, scope: str,

@@ -24,16 +24,14 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from moecache.policies import POLICIES
-
 from .curve import curve
 from .errors import MoecacheError
 from .files import first_line, output_lock
-from .replay import SCOPES
 from .requests import Requests
 from .tables import read_table, read_table_meta, write_table
 from .trace import Trace
-from .units import parse_bandwidth, parse_duration, parse_int_list
+from .units import check_seed, parse_bandwidth, parse_duration
+from .validate import check_policy, check_scope, chosen_capacities, plan_range, top_capacity
 
 KEY_COLUMNS = ["trace", "policy", "scope", "capacity"]
 SETTINGS_KEY = "moecache.sweep"  # Parquet metadata: the settings every row was made with
@@ -60,13 +58,11 @@ def _load(path: str, per_token: bool) -> tuple[Trace, Requests]:
 def run_cell(path: str, policy: str, scope: str, settings: SweepSettings) -> pd.DataFrame:
     """All capacities of one (trace, policy, scope), with the trace's metadata columns."""
     trace, req = _load(path, settings.per_token)
-    top = trace.num_experts * (trace.num_layers if scope == "global" else 1)
-    smallest = int(req.layer_totals["largest"].max())
-    wanted = settings.capacities or range(smallest, top + 1)
-    capacities = [c for c in wanted if smallest <= c <= top]
-    if not capacities:
+    checked = plan_range(trace, policy, scope, capacities=settings.capacities, skip_invalid=True,
+                         requests=req)
+    if not checked.capacities:
         return pd.DataFrame(columns=KEY_COLUMNS)
-    frame = curve(trace, policy, scope, capacities=capacities, bandwidth=settings.bandwidth,
+    frame = curve(trace, policy, scope, capacities=checked.capacities, bandwidth=settings.bandwidth,
                   latency=settings.latency, seed=settings.seed, requests=req, workers=1)
     model = trace.meta.get("model") or {}
     info = {"trace": path, "model": model.get("name"), "architecture": model.get("architecture"),
@@ -122,11 +118,11 @@ def sweep(
         raise MoecacheError("--resume keeps an existing table and --force replaces it: pass one of them")
     # fail fast, before any work, on a bad trace; the largest trace bounds the capacities
     loaded = [Trace.load(path, weights=False) for path in traces]
-    if isinstance(capacities, str):
-        top = max(t.num_experts * (t.num_layers if "global" in scopes else 1) for t in loaded)
-        capacities = parse_int_list(capacities, high=top)
-    settings = SweepSettings(None if capacities is None else tuple(sorted(set(capacities))),
-                             per_token, bandwidth, latency, seed)
+    if capacities is not None:
+        capacities = tuple(chosen_capacities(
+            capacities, max(top_capacity(trace, scope) for trace in loaded for scope in scopes)))
+    settings = SweepSettings(capacities, per_token, bandwidth, latency, check_seed(seed))
+    _settings_meta(settings)  # bandwidth and latency read before any work
     if out is None:
         return _sweep(traces, policies, scopes, settings, None, pd.DataFrame(), executor, scheduler,
                       workers, progress)
@@ -142,11 +138,9 @@ def _check_names(traces: list[str], policies: list[str], scopes: list[str]) -> N
         if not names:
             raise MoecacheError(f"--{what} names none: give at least one")
     for policy in policies:
-        if policy not in POLICIES:
-            raise MoecacheError(f"unknown policy {policy!r}: choose from {', '.join(POLICIES)}")
+        check_policy(policy)
     for scope in scopes:
-        if scope not in SCOPES:
-            raise MoecacheError(f"unknown scope {scope!r}: choose layer or global")
+        check_scope(scope)
     seen: dict[tuple[int, int] | str, str] = {}
     for path in traces:
         try:
