@@ -11,35 +11,41 @@ from .curve import curve
 from .errors import MoecacheError
 from .trace import Trace
 from .units import bandwidth_profile
+from .validate import check_policy, plan_range
 
 
 def compare(
     base: Trace,
     remoe: Trace,
     *,
-    capacities: Iterable[int] = (16,),
+    capacities: str | Iterable[int] = (16,),
     policies: Iterable[str] = ("lru", "lfu", "opt"),
     scope: str = "layer",
     bandwidths: Iterable[str] = ("ufs4", "nvme4", "pcie4x16"),
     io_policy: str = "lru",
     compute_ms: float | None = None,
     per_token: bool = False,
+    latency: str | float = 0.0,
 ) -> pd.DataFrame:
     """One row per figure: ``metric``, ``policy``, ``capacity``, ``bandwidth``, both values, changes.
 
     Figures: reuse rate; hit rate per policy and capacity; miss bytes per token; I/O
-    time per token per bandwidth profile (under ``io_policy``); and, given the compute
-    time of a token without I/O, the decode speedup (base time / ReMoE time, each
-    ``compute + I/O`` with no overlap).
+    time per token per bandwidth profile (under ``io_policy``: the replay's
+    ``io_seconds``, miss bytes over the bandwidth plus ``latency`` per fetched expert);
+    and, given the compute time of a token without I/O, the decode speedup (base time /
+    ReMoE time, each ``compute + I/O`` with no overlap). ``capacities`` are integers or
+    a text such as ``"16:64:16"`` (ranges stop where every expert fits), checked on both
+    traces by :func:`moecache.validate.plan_range` before anything runs.
     """
     if compute_ms is not None and not (math.isfinite(compute_ms) and compute_ms > 0):
         raise MoecacheError(f"compute time per token (--compute-ms) must be a finite number > 0, "
                             f"got {compute_ms}")
     _check_compatible(base, remoe)
-    capacities, policies = sorted(set(int(c) for c in capacities)), list(policies)
+    policies = [check_policy(policy) for policy in dict.fromkeys([*policies, io_policy])]
+    plans = [plan_range(trace, io_policy, scope, capacities=capacities, per_token=per_token,
+                        latency=latency) for trace in (base, remoe)]
+    capacities = plans[0].capacities
     profiles = [bandwidth_profile(b) for b in bandwidths]
-    if io_policy not in policies:
-        policies.append(io_policy)
     rows: list[dict] = []
 
     def add(metric, before, after, policy=None, capacity=None, bandwidth=None, pp=False):
@@ -50,23 +56,26 @@ def compare(
                      "change": (after - before) / before if before else float("nan"),
                      "change_pp": 100 * (after - before) if pp else float("nan")})
 
+    def curves(policy: str, bandwidth: float | None = None) -> list[pd.DataFrame]:
+        return [curve(p.trace, policy, scope, capacities=capacities, bandwidth=bandwidth,
+                      latency=p.latency, requests=p.requests).set_index("capacity") for p in plans]
+
     base_label, remoe_label = _labels(base, remoe)
-    curves = {policy: [curve(trace, policy, scope, capacities=capacities, per_token=per_token)
-                       .set_index("capacity") for trace in (base, remoe)] for policy in policies}
-    add("reuse rate", *(c["reuse_rate"].iloc[0] for c in curves[io_policy]), pp=True)
+    by_policy = {policy: curves(policy) for policy in policies}
+    add("reuse rate", *(c["reuse_rate"].iloc[0] for c in by_policy[io_policy]), pp=True)
     for policy in policies:
         for capacity in capacities:
-            before, after = (c.loc[capacity] for c in curves[policy])
+            before, after = (c.loc[capacity] for c in by_policy[policy])
             add("hit rate", before["hit_rate"], after["hit_rate"], policy, capacity, pp=True)
+    io = {label: curves(io_policy, speed) for label, speed in profiles}
     for capacity in capacities:
-        before, after = (c.loc[capacity] for c in curves[io_policy])
+        before, after = (c.loc[capacity] for c in by_policy[io_policy])
         if pd.isna(before["bytes_per_token"]) or pd.isna(after["bytes_per_token"]):
             continue
         add("MiB per token", before["bytes_per_token"] / 2**20, after["bytes_per_token"] / 2**20,
             io_policy, capacity)
-        for label, speed in profiles:
-            io_before = before["bytes_per_token"] / speed * 1e3
-            io_after = after["bytes_per_token"] / speed * 1e3
+        for label, _ in profiles:
+            io_before, io_after = (1e3 * c.loc[capacity, "io_seconds_per_token"] for c in io[label])
             add("I/O ms per token", io_before, io_after, io_policy, capacity, label)
             if compute_ms is not None:
                 add("decode speedup", 1.0, (compute_ms + io_before) / (compute_ms + io_after),

@@ -10,6 +10,13 @@ biased scores become the new routing (ties -> smallest id). Two notions of favou
   experts resident in a simulated per-layer LRU cache of ``capacity`` experts, fed with
   the new routing under the semantics of docs/semantics.md.
 
+The cache mode keeps its own small LRU (:func:`_lru_admit`) rather than the ``lru``
+policy kernel: routing step t needs the residents after step t - 1, and the new routing
+of step t decides what step t + 1 sees, so the cache must advance one step at a time
+inside the routing loop. The policy kernels replay a whole, known request stream in one
+call and expose no state between steps; calling one per step would cost O(T^2). The
+tests check this LRU against the slow reference's semantics (tests/test_reroute.py).
+
 History only comes from earlier steps, never from tokens of the same step. Fidelity
 compares the new routing with the original: ``overlap`` is the mean share of a token's
 original K experts that are kept, and ``gate_mass`` the mean share of the original
@@ -29,6 +36,7 @@ from numba import njit
 from .errors import MoecacheError
 from .trace import Trace
 from .units import INT64_MAX
+from .validate import check_capacity
 
 MODES = ("recent", "cache")
 
@@ -127,7 +135,7 @@ def reroute(
     if mode == "recent" and capacity is not None:
         raise MoecacheError("a capacity only applies to cache-aware rerouting (mode cache); "
                             "recent mode uses the window")
-    if mode == "cache" and (capacity is None or not trace.top_k <= capacity <= INT64_MAX):
+    if mode == "cache" and (capacity is None or check_capacity(capacity) < trace.top_k):
         raise MoecacheError(f"cache-aware rerouting needs a capacity >= K = {trace.top_k}, got {capacity}")
     try:
         routed = _reroute(trace.logits.astype(np.float32), trace.step_starts(), trace.top_k,
