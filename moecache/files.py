@@ -5,6 +5,9 @@ Writers hold an exclusive lock on their output for the whole write, write to a
 temporary file beside it and rename it into place, and report an operating-system
 failure (unwritable folder, full disk) as one line naming the path and the reason.
 
+A folder (a model checkpoint) is written the same way: filled as a hidden staging
+folder beside it, then renamed into place (:func:`atomic_folder`).
+
 The lock is ``fcntl.flock`` on a hidden file ``.<name>.lock`` beside the output. The
 kernel releases it when its holder dies, so a killed writer never blocks the next one;
 the holder removes the file when it is done. A killed writer leaves an empty lock file
@@ -18,6 +21,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -132,10 +136,15 @@ def atomic_target(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
+    _usual_mode(tmp, 0o666)  # mkstemp makes 0600; the final file gets the usual mode
+    return Path(tmp)
+
+
+def _usual_mode(path: str | os.PathLike, mode: int) -> None:
+    """Give a private temporary file or folder ``mode`` less the process's umask."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual mode
-    return Path(tmp)
+    os.chmod(path, mode & ~umask)
 
 
 def remove_stale_temps(path: Path) -> None:
@@ -160,3 +169,40 @@ def atomic_write(path: Path, *, name: str | os.PathLike | None = None) -> Iterat
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path`` to fill; on success it is renamed onto
+    ``path``, on any failure it is removed and ``path`` is left as it was. An existing
+    ``path`` is replaced only with ``overwrite`` (moved aside first, put back if the
+    rename fails). The write lock of ``path`` is held throughout."""
+    path = Path(path)
+    with output_lock(path):
+        with write_errors(path):
+            staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent))
+            _usual_mode(staging, 0o777)  # mkdtemp makes 0700
+        try:
+            yield staging
+            with write_errors(path):
+                _replace_folder(staging, path, overwrite=overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _replace_folder(staging: Path, path: Path, *, overwrite: bool) -> None:
+    if not path.exists():
+        os.rename(staging, path)
+        return
+    if not overwrite:
+        raise MoecacheError(f"{path}: already exists (pass --force to overwrite)")
+    backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.rmdir(backup)
+    os.rename(path, backup)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(backup, path)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

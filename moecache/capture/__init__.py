@@ -7,8 +7,9 @@ Needs the ``capture`` extra (torch, transformers); importing this package does n
 import them.
 """
 
-from .driver import capture, capture_model, default_out, encode_prompts, load_model
+from .driver import capture, capture_model, default_out, encode_prompts
 from .prompts import Prompts, load_prompts
+from .torch_env import load_model
 
 __all__ = [
     "Prompts",

@@ -40,24 +40,14 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import MoecacheError
-from ..files import first_line
+from ..remoe.checkpoint import router_label as default_router_label
 from ..trace_format import DECODE, PREFILL, build_meta, now_iso
 from ..trace_io import TraceWriter, check_output
 from ..units import check_seed
 from .prompts import Prompts, load_prompts
+from .torch_env import dtype_name, input_device, load_model, require_torch, seed_torch
 
 MODES = ("generate", "forward")
-DTYPES = {
-    "auto": "auto",
-    "float32": "float32", "fp32": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
-
-
-# written by ``moecache remoe finetune`` into its output folder; a capture of such a
-# folder is labelled "remoe" unless told otherwise
-REMOE_META = "remoe.json"
 
 
 def capture(
@@ -105,7 +95,7 @@ def capture(
     out = default_out(model_path, mode) if out is None else Path(out)
     check_output(out, overwrite=overwrite, streaming=True)
     if router_label is None:
-        router_label = "remoe" if (Path(model_path) / REMOE_META).is_file() else "baseline"
+        router_label = default_router_label(model_path)
     model, tokenizer = load_model(model_path, device=device, dtype=dtype)
     return capture_model(
         model, tokenizer, prompt_set, out, mode=mode, max_new_tokens=max_new_tokens,
@@ -134,7 +124,7 @@ def capture_model(
     model_name: str | None = None,
 ) -> Path:
     """:func:`capture` for a model and tokenizer already loaded (puts the model in eval mode)."""
-    torch = _torch()
+    torch = require_torch()
     from tqdm.auto import tqdm
 
     from .recorder import RoutingRecorder
@@ -152,7 +142,7 @@ def capture_model(
                  batch_size=batch_size, do_sample=do_sample, seed=seed,
                  chat_template=chat_template, router_label=router_label,
                  model_name=model_name, eos=eos)
-    torch.manual_seed(seed)
+    seed_torch(seed)
     session_type = _GenerateSession if mode == "generate" else _ForwardSession
     total = None if mode == "generate" else sum(len(t) for t in token_lists)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"capture {mode}",
@@ -189,8 +179,7 @@ def check_options(*, mode: str = "generate", max_new_tokens: int = 1, batch_size
         raise MoecacheError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise MoecacheError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    if str(dtype).removeprefix("torch.") not in DTYPES:
-        raise MoecacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype_name(dtype)
 
 
 def default_out(model_path: str | os.PathLike, mode: str = "generate") -> Path:
@@ -200,56 +189,6 @@ def default_out(model_path: str | os.PathLike, mode: str = "generate") -> Path:
     if path.parent.name == "snapshots":  # HF cache: models--Org--Name/snapshots/<sha>
         name = path.parent.parent.name.split("--")[-1] or name
     return Path("traces") / f"{name}{'-forward' if mode == 'forward' else ''}.parquet"
-
-
-def resolve_device(device: str):
-    torch = _torch()
-    device = str(device)
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise MoecacheError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise MoecacheError(f"--device {device}: no CUDA device is available")
-    return resolved
-
-
-def load_model(model_path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) from a local folder or the local Hugging Face cache, never the hub."""
-    torch = _torch()
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise MoecacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    torch_dtype = "auto" if DTYPES[name] == "auto" else getattr(torch, DTYPES[name])
-    target = resolve_device(device)
-    source = str(model_path)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": True}
-    if target.type == "cuda":
-        kwargs["device_map"] = str(target)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
-            # transformers builds an empty tokenizer when the folder has no tokenizer files
-            raise MoecacheError(f"{source}: the tokenizer is missing (its vocabulary holds only special "
-                                "tokens): copy the model's tokenizer files (tokenizer.json, ...) into it")
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except MoecacheError:
-        raise
-    except (OSError, ValueError, KeyError, SafetensorError) as err:  # missing, truncated, corrupt
-        where = "" if Path(source).exists() else " (not a local folder nor in the local HF cache)"
-        raise MoecacheError(f"{source}: cannot load model{where}: {first_line(err)}") from None
-    if target.type != "cuda":
-        model.to(target)
-    model.eval()
-    return model, tokenizer
 
 
 def encode_prompts(tokenizer: Any, texts: Sequence[str], *, chat_template: bool = False
@@ -293,7 +232,7 @@ class _Session:
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
         self.pad = _pad_id(model, tokenizer)
-        self.device = _input_device(model)
+        self.device = input_device(model)
         self.step = 0
         self.pending: deque = deque()
         self._drained_at = time.monotonic()
@@ -379,7 +318,7 @@ class _GenerateSession(_Session):
             handle.remove()
 
     def run_batch(self, seqs: np.ndarray, token_lists: list[list[int]]) -> None:
-        torch = _torch()
+        torch = require_torch()
         batch = _Batch(seqs, token_lists, left=True, pad=self.pad)
         self._batch = batch
         self.model.generate(
@@ -490,7 +429,7 @@ class _ForwardSession(_Session):
     """Teacher forcing: one forward per batch, each real token its own step."""
 
     def run_batch(self, seqs: np.ndarray, token_lists: list[list[int]]) -> None:
-        torch = _torch()
+        torch = require_torch()
         batch = _Batch(seqs, token_lists, left=False, pad=self.pad)
         kwargs: dict[str, Any] = {"use_cache": False}
         if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
@@ -563,11 +502,6 @@ def _pad_id(model, tokenizer) -> int:
     return int(eos[0]) if len(eos) else 0
 
 
-def _input_device(model):
-    embeddings = model.get_input_embeddings()
-    return embeddings.weight.device
-
-
 def _meta(model, info, prompts: Prompts, *, mode, max_new_tokens, batch_size, do_sample, seed,
           chat_template, router_label, model_name, eos) -> dict[str, Any]:
     import torch
@@ -598,7 +532,7 @@ def _meta(model, info, prompts: Prompts, *, mode, max_new_tokens, batch_size, do
             "seed": seed,
             "chat_template": bool(chat_template),
             "eos_token_id": [int(e) for e in eos],
-            "device": str(_input_device(model)),
+            "device": str(input_device(model)),
             "router_module": info.router_class,
             "router_path": info.router_path,
             "moecache_version": __version__,
@@ -619,13 +553,3 @@ def _revision(config, name: str) -> str | None:
     if path.parent.name == "snapshots":  # a Hugging Face cache snapshot folder
         return path.name
     return None
-
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise MoecacheError("capture needs PyTorch and transformers: "
-                            "pip install 'moecache[capture]'") from None
-    return torch

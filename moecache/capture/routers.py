@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import MoecacheError
+from .torch_env import input_device, text_config
 
 ROUTER_NAMES = ("gate", "router")
 # config attributes, in order of preference
@@ -118,9 +119,7 @@ def parse_router_output(output: Any) -> RouterOutput | None:
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder layer list of a causal LM and its qualified name."""
-    config = getattr(model, "config", None)
-    text_config = _text_config(config)
-    expected = getattr(text_config, "num_hidden_layers", None)
+    expected = getattr(text_config(getattr(model, "config", None)), "num_hidden_layers", None)
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if isinstance(layers, nn.ModuleList) and len(layers):
@@ -166,7 +165,7 @@ def find_routers(model: nn.Module, *, probe_token: int = 0) -> MoeModelInfo:
         def hook(_module, _args, output, number=number):
             outputs.setdefault(number, output)
         handles.append(module.register_forward_hook(hook))
-    device = _input_device(model)
+    device = input_device(model)
     try:
         with torch.no_grad():
             model(input_ids=torch.full((1, 2), probe_token, dtype=torch.long, device=device),
@@ -248,7 +247,7 @@ def routed_expert_bytes(block: nn.Module, num_experts: int) -> int | None:
 
 def count_shared_experts(config: Any, block: nn.Module) -> int:
     """Shared (always active) experts per MoE layer, per the config; 1 if only a module says so."""
-    config = _text_config(config)
+    config = text_config(config)
     for key in _SHARED_KEYS:
         value = _get(config, key)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -261,7 +260,7 @@ def count_shared_experts(config: Any, block: nn.Module) -> int:
 
 def config_value(config: Any, keys: tuple[str, ...]) -> int | None:
     """The first integer config attribute among ``keys`` (text config of multimodal models)."""
-    config = _text_config(config)
+    config = text_config(config)
     for key in keys:
         value = _get(config, key)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -302,21 +301,7 @@ def _describe(output: Any) -> str:
     return type(output).__name__
 
 
-def _text_config(config: Any) -> Any:
-    if config is None:
-        return None
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
 def _arch(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     names = getattr(config, "architectures", None) or [type(model).__name__]
     return str(names[0])
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and hasattr(embeddings, "weight"):
-        return embeddings.weight.device
-    return next(model.parameters()).device

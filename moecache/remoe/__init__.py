@@ -14,10 +14,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..errors import MoecacheError
-
 _EXPORTS = {
     "FinetuneReport": "train",
+    "FinetuneSettings": "train",
     "finetune": "train",
     "finetune_model": "train",
     "locality_loss": "train",
@@ -38,9 +37,10 @@ def __getattr__(name: str) -> Any:
     try:
         loaded = importlib.import_module(f".{module}", __name__)
     except ImportError as err:
-        if err.name in ("torch", "transformers", "tokenizers", "safetensors"):
-            raise MoecacheError("remoe needs PyTorch and transformers: "
-                                "pip install 'moecache[capture]'") from None
+        from ..capture.torch_env import TORCH_PACKAGES, missing_torch
+
+        if err.name in TORCH_PACKAGES:
+            raise missing_torch("remoe") from None
         raise
     value = getattr(loaded, name)
     globals()[name] = value

@@ -59,11 +59,9 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +70,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._version import __version__
-from ..capture.driver import DTYPES, REMOE_META, load_model
 from ..capture.routers import MoeModelInfo, RouterOutput, find_routers, parse_router_output
+from ..capture.torch_env import dtype_name, input_device, load_model, seed_torch, text_config
 from ..errors import MoecacheError
+from ..files import atomic_folder
 from ..units import check_seed
+from .checkpoint import checkpoint_meta, write_meta
 from .data import load_texts, pack_blocks
 
 # Router parameters that models update by a non-gradient rule (aux-loss-free load
@@ -134,46 +133,98 @@ class FinetuneReport:
         return out
 
 
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The knobs of one fine-tuning run (module docstring: the objective).
+
+    ``locality_weight`` (L_loc), ``window`` (w, previous tokens whose experts count as
+    recent), ``kl_weight`` (the anchor), ``lm_weight`` (next-token loss on the data; with 0,
+    the KL anchor alone guards quality), ``steps`` (optimiser steps of ``batch_size``
+    blocks, drawn in a seeded random order, a new permutation each pass over the data),
+    ``lr`` (AdamW), ``seq_len`` (tokens per packed block), ``seed`` (batch order and
+    torch), ``log_every`` (steps per logged interval).
+    """
+
+    locality_weight: float = 1.0
+    window: int = 1
+    kl_weight: float = 1.0
+    lm_weight: float = 1.0
+    steps: int = 200
+    lr: float = 1e-3
+    seq_len: int = 128
+    batch_size: int = 4
+    seed: int = 0
+    log_every: int = 10
+
+    @classmethod
+    def of(cls, settings: FinetuneSettings | None, knobs: dict[str, Any], caller: str) -> FinetuneSettings:
+        """``settings`` (default: the defaults) with the keyword ``knobs`` of ``caller`` over
+        them, checked."""
+        unknown = sorted(set(knobs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+        return replace(settings or cls(), **knobs).check()
+
+    def check(self) -> FinetuneSettings:
+        """These settings with the weights and ``lr`` as floats; a one-line
+        :class:`MoecacheError` for an impossible knob."""
+        check_seed(self.seed)
+        for flag, value in (("--locality-weight", self.locality_weight), ("--kl-weight", self.kl_weight),
+                            ("--lm-weight", self.lm_weight)):
+            if not _real(value) or value < 0:
+                raise MoecacheError(f"{flag} must be a finite number >= 0, got {value!r}")
+        if self.locality_weight == 0 and self.kl_weight == 0 and self.lm_weight == 0:
+            raise MoecacheError("all loss weights are 0: nothing to train")
+        for flag, value, low in (("--window", self.window, 1), ("--steps", self.steps, 1),
+                                 ("--seq-len", self.seq_len, 2), ("--batch-size", self.batch_size, 1),
+                                 ("--log-every", self.log_every, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise MoecacheError(f"{flag} must be an integer >= {low}, got {value!r}")
+        if not _real(self.lr) or self.lr <= 0:
+            raise MoecacheError(f"--lr must be a finite number > 0, got {self.lr!r}")
+        return replace(self, locality_weight=float(self.locality_weight), kl_weight=float(self.kl_weight),
+                       lm_weight=float(self.lm_weight), lr=float(self.lr))
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each loss term, by the names :func:`_loss_terms` gives them."""
+        return {"lm": self.lm_weight, "kl": self.kl_weight, "locality": self.locality_weight}
+
+
 # -- the command's entry point ---------------------------------------------------------------
 
 def finetune(
     model_path: str | os.PathLike,
     data: str | os.PathLike | Sequence[str],
     out_dir: str | os.PathLike,
+    settings: FinetuneSettings | None = None,
     *,
-    locality_weight: float = 1.0,
-    window: int = 1,
-    kl_weight: float = 1.0,
-    lm_weight: float = 1.0,
-    steps: int = 200,
-    lr: float = 1e-3,
-    seq_len: int = 128,
-    batch_size: int = 4,
     device: str = "auto",
-    seed: int = 0,
     dtype: str = "float32",
     save_dtype: str | None = None,
-    log_every: int = 10,
     progress: bool = True,
     overwrite: bool = False,
+    **knobs: Any,
 ) -> FinetuneReport:
     """Fine-tune the routers of the local MoE model at ``model_path`` and save it to ``out_dir``.
 
     ``data`` is a text or JSONL file (see :mod:`moecache.remoe.data`) or a list of
-    strings. The model is loaded exactly as ``moecache capture`` loads it
+    strings. ``settings`` holds the knobs of the run; any of them may also be given as a
+    keyword (``steps=50``), over ``settings`` or the defaults (:class:`FinetuneSettings`).
+    The model is loaded exactly as ``moecache capture`` loads it
     (:func:`moecache.capture.load_model`: local folder or local HF cache, ``device``
     auto|cpu|cuda[:N], ``dtype`` float32 by default because router updates are small
-    relative to bfloat16's resolution). The objective and its knobs are described in
-    the module docstring and :func:`finetune_model`.
+    relative to bfloat16's resolution).
 
     ``out_dir`` receives a normal Hugging Face checkpoint (``save_pretrained`` of the
     model, in the training dtype unless ``save_dtype`` says float32|float16|bfloat16,
     and of the tokenizer), loadable by ``from_pretrained`` and ``moecache capture``,
-    plus ``remoe.json`` (settings, base model, trained parameter names, metrics) and
-    ``train_log.jsonl`` (one line per logged interval). Everything is written into a
-    hidden temporary folder beside ``out_dir`` and renamed into place at the end, so a
-    crash never leaves a half-written checkpoint; an existing ``out_dir`` is replaced
-    only with ``overwrite=True`` (``--force``).
+    plus ``remoe.json`` (:mod:`moecache.remoe.checkpoint`: settings, base model, trained
+    parameter names, metrics) and ``train_log.jsonl`` (one line per logged interval).
+    Everything is written into a hidden staging folder beside ``out_dir`` and renamed into
+    place at the end (:func:`moecache.files.atomic_folder`), so a crash never leaves a
+    half-written checkpoint; an existing ``out_dir`` is replaced only with
+    ``overwrite=True`` (``--force``).
 
     Ctrl-C (KeyboardInterrupt, or SIGTERM where the caller turns it into one) during
     training stops after the current step, saves the routers trained so far with
@@ -182,43 +233,27 @@ def finetune(
     before the first completed step, or while saving, leaves nothing and propagates.
     Bad input raises :class:`MoecacheError` with a one-line message.
     """
-    check_options(locality_weight=locality_weight, window=window, kl_weight=kl_weight,
-                  lm_weight=lm_weight, steps=steps, lr=lr, seq_len=seq_len,
-                  batch_size=batch_size, log_every=log_every, seed=seed)
-    if str(dtype).removeprefix("torch.") not in DTYPES:
-        raise MoecacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if save_dtype is not None and DTYPES.get(str(save_dtype).removeprefix("torch.")) not in SAVE_DTYPES:
-        raise MoecacheError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
+    settings = FinetuneSettings.of(settings, knobs, "finetune")
+    dtype_name(dtype)
+    saved = None if save_dtype is None else dtype_name(save_dtype, "--save-dtype", SAVE_DTYPES)
     out_dir = Path(out_dir)
     _check_out(out_dir, model_path, overwrite=overwrite)
     texts = load_texts(data)
     source, digest = _data_source(data)
     model, tokenizer = load_model(model_path, device=device, dtype=dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".remoe-tmp", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the checkpoint gets the usual mode
-    try:
-        report = finetune_model(
-            model, tokenizer, texts, locality_weight=locality_weight, window=window,
-            kl_weight=kl_weight, lm_weight=lm_weight, steps=steps, lr=lr, seq_len=seq_len,
-            batch_size=batch_size, seed=seed, log_every=log_every, progress=progress,
-            log_path=staging / LOG_NAME, source=source)
+    with atomic_folder(out_dir, overwrite=overwrite) as staging:
+        report = finetune_model(model, tokenizer, texts, settings, progress=progress,
+                                log_path=staging / LOG_NAME, source=source)
         if report.steps == 0:
             raise KeyboardInterrupt  # interrupted before anything was learned: nothing to save
         report.settings.update(base_model=str(model_path), data=source, data_sha256=digest,
-                               device=str(_input_device(model)), dtype=str(dtype),
+                               device=str(input_device(model)), dtype=str(dtype),
                                save_dtype=save_dtype)
-        if save_dtype is not None:
-            cast_for_saving(model, getattr(torch, DTYPES[str(save_dtype).removeprefix("torch.")]))
+        if saved is not None:
+            cast_for_saving(model, getattr(torch, saved))
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _write_json(staging / REMOE_META, _remoe_meta(model, report))
-        _commit(staging, out_dir, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_meta(staging, checkpoint_meta(model, report))
     report.out_dir = out_dir
     return report
 
@@ -229,129 +264,57 @@ def finetune_model(
     model: nn.Module,
     tokenizer: Any,
     data: str | os.PathLike | Sequence[str] | np.ndarray | torch.Tensor,
+    settings: FinetuneSettings | None = None,
     *,
-    locality_weight: float = 1.0,
-    window: int = 1,
-    kl_weight: float = 1.0,
-    lm_weight: float = 1.0,
-    steps: int = 200,
-    lr: float = 1e-3,
-    seq_len: int = 128,
-    batch_size: int = 4,
-    seed: int = 0,
-    log_every: int = 10,
     progress: bool = True,
     log_path: str | os.PathLike | None = None,
     source: str = "training data",
+    **knobs: Any,
 ) -> FinetuneReport:
     """Fine-tune the routers of a loaded model in place (no saving); returns the report.
 
     ``data``: a data file, a list of strings (packed into ``seq_len`` blocks with
     ``tokenizer``), or token blocks already packed, an integer array (n, T) (then
-    ``tokenizer`` may be None and ``seq_len`` is T).
+    ``tokenizer`` may be None and ``seq_len`` is T). ``settings`` and keyword ``knobs``:
+    as for :func:`finetune`.
 
-    Knobs: ``locality_weight`` (L_loc), ``window`` (w, previous tokens whose experts
-    count as recent), ``kl_weight`` (anchor), ``lm_weight`` (next-token loss on the data; with
-    0, the KL anchor alone guards quality), ``steps`` (optimiser steps of ``batch_size`` blocks, drawn
-    in a seeded random order, a new permutation each pass over the data), ``lr``
-    (AdamW), ``seed``. Every ``log_every`` steps (and at the last) the interval means of
-    the loss terms and the running reuse rates are appended to ``log_path`` (JSONL) and
-    shown on the progress bar. All three terms are logged whatever their weights; only
-    weighted terms are back-propagated.
+    Every ``log_every`` steps (and at the last) the interval means of the loss terms and
+    the running reuse rates are appended to ``log_path`` (JSONL) and shown on the progress
+    bar. All three terms are logged whatever their weights; only weighted terms are
+    back-propagated.
 
     On return every parameter's ``requires_grad`` is as before and the model is in
     eval mode. A KeyboardInterrupt stops training after the current step and returns
     the report with ``interrupted=True`` (evaluation skipped).
     """
-    check_options(locality_weight=locality_weight, window=window, kl_weight=kl_weight,
-                  lm_weight=lm_weight, steps=steps, lr=lr, seq_len=seq_len,
-                  batch_size=batch_size, log_every=log_every, seed=seed)
+    settings = FinetuneSettings.of(settings, knobs, "finetune_model")
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     model.eval()
     info = _find_routers(model, tokenizer)
-    blocks = _blocks(data, tokenizer, seq_len, max_blocks=steps * batch_size, source=source)
-    notes: list[str] = list(info.notes)
-    count, length = blocks.shape
-    _check_length(model, length)
-    if length < seq_len and not isinstance(data, (np.ndarray, torch.Tensor)):
-        notes.append(f"{source} has only {length} tokens: one block of {length} < seq_len {seq_len}")
-    if count < batch_size:
-        notes.append(f"{source} gives {count} block(s) of {length} tokens: batch size {count}")
-    batch_size = min(batch_size, count)
-    trainable = router_parameters(model, info)
-    settings = dict(locality_weight=float(locality_weight), window=int(window),
-                    kl_weight=float(kl_weight), lm_weight=float(lm_weight), steps=int(steps),
-                    lr=float(lr), seq_len=int(length), batch_size=int(batch_size), seed=int(seed),
-                    optimizer="AdamW(weight_decay=0)", max_grad_norm=MAX_GRAD_NORM,
-                    blocks=int(count), num_experts=info.num_experts, top_k=info.top_k,
-                    moe_layers=info.moe_layers, router_path=info.router_path)
-    report = FinetuneReport(steps=0, interrupted=False, settings=settings,
-                            router_parameters=list(trainable),
-                            num_trainable=sum(p.numel() for p in trainable.values()),
-                            score_kind="", notes=notes)
-    device = _input_device(model)
-    weights = {"lm": float(lm_weight), "kl": float(kl_weight), "locality": float(locality_weight)}
+    blocks = _blocks(data, tokenizer, settings.seq_len, max_blocks=settings.steps * settings.batch_size,
+                     source=source)
+    run, trainable, report = _prepare(model, info, blocks, settings,
+                                      packed=isinstance(data, (np.ndarray, torch.Tensor)), source=source)
     originals = {name: p.detach().clone() for name, p in trainable.items()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     log_file = None if log_path is None else open(log_path, "a", encoding="utf-8")
-    bar = tqdm(total=steps, desc="remoe finetune", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=run.steps, desc="remoe finetune", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         for param in model.parameters():
             param.requires_grad_(False)
         for param in trainable.values():
             param.requires_grad_(True)
-        optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=0.0)
-        torch.manual_seed(seed)
-        order = _batch_order(count, batch_size, seed)
-        window_sums = _Sums()
         with _RouterTap(info.sites) as tap:
-            kinds: list[str] | None = None
             try:
-                for step in range(1, steps + 1):
-                    ids = torch.from_numpy(blocks[next(order)]).to(device)
-                    with torch.no_grad():
-                        ref_logits = _reference_forward(model, originals, ids)
-                        ref_routes = tap.take(ids.shape)
-                        ref_logp = ref_logits.float().log_softmax(-1)
-                        del ref_logits
-                    if kinds is None:
-                        kinds = [score_kind(route, site.module)
-                                 for route, site in zip(ref_routes, info.sites, strict=True)]
-                        report.score_kind = ",".join(sorted(set(kinds)))
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    routes = tap.take(ids.shape)
-                    terms = _loss_terms(logits, ref_logp, ids, routes, kinds, window)
-                    del logits, ref_logp
-                    loss = sum(weights[name] * value for name, value in terms.items() if weights[name] > 0)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(list(trainable.values()), MAX_GRAD_NORM)
-                    optimizer.step()
-                    report.steps = step
-                    window_sums.add(terms, float(loss.detach()), _reuse_counts(routes, ids.shape),
-                                    _reuse_counts(ref_routes, ids.shape), ids.numel())
-                    if step % log_every == 0 or step == steps:
-                        record = window_sums.record(step, lr, time.perf_counter() - started)
-                        report.history.append(record)
-                        if log_file is not None:
-                            log_file.write(json.dumps(record) + "\n")
-                            log_file.flush()
-                        bar.set_postfix(lm=f"{record['lm']:.3f}", kl=f"{record['kl']:.4f}",
-                                        loc=f"{record['locality']:.3f}",
-                                        reuse=f"{record['reuse']:.3f}", refresh=False)
-                    bar.update(1)
+                _train(model, tap, blocks, trainable, originals, run, report,
+                       log=lambda record: _log(report, record, log_file), bar=bar, started=started)
             except KeyboardInterrupt:
                 report.interrupted = True
-                if window_sums.steps:
-                    record = window_sums.record(report.steps, lr, time.perf_counter() - started)
-                    report.history.append(record)
-                    if log_file is not None:
-                        log_file.write(json.dumps(record) + "\n")
             if not report.interrupted:
                 try:
-                    report.eval = _evaluate(model, originals, blocks[:EVAL_BLOCKS], tap, batch_size)
+                    report.eval = _evaluate(model, originals, blocks[:EVAL_BLOCKS], tap, run.batch_size)
                 except KeyboardInterrupt:
                     report.interrupted = True
     finally:
@@ -366,23 +329,84 @@ def finetune_model(
     return report
 
 
-def check_options(*, locality_weight: float = 1.0, window: int = 1, kl_weight: float = 1.0,
-                  lm_weight: float = 1.0, steps: int = 1, lr: float = 1e-3, seq_len: int = 128,
-                  batch_size: int = 1, log_every: int = 1, seed: int = 0) -> None:
-    """One-line :class:`MoecacheError` for an impossible knob."""
-    check_seed(seed)
-    for flag, value in (("--locality-weight", locality_weight), ("--kl-weight", kl_weight),
-                        ("--lm-weight", lm_weight)):
-        if not _real(value) or value < 0:
-            raise MoecacheError(f"{flag} must be a finite number >= 0, got {value!r}")
-    if locality_weight == 0 and kl_weight == 0 and lm_weight == 0:
-        raise MoecacheError("all loss weights are 0: nothing to train")
-    for flag, value, low in (("--window", window, 1), ("--steps", steps, 1), ("--seq-len", seq_len, 2),
-                             ("--batch-size", batch_size, 1), ("--log-every", log_every, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise MoecacheError(f"{flag} must be an integer >= {low}, got {value!r}")
-    if not _real(lr) or lr <= 0:
-        raise MoecacheError(f"--lr must be a finite number > 0, got {lr!r}")
+def _prepare(model: nn.Module, info: MoeModelInfo, blocks: np.ndarray, settings: FinetuneSettings, *,
+             packed: bool, source: str
+             ) -> tuple[FinetuneSettings, dict[str, nn.Parameter], FinetuneReport]:
+    """The settings the run really uses (block length and batch size the data allow), the
+    parameters it trains and its report, before the first step."""
+    notes: list[str] = list(info.notes)
+    count, length = blocks.shape
+    _check_length(model, length)
+    if length < settings.seq_len and not packed:
+        notes.append(f"{source} has only {length} tokens: one block of {length} < seq_len {settings.seq_len}")
+    if count < settings.batch_size:
+        notes.append(f"{source} gives {count} block(s) of {length} tokens: batch size {count}")
+    run = replace(settings, seq_len=int(length), batch_size=min(settings.batch_size, count))
+    trainable = router_parameters(model, info)
+    record = {**asdict(run), "optimizer": "AdamW(weight_decay=0)", "max_grad_norm": MAX_GRAD_NORM,
+              "blocks": int(count), "num_experts": info.num_experts, "top_k": info.top_k,
+              "moe_layers": info.moe_layers, "router_path": info.router_path}
+    report = FinetuneReport(steps=0, interrupted=False, settings=record, router_parameters=list(trainable),
+                            num_trainable=sum(p.numel() for p in trainable.values()), score_kind="",
+                            notes=notes)
+    return run, trainable, report
+
+
+def _train(model: nn.Module, tap: _RouterTap, blocks: np.ndarray, trainable: dict[str, nn.Parameter],
+           originals: dict[str, torch.Tensor], run: FinetuneSettings, report: FinetuneReport, *,
+           log: Callable[[dict[str, Any]], None], bar: Any, started: float) -> None:
+    """The optimisation steps, counted in ``report.steps``. A KeyboardInterrupt propagates
+    after logging the steps of the unfinished interval."""
+    device = input_device(model)
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=run.lr, weight_decay=0.0)
+    seed_torch(run.seed)
+    order = _batch_order(len(blocks), run.batch_size, run.seed)
+    weights = run.loss_weights
+    sums = _Sums()
+    kinds: list[str] | None = None
+    try:
+        for step in range(1, run.steps + 1):
+            ids = torch.from_numpy(blocks[next(order)]).to(device)
+            with torch.no_grad():
+                ref_logits = _reference_forward(model, originals, ids)
+                ref_routes = tap.take(ids.shape)
+                ref_logp = ref_logits.float().log_softmax(-1)
+                del ref_logits
+            if kinds is None:
+                kinds = [score_kind(route, site.module)
+                         for route, site in zip(ref_routes, tap.sites, strict=True)]
+                report.score_kind = ",".join(sorted(set(kinds)))
+            logits = model(input_ids=ids, use_cache=False).logits
+            routes = tap.take(ids.shape)
+            terms = _loss_terms(logits, ref_logp, ids, routes, kinds, run.window)
+            del logits, ref_logp
+            loss = sum(weights[name] * value for name, value in terms.items() if weights[name] > 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(list(trainable.values()), MAX_GRAD_NORM)
+            optimizer.step()
+            report.steps = step
+            sums.add(terms, float(loss.detach()), _reuse_counts(routes, ids.shape),
+                     _reuse_counts(ref_routes, ids.shape), ids.numel())
+            if step % run.log_every == 0 or step == run.steps:
+                record = sums.record(step, run.lr, time.perf_counter() - started)
+                log(record)
+                bar.set_postfix(lm=f"{record['lm']:.3f}", kl=f"{record['kl']:.4f}",
+                                loc=f"{record['locality']:.3f}", reuse=f"{record['reuse']:.3f}",
+                                refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        if sums.steps:
+            log(sums.record(report.steps, run.lr, time.perf_counter() - started))
+        raise
+
+
+def _log(report: FinetuneReport, record: dict[str, Any], log_file: Any) -> None:
+    """Keep a logged interval in the report and append it to the log file (if any)."""
+    report.history.append(record)
+    if log_file is not None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
 
 
 # -- routers -----------------------------------------------------------------------------------
@@ -442,7 +466,7 @@ def measure_reuse(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> f
         raise MoecacheError(f"measure_reuse: expected token ids of shape (n, T>=2), got {tuple(ids.shape)}")
     model.eval()
     info = _find_routers(model, None)
-    device = _input_device(model)
+    device = input_device(model)
     overlap = total = 0
     with _RouterTap(info.sites) as tap, torch.no_grad():
         for start in range(0, len(ids), batch_size):
@@ -586,7 +610,7 @@ def _evaluate(model, originals, blocks: np.ndarray, tap: _RouterTap, batch_size:
     sums = {"reuse_before": [0, 0], "reuse_after": [0, 0]}
     lm_before = lm_after = kl = 0.0
     tokens = predictions = 0
-    device = _input_device(model)
+    device = input_device(model)
     with torch.no_grad():
         for start in range(0, len(blocks), batch_size):
             ids = torch.from_numpy(blocks[start:start + batch_size]).to(device)
@@ -666,10 +690,7 @@ def _batch_order(count: int, batch_size: int, seed: int) -> Iterator[np.ndarray]
 
 
 def _check_length(model: nn.Module, length: int) -> None:
-    config = getattr(model, "config", None)
-    get = getattr(config, "get_text_config", None)
-    config = get() if callable(get) else config
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = getattr(text_config(getattr(model, "config", None)), "max_position_embeddings", None)
     if isinstance(limit, int) and length > limit:
         raise MoecacheError(f"--seq-len {length} exceeds the model's max_position_embeddings {limit}")
 
@@ -683,71 +704,10 @@ def _check_out(out_dir: Path, model_path: str | os.PathLike, *, overwrite: bool)
         raise MoecacheError(f"{out_dir}: is the model folder itself; choose another --out")
 
 
-def _commit(staging: Path, out_dir: Path, *, overwrite: bool) -> None:
-    """Rename the finished staging folder onto ``out_dir`` (replacing it if allowed)."""
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-        return
-    if not overwrite:
-        raise MoecacheError(f"{out_dir}: already exists (pass --force to overwrite)")
-    backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.rmdir(backup)
-    os.rename(out_dir, backup)
-    try:
-        os.rename(staging, out_dir)
-    except BaseException:
-        os.rename(backup, out_dir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _remoe_meta(model: nn.Module, report: FinetuneReport) -> dict[str, Any]:
-    import transformers
-
-    from ..trace import now_iso
-
-    config = model.config
-    return {
-        "format": "moecache-remoe",
-        "format_version": 1,
-        "router": "remoe",
-        "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
-        "model_type": getattr(config, "model_type", None),
-        "interrupted": report.interrupted,
-        "steps_done": report.steps,
-        "settings": report.settings,
-        "objective": "lm_weight*CE + kl_weight*KL(p_orig||p_new) + locality_weight*"
-                     "(-log q(recent experts)); no load-balancing loss",
-        "score_kind": report.score_kind,
-        "router_parameters": report.router_parameters,
-        "num_trainable": report.num_trainable,
-        "eval": report.eval,
-        "final": report.final,
-        "notes": report.notes,
-        "elapsed_s": report.elapsed_s,
-        "saved_dtype": str(model.dtype).removeprefix("torch."),
-        "moecache_version": __version__,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-        "date": now_iso(),
-    }
-
-
 def _data_source(data: Any) -> tuple[str, str | None]:
     if isinstance(data, (str, os.PathLike)):
         return str(data), hashlib.sha256(Path(data).read_bytes()).hexdigest()
     return "<list>", hashlib.sha256(json.dumps(list(data)).encode()).hexdigest()
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and hasattr(embeddings, "weight"):
-        return embeddings.weight.device
-    return next(model.parameters()).device
 
 
 def _real(value: Any) -> bool:
