@@ -41,7 +41,9 @@ def compare(
         raise MoecacheError(f"compute time per token (--compute-ms) must be a finite number > 0, "
                             f"got {compute_ms}")
     _check_compatible(base, remoe)
-    policies = [check_policy(policy) for policy in dict.fromkeys([*policies, io_policy])]
+    policies = list(dict.fromkeys([*policies, io_policy]))
+    for policy in policies:
+        check_policy(policy)
     plans = [plan_range(trace, io_policy, scope, capacities=capacities, per_token=per_token,
                         latency=latency) for trace in (base, remoe)]
     capacities = plans[0].capacities
