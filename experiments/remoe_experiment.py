@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_model  # noqa: E402
 
 from moecache.capture import capture, load_model  # noqa: E402
-from moecache.remoe import finetune_model, load_texts, measure_reuse  # noqa: E402
+from moecache.remoe import FinetuneSettings, finetune_model, load_texts, measure_reuse  # noqa: E402
 
 MC = str(Path(sys.executable).with_name("moecache"))
 
@@ -116,18 +117,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"baseline: held-out ppl {base['ppl']:.3f}, reuse {base['reuse']:.4f}", flush=True)
 
     rows, routers = [], {}
+    shared = FinetuneSettings(window=args.window, kl_weight=args.kl_weight, steps=args.steps, lr=args.lr,
+                              seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, log_every=10)
     for weight in [float(w) for w in args.weights.split(",")]:
         model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
         t0 = time.perf_counter()
-        report = finetune_model(model, tokenizer, train, locality_weight=weight, window=args.window,
-                                kl_weight=args.kl_weight, steps=args.steps, lr=args.lr,
-                                seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-                                log_every=10)
+        settings = dataclasses.replace(shared, locality_weight=weight)
+        report = finetune_model(model, tokenizer, train, settings)
         got = evaluate(model, held)
         routers[weight] = {n: p.detach().clone() for n, p in model.named_parameters()
                            if n in report.router_parameters}
-        rows.append(dict(locality_weight=weight, window=args.window, kl_weight=args.kl_weight,
-                         steps=args.steps, lr=args.lr, ppl=got["ppl"], reuse=got["reuse"],
+        rows.append(dict(locality_weight=weight, window=settings.window, kl_weight=settings.kl_weight,
+                         steps=settings.steps, lr=settings.lr, ppl=got["ppl"], reuse=got["reuse"],
                          ppl_change_pct=100 * (got["ppl"] / base["ppl"] - 1),
                          reuse_gain_pct=100 * (got["reuse"] / base["reuse"] - 1),
                          train_reuse_before=report.reuse_before, train_reuse_after=report.reuse_after,
