@@ -671,158 +671,211 @@ def _lists(arr: pa.Array, value_type: pa.DataType, fail: Callable[[str], str]
 def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Problems, *,
                skip_warmup: int, order: str, token_restarts: str, step_mode: str | None,
                num_experts: int | None, declared: np.ndarray | None) -> _Tokens:
-    cols = _Columns(table, src, mapping)
-    if step_mode in ("token", "prefill") and "step" in cols.mapping:
-        cols.ignored.append(cols.mapping.pop("step"))    # steps are derived: the column is unused
-    num_rows = table.num_rows
-    inferred: dict[str, str] = {}
-    row = np.arange(num_rows, dtype=np.int64)
-    token_field = "token" if "token" in cols.mapping else "pos"
-    if token_field == "pos":
-        inferred["token"] = f"tokens told apart by (seq, pos), from column {cols.mapping['pos']!r}"
+    """The tokens of a row log: its rows checked, grouped into tokens and ordered, stage by stage."""
+    log = _RowLog(table, src, mapping, problems, token_restarts=token_restarts, step_mode=step_mode,
+                  declared=declared)
+    log.drop_warmup_rows()
+    log.drop_other_layers()
+    log.number_tokens(order)
+    log.skip_first_tokens(skip_warmup)
+    log.read_routing(num_experts)
+    log.drop_uniform_tokens()
+    log.drop_conflicts()
+    log.drop_incomplete_tokens()
+    return log.tokens(order)
 
-    # 0. rows that are not routing rows (a header line, a profile record): skipped, counted
-    routing = _routing_rows(cols, token_field, problems)
-    layer, _ = cols.ints("layer", rows=routing)
-    tok, _ = cols.ints(token_field, rows=routing)
-    has_seq = "seq" in cols.mapping
-    if has_seq:
-        seq, seq_null, seq_labels, seq_shown = _seq_column(cols)
-    else:
-        seq, seq_null, seq_labels = np.zeros(num_rows, np.int64), np.zeros(num_rows, bool), None
-        seq_shown = None
-        inferred["seq"] = "one sequence (0) for every token"
-    batched = token_restarts == "batch"
-    batch = np.zeros(num_rows, np.int64)
 
-    def tok_desc(r: int) -> str:
-        where = ([f"seq {seq_shown(r)}"] if seq_shown else []) + ([f"batch {batch[r]}"] if batched else [])
-        return f"token {tok[r]}" + (f" ({', '.join(where)})" if where else "")
+class _RowLog:
+    """A row log on its way to tokens; each method is one stage of :func:`_from_rows`.
 
-    # 1. warm-up rows: no request (null or negative seq) or a negative token index
-    warm = routing & (seq_null | (seq < 0) | (tok < 0))
-    if warm.any():
-        at = int(np.argmax(warm))
-        problems.found("warmup", f"{_n(int(warm.sum()), 'warm-up row')} without a real request (null or "
-                       f"negative seq, or negative token; first: row {at + 1}, {tok_desc(at)})",
-                       rows=int(warm.sum()), tokens=None)
-    keep = routing & ~warm
-    if not keep.any():
-        raise MoecacheError(f"{src}: every routing row is a warm-up row: nothing left to import")
-    if declared is not None:
-        other = keep & ~np.isin(layer, declared)
-        if other.any():
-            at = int(np.argmax(other))
-            logged = np.unique(layer[other])
-            shown = ", ".join(map(str, logged[:10].tolist())) + (", ..." if len(logged) > 10 else "")
-            problems.found("other_layers", f"{_n(int(other.sum()), 'row')} of layers outside --layers "
-                           f"(layers {shown}; first: row {at + 1}, {tok_desc(at)}, layer {layer[at]})",
-                           rows=int(other.sum()), tokens=None)
-            keep &= ~other
-            if not keep.any():
-                raise MoecacheError(f"{src}: no row belongs to the layers given with --layers")
-    restarts, went_back = _batches(seq, layer, tok, keep)
-    if batched:
-        batch = restarts
+    Arrays have one entry per row of the log: ``keep`` marks the rows still in, ``tid``
+    numbers each row's token (-1: none) once :meth:`number_tokens` ran. Per-token arrays
+    are indexed by those numbers; ``token_order`` lists them in trace order.
+    """
 
-    # 2. tokens = distinct (seq, batch, token) keys, in trace order
-    idx = np.flatnonzero(keep)
-    by_key = idx[np.lexsort((row[idx], tok[idx], batch[idx], seq[idx]))]
-    new = np.ones(len(by_key), bool)
-    new[1:] = ((seq[by_key][1:] != seq[by_key][:-1]) | (batch[by_key][1:] != batch[by_key][:-1])
-               | (tok[by_key][1:] != tok[by_key][:-1]))
-    tid = np.full(num_rows, -1, np.int64)
-    tid[by_key] = np.cumsum(new) - 1
-    first_row = by_key[new]                      # each key's rows are sorted by row number
-    num_tokens = len(first_row)
-    per_token: dict[str, np.ndarray] = {}
-    keys: tuple[np.ndarray, ...] = (first_row,)
-    if order != "file":
-        keys += (tok[first_row], batch[first_row])
-    if order == "sequence":
-        _, seq_of = np.unique(seq[first_row], return_inverse=True)
-        seq_first = np.full(seq_of.max() + 1, num_rows, np.int64)
-        np.minimum.at(seq_first, seq_of, first_row)
-        keys += (seq_first[seq_of],)
-    if "time" in cols.mapping:
-        keys += (_per_token_min(_time_column(cols, keep), tid, idx, num_tokens),)
-    if "step" in cols.mapping:
-        per_token["step"] = cols.ints("step", rows=keep)[0]
-        keys += (_per_token_min(per_token["step"], tid, idx, num_tokens),)
-    token_order = np.lexsort(keys)
-    rank = np.empty(num_tokens, np.int64)
-    rank[token_order] = np.arange(num_tokens)
+    def __init__(self, table: pa.Table, src: str, mapping: dict[str, str], problems: _Problems, *,
+                 token_restarts: str, step_mode: str | None, declared: np.ndarray | None) -> None:
+        cols = _Columns(table, src, mapping)
+        if step_mode in ("token", "prefill") and "step" in cols.mapping:
+            cols.ignored.append(cols.mapping.pop("step"))    # steps are derived: the column is unused
+        self.cols, self.src, self.problems, self.declared = cols, src, problems, declared
+        self.num_rows = num_rows = table.num_rows
+        self.inferred: dict[str, str] = {}
+        self.row = np.arange(num_rows, dtype=np.int64)
+        self.token_field = "token" if "token" in cols.mapping else "pos"
+        if self.token_field == "pos":
+            self.inferred["token"] = f"tokens told apart by (seq, pos), from column {cols.mapping['pos']!r}"
+        # rows that are not routing rows (a header line, a profile record): skipped, counted
+        self.routing = _routing_rows(cols, self.token_field, problems)
+        self.layer, _ = cols.ints("layer", rows=self.routing)
+        self.tok, _ = cols.ints(self.token_field, rows=self.routing)
+        if "seq" in cols.mapping:
+            self.seq, self.seq_null, self.seq_labels, self.seq_shown = _seq_column(cols)
+        else:
+            self.seq, self.seq_null = np.zeros(num_rows, np.int64), np.zeros(num_rows, bool)
+            self.seq_labels, self.seq_shown = None, None
+            self.inferred["seq"] = "one sequence (0) for every token"
+        self.batched = token_restarts == "batch"
+        self.batch = np.zeros(num_rows, np.int64)
+        self.per_token: dict[str, np.ndarray] = {}   # per-row values that must agree within a token
 
-    def of_tokens(mask: np.ndarray) -> np.ndarray:
+    def tok_desc(self, r: int) -> str:
+        """Row ``r``'s token for messages: ``token 5 (seq 'a', batch 1)``."""
+        where = (([f"seq {self.seq_shown(r)}"] if self.seq_shown else [])
+                 + ([f"batch {self.batch[r]}"] if self.batched else []))
+        return f"token {self.tok[r]}" + (f" ({', '.join(where)})" if where else "")
+
+    def of_tokens(self, mask: np.ndarray) -> np.ndarray:
         """Rows (as a mask) whose token is flagged in the per-token ``mask``."""
-        return (tid >= 0) & mask[np.maximum(tid, 0)]
+        return (self.tid >= 0) & mask[np.maximum(self.tid, 0)]
 
-    # 3. explicit warm-up: the first N tokens
-    if skip_warmup:
-        if skip_warmup >= num_tokens:
-            raise MoecacheError(f"{src}: --skip-warmup {skip_warmup} drops all {num_tokens} tokens")
-        skipped = keep & of_tokens(rank < skip_warmup)
-        problems.drop("skip_warmup", rows=int(skipped.sum()), tokens=skip_warmup)
-        keep &= ~skipped
+    def drop_warmup_rows(self) -> None:
+        """Warm-up rows: no request (null or negative seq) or a negative token index."""
+        warm = self.routing & (self.seq_null | (self.seq < 0) | (self.tok < 0))
+        if warm.any():
+            at = int(np.argmax(warm))
+            self.problems.found("warmup", f"{_n(int(warm.sum()), 'warm-up row')} without a real request "
+                                f"(null or negative seq, or negative token; first: row {at + 1}, "
+                                f"{self.tok_desc(at)})", rows=int(warm.sum()), tokens=None)
+        self.keep = self.routing & ~warm
+        if not self.keep.any():
+            raise MoecacheError(f"{self.src}: every routing row is a warm-up row: nothing left to import")
 
-    # 4. per-row data: malformed data is always an error
-    idx = np.flatnonzero(keep)
-    experts = _row_experts(cols, idx, src)
-    top_k = experts.shape[1]
-    _check_ids(experts, num_experts, src, lambda i: f"row {idx[i] + 1}")
-    weights = _row_weights(cols, idx, top_k, src) if "weights" in cols.mapping else None
-    if "pos" in cols.mapping:
-        per_token["pos"] = tok if token_field == "pos" else cols.ints("pos", rows=keep)[0]
-    if "phase" in cols.mapping:
-        per_token["phase"] = _phase_column(cols, keep)
-    if "token_id" in cols.mapping:
-        values, null = cols.ints("token_id", nulls=True)
-        per_token["token_id"] = np.where(null, -1, values)
-    all_experts = np.zeros((num_rows, top_k), np.int64)
-    all_experts[idx] = experts
-    all_weights = None
-    if weights is not None and not np.isnan(weights).all():
-        all_weights = np.full((num_rows, top_k), np.nan, np.float32)
-        all_weights[idx] = weights
+    def drop_other_layers(self) -> None:
+        """Rows of layers outside ``--layers``; then the forward batches of the rows left."""
+        layer, keep = self.layer, self.keep
+        if self.declared is not None:
+            other = keep & ~np.isin(layer, self.declared)
+            if other.any():
+                at = int(np.argmax(other))
+                logged = np.unique(layer[other])
+                shown = ", ".join(map(str, logged[:10].tolist())) + (", ..." if len(logged) > 10 else "")
+                self.problems.found("other_layers", f"{_n(int(other.sum()), 'row')} of layers outside "
+                                    f"--layers (layers {shown}; first: row {at + 1}, {self.tok_desc(at)}, "
+                                    f"layer {layer[at]})", rows=int(other.sum()), tokens=None)
+                keep &= ~other
+                if not keep.any():
+                    raise MoecacheError(f"{self.src}: no row belongs to the layers given with --layers")
+        restarts, self.went_back = _batches(self.seq, layer, self.tok, keep)
+        if self.batched:
+            self.batch = restarts
 
-    # 5. warm-up tokens: weights exactly 1/K in every layer; only those rows go, so a real
-    #    token logged under the same key keeps its rows (before duplicates are resolved)
-    if all_weights is not None:
-        layers = np.unique(layer[idx]) if declared is None else np.unique(declared)
-        uniform = np.zeros(num_rows, bool)
-        uniform[idx] = _uniform_rows(weights)
-        if uniform.any():
-            at = np.flatnonzero(uniform)
-            pairs = np.unique(tid[at] * len(layers) + np.searchsorted(layers, layer[at]))
-            full = np.bincount(pairs // len(layers), minlength=num_tokens) == len(layers)
-            if full.any():
-                dropped = uniform & of_tokens(full)
-                first = int(first_row[token_order[full[token_order]][0]])
-                _uniform_found(problems, int(full.sum()), top_k, f"row {first + 1}, {tok_desc(first)}",
-                               f"column {cols.label('weights')}", rows=int(dropped.sum()),
-                               nothing_left=not (keep & ~dropped).any())
-                keep &= ~dropped
-                idx = np.flatnonzero(keep)
+    def number_tokens(self, order: str) -> None:
+        """Tokens = distinct (seq, batch, token) keys, numbered, and their trace order."""
+        seq, batch, tok, row, cols = self.seq, self.batch, self.tok, self.row, self.cols
+        idx = np.flatnonzero(self.keep)
+        by_key = idx[np.lexsort((row[idx], tok[idx], batch[idx], seq[idx]))]
+        new = np.ones(len(by_key), bool)
+        new[1:] = ((seq[by_key][1:] != seq[by_key][:-1]) | (batch[by_key][1:] != batch[by_key][:-1])
+                   | (tok[by_key][1:] != tok[by_key][:-1]))
+        self.tid = tid = np.full(self.num_rows, -1, np.int64)
+        tid[by_key] = np.cumsum(new) - 1
+        self.first_row = first_row = by_key[new]          # each key's rows are sorted by row number
+        self.num_tokens = num_tokens = len(first_row)
+        keys: tuple[np.ndarray, ...] = (first_row,)
+        if order != "file":
+            keys += (tok[first_row], batch[first_row])
+        if order == "sequence":
+            _, seq_of = np.unique(seq[first_row], return_inverse=True)
+            seq_first = np.full(seq_of.max() + 1, self.num_rows, np.int64)
+            np.minimum.at(seq_first, seq_of, first_row)
+            keys += (seq_first[seq_of],)
+        if "time" in cols.mapping:
+            keys += (_per_token_min(_time_column(cols, self.keep), tid, idx, num_tokens),)
+        if "step" in cols.mapping:
+            self.per_token["step"] = cols.ints("step", rows=self.keep)[0]
+            keys += (_per_token_min(self.per_token["step"], tid, idx, num_tokens),)
+        self.token_order = np.lexsort(keys)
+        self.rank = np.empty(num_tokens, np.int64)
+        self.rank[self.token_order] = np.arange(num_tokens)
 
-    # 6. tokens whose rows disagree, duplicate (token, layer) rows
-    bad_token = np.zeros(num_tokens, bool)
-    by_token = idx[np.lexsort((row[idx], layer[idx], tid[idx]))]
-    same_token = tid[by_token][1:] == tid[by_token][:-1]
-    for name, values in per_token.items():
-        differ = same_token & (values[by_token][1:] != values[by_token][:-1])
-        if differ.any():
-            at = int(np.argmax(differ))
-            a, b = by_token[at], by_token[at + 1]
-            flagged = np.zeros(num_tokens, bool)
-            flagged[tid[by_token][1:][differ]] = True
-            flagged &= ~bad_token
-            message = (f"{_n(int(flagged.sum()), 'token')} whose rows disagree on {name} "
-                       f"(first: {tok_desc(a)}: rows {a + 1} and {b + 1} say {values[a]} and {values[b]})")
-            problems.found("conflict", message, rows=int((keep & of_tokens(flagged)).sum()),
-                           tokens=int(flagged.sum()))
-            bad_token |= flagged
-    dup = same_token & (layer[by_token][1:] == layer[by_token][:-1])
-    if dup.any():
+    def skip_first_tokens(self, count: int) -> None:
+        """Explicit warm-up (``skip_warmup``): the first ``count`` tokens in trace order."""
+        if not count:
+            return
+        if count >= self.num_tokens:
+            raise MoecacheError(f"{self.src}: --skip-warmup {count} drops all {self.num_tokens} tokens")
+        skipped = self.keep & self.of_tokens(self.rank < count)
+        self.problems.drop("skip_warmup", rows=int(skipped.sum()), tokens=count)
+        self.keep &= ~skipped
+
+    def read_routing(self, num_experts: int | None) -> None:
+        """Experts, weights and the per-token columns of the rows left: malformed data is
+        always an error."""
+        cols, keep = self.cols, self.keep
+        idx = np.flatnonzero(keep)
+        experts = _row_experts(cols, idx, self.src)
+        self.top_k = top_k = experts.shape[1]
+        _check_ids(experts, num_experts, self.src, lambda i: f"row {idx[i] + 1}")
+        self.weights = _row_weights(cols, idx, top_k, self.src) if "weights" in cols.mapping else None
+        if "pos" in cols.mapping:
+            self.per_token["pos"] = self.tok if self.token_field == "pos" else cols.ints("pos", rows=keep)[0]
+        if "phase" in cols.mapping:
+            self.per_token["phase"] = _phase_column(cols, keep)
+        if "token_id" in cols.mapping:
+            values, null = cols.ints("token_id", nulls=True)
+            self.per_token["token_id"] = np.where(null, -1, values)
+        self.all_experts = np.zeros((self.num_rows, top_k), np.int64)
+        self.all_experts[idx] = experts
+        self.all_weights = None
+        if self.weights is not None and not np.isnan(self.weights).all():
+            self.all_weights = np.full((self.num_rows, top_k), np.nan, np.float32)
+            self.all_weights[idx] = self.weights
+
+    def drop_uniform_tokens(self) -> None:
+        """Warm-up tokens: weights exactly 1/K in every layer. Only those rows go, so a real
+        token logged under the same key keeps its rows (before duplicates are resolved)."""
+        if self.all_weights is None:
+            return
+        idx, layer, tid = np.flatnonzero(self.keep), self.layer, self.tid
+        layers = np.unique(layer[idx]) if self.declared is None else np.unique(self.declared)
+        uniform = np.zeros(self.num_rows, bool)
+        uniform[idx] = _uniform_rows(self.weights)
+        if not uniform.any():
+            return
+        at = np.flatnonzero(uniform)
+        pairs = np.unique(tid[at] * len(layers) + np.searchsorted(layers, layer[at]))
+        full = np.bincount(pairs // len(layers), minlength=self.num_tokens) == len(layers)
+        if full.any():
+            dropped = uniform & self.of_tokens(full)
+            first = int(self.first_row[self.token_order[full[self.token_order]][0]])
+            _uniform_found(self.problems, int(full.sum()), self.top_k,
+                           f"row {first + 1}, {self.tok_desc(first)}", f"column {self.cols.label('weights')}",
+                           rows=int(dropped.sum()),
+                           nothing_left=not (self.keep & ~dropped).any())
+            self.keep &= ~dropped
+
+    def drop_conflicts(self) -> None:
+        """Tokens whose rows disagree on a per-token column, and duplicate (token, layer) rows:
+        identical copies go, conflicting ones take their token with them."""
+        idx, layer, tid, row = np.flatnonzero(self.keep), self.layer, self.tid, self.row
+        bad_token = np.zeros(self.num_tokens, bool)
+        by_token = idx[np.lexsort((row[idx], layer[idx], tid[idx]))]
+        same_token = tid[by_token][1:] == tid[by_token][:-1]
+        for name, values in self.per_token.items():
+            differ = same_token & (values[by_token][1:] != values[by_token][:-1])
+            if differ.any():
+                at = int(np.argmax(differ))
+                a, b = by_token[at], by_token[at + 1]
+                flagged = np.zeros(self.num_tokens, bool)
+                flagged[tid[by_token][1:][differ]] = True
+                flagged &= ~bad_token
+                message = (f"{_n(int(flagged.sum()), 'token')} whose rows disagree on {name} (first: "
+                           f"{self.tok_desc(a)}: rows {a + 1} and {b + 1} say {values[a]} and {values[b]})")
+                rows = int((self.keep & self.of_tokens(flagged)).sum())
+                self.problems.found("conflict", message, rows=rows, tokens=int(flagged.sum()))
+                bad_token |= flagged
+        dup = same_token & (layer[by_token][1:] == layer[by_token][:-1])
+        if dup.any():
+            bad_token |= self._drop_duplicates(by_token, dup, bad_token)
+        self.keep &= ~self.of_tokens(bad_token)
+        if not self.keep.any():
+            raise MoecacheError(f"{self.src}: no tokens left after dropping problem rows")
+
+    def _drop_duplicates(self, by_token: np.ndarray, dup: np.ndarray, bad_token: np.ndarray) -> np.ndarray:
+        """Report the duplicate rows ``by_token[1:][dup]``, drop their identical copies; the
+        tokens with conflicting copies."""
+        all_experts, all_weights, layer, tid = self.all_experts, self.all_weights, self.layer, self.tid
         head_at = np.arange(len(by_token))
         head_at[1:][dup] = 0
         head_at = np.maximum.accumulate(head_at)   # position of each row's (token, layer) group head
@@ -832,7 +885,7 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
         if all_weights is not None:
             wh, wc = all_weights[head], all_weights[copy]
             same &= ((wh == wc) | (np.isnan(wh) & np.isnan(wc))).all(axis=1)
-        conflicting = np.zeros(num_tokens, bool)
+        conflicting = np.zeros(self.num_tokens, bool)
         conflicting[tid[copy[~same]]] = True
         n_copies, n_conf = len(later), int((~same).sum())
         if n_conf:
@@ -841,23 +894,22 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
             held = f"{all_experts[a].tolist()} and {all_experts[b].tolist()}"
             if all_experts[a].tolist() == all_experts[b].tolist():
                 held += " with different weights"
-            example = (f"first conflict: {tok_desc(a)}, layer {layer[a]}: rows {a + 1} and {b + 1} "
+            example = (f"first conflict: {self.tok_desc(a)}, layer {layer[a]}: rows {a + 1} and {b + 1} "
                        f"hold {held}")
-        else:
-            a, b = head[0], copy[0]
-            example = f"first: {tok_desc(a)}, layer {layer[a]}: rows {a + 1} and {b + 1}"
-        if n_conf:
             message = (f"{_n(n_copies, 'duplicate (token, layer) row')}: {n_copies - n_conf} identical, "
                        f"{n_conf} conflicting in {_n(int(conflicting.sum()), 'token')} ({example})")
         else:
+            a, b = head[0], copy[0]
+            example = f"first: {self.tok_desc(a)}, layer {layer[a]}: rows {a + 1} and {b + 1}"
             message = f"{_n(n_copies, 'duplicate (token, layer) row')}, all identical copies ({example})"
-        if went_back >= 0 and not batched:
-            message += (f"; the token index goes back within a request at row {went_back + 1}: if it "
+        if self.went_back >= 0 and not self.batched:
+            message += (f"; the token index goes back within a request at row {self.went_back + 1}: if it "
                         "restarts at every forward batch, pass --token-restarts batch")
+        problems = self.problems
         problems.check("duplicate", message)
-        extra = copy[same & ~of_tokens(conflicting | bad_token)[copy]]
+        extra = copy[same & ~self.of_tokens(conflicting | bad_token)[copy]]
         fresh = conflicting & ~bad_token
-        conf_rows = int((keep & of_tokens(fresh)).sum())
+        conf_rows = int((self.keep & self.of_tokens(fresh)).sum())
         if len(extra):
             problems.drop("duplicate", rows=len(extra), tokens=None)
         if fresh.any():
@@ -866,75 +918,78 @@ def _from_rows(table: pa.Table, src: str, mapping: dict[str, str], problems: _Pr
             f"{message}: dropped {len(extra)} identical {'copy' if len(extra) == 1 else 'copies'}"
             + (f" and {_n(int(fresh.sum()), 'conflicting token')} ({_n(conf_rows, 'row')})"
                if fresh.any() else ""))
-        bad_token |= conflicting
-        keep[extra] = False
-    keep &= ~of_tokens(bad_token)
-    if not keep.any():
-        raise MoecacheError(f"{src}: no tokens left after dropping problem rows")
+        self.keep[extra] = False
+        return conflicting
 
-    # 7. tokens missing some MoE layer (each (token, layer) now has one row)
-    idx = np.flatnonzero(keep)
-    layers = np.unique(layer[idx]) if declared is None else np.unique(declared)
-    count = np.bincount(tid[idx], minlength=num_tokens)
-    short = (count > 0) & (count < len(layers))
-    if short.any():
-        first = int(token_order[short[token_order]][0])
+    def drop_incomplete_tokens(self) -> None:
+        """Tokens missing some MoE layer (each (token, layer) now has one row)."""
+        idx, layer, tid, declared = np.flatnonzero(self.keep), self.layer, self.tid, self.declared
+        self.layers = layers = np.unique(layer[idx]) if declared is None else np.unique(declared)
+        count = np.bincount(tid[idx], minlength=self.num_tokens)
+        short = (count > 0) & (count < len(layers))
+        if not short.any():
+            return
+        first = int(self.token_order[short[self.token_order]][0])
         lacks = np.setdiff1d(layers, layer[idx[tid[idx] == first]]).tolist()
         per_layer = np.bincount(np.searchsorted(layers, layer[idx]), minlength=len(layers))
         rare = int(np.argmin(per_layer))
         num_short, num_present = int(short.sum()), int((count > 0).sum())
         message = (f"{num_short} of {_n(num_present, 'token')} lack rows for some of the "
-                   f"{len(layers)} MoE layers (first: {tok_desc(int(first_row[first]))} has no row for "
-                   f"layer {', '.join(map(str, lacks))}; layer {layers[rare]} is logged for "
+                   f"{len(layers)} MoE layers (first: {self.tok_desc(int(self.first_row[first]))} has no row "
+                   f"for layer {', '.join(map(str, lacks))}; layer {layers[rare]} is logged for "
                    f"{_n(int(per_layer[rare]), 'token')})")
-        if declared is None and problems.on_problem == "drop" and 2 * num_short > num_present:
-            raise MoecacheError(f"{src}: {message}; not dropping: that would discard most tokens "
+        if declared is None and self.problems.on_problem == "drop" and 2 * num_short > num_present:
+            raise MoecacheError(f"{self.src}: {message}; not dropping: that would discard most tokens "
                                 "(name the MoE layers with --layers to drop them anyway)")
         if declared is None and 2 * per_layer[rare] < num_present:
             message += f"; if layer {layers[rare]} is no MoE layer, name the MoE layers with --layers"
-        problems.found("missing_layers", message, rows=int(count[short].sum()), tokens=num_short)
-        keep &= ~of_tokens(short)
-        idx = np.flatnonzero(keep)
-        if not len(idx):
-            raise MoecacheError(f"{src}: no tokens left after dropping problem rows")
+        self.problems.found("missing_layers", message, rows=int(count[short].sum()), tokens=num_short)
+        self.keep &= ~self.of_tokens(short)
+        if not self.keep.any():
+            raise MoecacheError(f"{self.src}: no tokens left after dropping problem rows")
 
-    # 8. dense (tokens, layers, K) in trace order
-    present = np.bincount(tid[idx], minlength=num_tokens) > 0
-    kept_tokens = token_order[present[token_order]]
-    new_index = np.full(num_tokens, -1, np.int64)
-    new_index[kept_tokens] = np.arange(len(kept_tokens))
-    t_at, l_at = new_index[tid[idx]], np.searchsorted(layers, layer[idx])
-    n = len(kept_tokens)
-    dense = np.zeros((n, len(layers), top_k), np.int64)
-    dense[t_at, l_at] = all_experts[idx]
-    dense_weights = None
-    if all_weights is not None:
-        dense_weights = np.zeros((n, len(layers), top_k), np.float32)
-        dense_weights[t_at, l_at] = all_weights[idx]
-    _, first_at = np.unique(t_at, return_index=True)
-    head_row = idx[first_at]                    # first kept row of each token, in trace order
-    if "pos" not in cols.mapping:
-        inferred["pos"] = "index within its sequence in trace order"
-    tok_seq = seq[head_row]
-    if seq_labels is not None:                  # renumber 0, 1, ... in trace order
-        codes, first_at = np.unique(tok_seq, return_index=True)
-        by_first = codes[np.argsort(first_at)]
-        renumber = np.zeros(int(codes.max()) + 1, np.int64)
-        renumber[by_first] = np.arange(len(by_first))
-        tok_seq, seq_labels = renumber[tok_seq], [seq_labels[c] for c in by_first]
-        inferred["seq"] = f"request ids of column {cols.mapping['seq']!r} numbered 0, 1, ... in trace order"
-    index = "token index" if token_field == "token" else "position"
-    by = f"batch (in file order), then {index}" if batched else index
-    phrase = {"sequence": f"sequences one after another in order of first appearance, tokens by {by}",
-              "token": f"tokens by {by} across all sequences",
-              "file": "tokens in order of first appearance in the file"}[order]
-    if "time" in cols.mapping:
-        phrase = f"tokens in order of the time column (ties: {phrase})"
-    return _Tokens(
-        experts=dense, layers=[int(v) for v in layers], rows_read=num_rows, order=order, order_phrase=phrase,
-        weights=dense_weights, seq=tok_seq, seq_labels=seq_labels, first_row=head_row,
-        mapping=dict(cols.mapping), ignored_columns=list(cols.ignored), inferred=inferred,
-        **{name: values[head_row] for name, values in per_token.items()})
+    def tokens(self, order: str) -> _Tokens:
+        """The rows left as dense (tokens, layers, K) arrays in trace order."""
+        idx, tid, layers, cols = np.flatnonzero(self.keep), self.tid, self.layers, self.cols
+        inferred = self.inferred
+        present = np.bincount(tid[idx], minlength=self.num_tokens) > 0
+        kept_tokens = self.token_order[present[self.token_order]]
+        new_index = np.full(self.num_tokens, -1, np.int64)
+        new_index[kept_tokens] = np.arange(len(kept_tokens))
+        t_at, l_at = new_index[tid[idx]], np.searchsorted(layers, self.layer[idx])
+        n = len(kept_tokens)
+        dense = np.zeros((n, len(layers), self.top_k), np.int64)
+        dense[t_at, l_at] = self.all_experts[idx]
+        dense_weights = None
+        if self.all_weights is not None:
+            dense_weights = np.zeros((n, len(layers), self.top_k), np.float32)
+            dense_weights[t_at, l_at] = self.all_weights[idx]
+        _, first_at = np.unique(t_at, return_index=True)
+        head_row = idx[first_at]                    # first kept row of each token, in trace order
+        if "pos" not in cols.mapping:
+            inferred["pos"] = "index within its sequence in trace order"
+        tok_seq, seq_labels = self.seq[head_row], self.seq_labels
+        if seq_labels is not None:                  # renumber 0, 1, ... in trace order
+            codes, first_at = np.unique(tok_seq, return_index=True)
+            by_first = codes[np.argsort(first_at)]
+            renumber = np.zeros(int(codes.max()) + 1, np.int64)
+            renumber[by_first] = np.arange(len(by_first))
+            tok_seq, seq_labels = renumber[tok_seq], [seq_labels[c] for c in by_first]
+            inferred["seq"] = (f"request ids of column {cols.mapping['seq']!r} numbered 0, 1, ... "
+                               "in trace order")
+        index = "token index" if self.token_field == "token" else "position"
+        by = f"batch (in file order), then {index}" if self.batched else index
+        phrase = {"sequence": f"sequences one after another in order of first appearance, tokens by {by}",
+                  "token": f"tokens by {by} across all sequences",
+                  "file": "tokens in order of first appearance in the file"}[order]
+        if "time" in cols.mapping:
+            phrase = f"tokens in order of the time column (ties: {phrase})"
+        return _Tokens(
+            experts=dense, layers=[int(v) for v in layers], rows_read=self.num_rows, order=order,
+            order_phrase=phrase, weights=dense_weights, seq=tok_seq, seq_labels=seq_labels,
+            first_row=head_row,
+            mapping=dict(cols.mapping), ignored_columns=list(cols.ignored), inferred=inferred,
+            **{name: values[head_row] for name, values in self.per_token.items()})
 
 
 def _routing_rows(cols: _Columns, token_field: str, problems: _Problems) -> np.ndarray:
