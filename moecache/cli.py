@@ -7,7 +7,6 @@ line on stderr and exit code 2.
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +16,23 @@ import click
 from moecache.policies import POLICIES
 
 from . import __version__
+from .cli_options import (
+    COUNT,
+    SIZE,
+    FiniteFloat,
+    bandwidths_option,
+    capacities_option,
+    capacity_option,
+    force_option,
+    io_options,
+    json_option,
+    latency_option,
+    memory_option,
+    out_option,
+    per_token_option,
+    scope_option,
+    seed_option,
+)
 from .compare import compare
 from .curve import curve
 from .errors import MoecacheError
@@ -28,15 +44,7 @@ from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, synth
 from .tables import write_table
 from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
-from .units import (
-    BANDWIDTH_PRESETS,
-    INT64_MAX,
-    parse_bandwidth,
-    parse_bytes,
-    parse_duration,
-    parse_int_list,
-)
-from .validate import SCOPES
+from .units import INT64_MAX, parse_int_list
 
 
 class _Commands(click.Group):
@@ -54,39 +62,6 @@ class _Commands(click.Group):
         except KeyboardInterrupt:
             click.echo("moecache: interrupted", err=True)
             ctx.exit(130)
-
-
-class _Parsed(click.ParamType):
-    """A size, bandwidth or duration read by a parser of :mod:`moecache.units`."""
-
-    def __init__(self, name: str, parse) -> None:
-        self.name, self.parse = name, parse
-
-    def convert(self, value, param, ctx):
-        try:
-            return self.parse(value)
-        except MoecacheError as err:
-            self.fail(str(err), param, ctx)
-
-
-class FiniteFloat(click.FloatRange):
-    """A float option that is finite (never nan or inf) and within the given range."""
-
-    name = "finite float"
-
-    def convert(self, value, param, ctx):
-        number = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return super().convert(number, param, ctx)
-
-
-# Option types shared by every command, so the same input gets the same checks everywhere.
-SIZE = _Parsed("size", parse_bytes)               # bytes: at least 1, fits int64
-BANDWIDTH = _Parsed("bandwidth", parse_bandwidth)  # bytes per second, or a preset such as ufs4
-DURATION = _Parsed("duration", parse_duration)     # seconds, finite, >= 0
-COUNT = click.IntRange(1, INT64_MAX)                # a positive whole number that fits int64
-SEED = click.IntRange(0, INT64_MAX)                 # every seeded command takes 0 <= seed < 2**63
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,18 +84,14 @@ def info(trace: str) -> None:
 @click.argument("trace", type=click.Path(dir_okay=True))
 @click.option("--policy", "-p", type=click.Choice(POLICIES), default="lru", show_default=True,
               help="Replacement policy.")
-@click.option("--capacity", "-c", type=COUNT, help="Experts the cache holds (per layer in layer scope).")
-@click.option("--memory", type=SIZE, help="Byte budget instead of --capacity, e.g. 8GiB (uses expert_bytes).")
-@click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True,
-              help="One cache per MoE layer, or one pool shared by all layers.")
-@click.option("--bandwidth", type=BANDWIDTH,
-              help=f"Fetch bandwidth for I/O time, e.g. 4GB/s or a preset ({', '.join(BANDWIDTH_PRESETS)}).")
-@click.option("--latency", type=DURATION, default="0", show_default=True,
-              help="Fixed cost per fetched expert, e.g. 80us.")
-@click.option("--per-token", is_flag=True, help="Every token is its own step (no prefill unions).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random policy.")
+@capacity_option()
+@memory_option
+@scope_option
+@io_options
+@per_token_option
+@seed_option()
 @click.option("--per-layer", is_flag=True, help="Also print one row per MoE layer.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@json_option("Print one JSON object instead of tables.")
 def replay_command(trace: str, policy: str, capacity: int | None, memory: int | None, scope: str,
                    bandwidth: float | None, latency: float, per_token: bool, seed: int,
                    per_layer: bool, as_json: bool) -> None:
@@ -146,24 +117,20 @@ def replay_command(trace: str, policy: str, capacity: int | None, memory: int | 
 @cli.command("curve")
 @click.argument("trace", type=click.Path(dir_okay=True))
 @click.option("--policy", "-p", type=click.Choice(POLICIES), default="lru", show_default=True)
-@click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True)
-@click.option("--capacities", help="START:STOP[:STEP] or a list, e.g. 8:64:4 (default: every valid one).")
-@click.option("--bandwidth", type=BANDWIDTH, help="Fetch bandwidth for I/O time, e.g. 4GB/s or ufs4.")
-@click.option("--latency", type=DURATION, default="0", show_default=True,
-              help="Fixed cost per fetched expert.")
-@click.option("--per-token", is_flag=True, help="Every token is its own step.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random policy.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Write the table (.csv or .parquet).")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+@scope_option
+@capacities_option()
+@io_options
+@per_token_option
+@seed_option()
+@out_option("Write the table (.csv or .parquet).")
+@force_option()
+@json_option()
 def curve_command(trace: str, policy: str, scope: str, capacities: str | None, bandwidth: float | None,
                   latency: float, per_token: bool, seed: int, out: str | None, force: bool,
                   as_json: bool) -> None:
     """Metrics at every capacity: one pass for lru, lfu and opt."""
-    loaded = Trace.load(trace, weights=False)
-    chosen = None if capacities is None else parse_int_list(capacities, high=_top_capacity(loaded, scope))
-    frame = curve(loaded, policy, scope, capacities=chosen, per_token=per_token, bandwidth=bandwidth,
-                  latency=latency, seed=seed)
+    frame = curve(Trace.load(trace, weights=False), policy, scope, capacities=capacities,
+                  per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed)
     frame.insert(0, "trace", trace)
     if out:
         write_table(frame, out, overwrite=force)
@@ -176,24 +143,18 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
         click.echo(f"wrote {out}: {len(frame)} capacities")
 
 
-def _top_capacity(trace: Trace, scope: str) -> int:
-    """The capacity from which every expert fits: ranges of capacities stop there."""
-    return trace.num_experts * (trace.num_layers if scope == "global" else 1)
-
-
 @cli.command("capture")
 @click.argument("model", type=click.Path())
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False),
               help="Text file (one prompt a line) or JSONL with a 'prompt' or 'text' field.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False),
-              help="Trace to write (default: traces/<model>.parquet).")
+@out_option("Trace to write (default: traces/<model>.parquet).")
 @click.option("--mode", type=click.Choice(["generate", "forward"]), default="generate", show_default=True,
               help="generate: prefill step, then one step per new token; forward: teacher-forced, "
                    "one step per token of the text.")
 @click.option("--max-new-tokens", type=COUNT, default=32, show_default=True)
 @click.option("--batch-size", type=COUNT, default=1, show_default=True)
 @click.option("--sample/--greedy", default=False, show_default=True, help="Sampled or greedy decoding.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for sampled decoding.")
+@seed_option("Seed for sampled decoding.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")
 @click.option("--save-logits", is_flag=True, help="Also store full router scores (for rerouting).")
@@ -201,7 +162,7 @@ def _top_capacity(trace: Trace, scope: str) -> int:
               "`remoe finetune`, else baseline].")
 @click.option("--limit", type=COUNT, help="Use only the first N prompts.")
 @click.option("--chat-template", is_flag=True, help="Wrap each prompt in the model's chat template.")
-@click.option("--force", is_flag=True, help="Overwrite an existing trace.")
+@force_option("Overwrite an existing trace.")
 def capture_command(model: str, prompts: str, out: str | None, mode: str, max_new_tokens: int,
                     batch_size: int, sample: bool, seed: int, device: str, dtype: str,
                     save_logits: bool, router_label: str | None, limit: int | None, chat_template: bool,
@@ -259,8 +220,8 @@ def remoe_group() -> None:
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", default="float32", show_default=True, help="Training dtype.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@seed_option("Seed of the data order and initialisation.")
+@force_option("Replace an existing --out folder.")
 def remoe_finetune_command(model: str, data: str, out: str, locality_weight: float, window: int,
                            kl_weight: float, lm_weight: float, steps: int, lr: float, seq_len: int,
                            batch_size: int, device: str, dtype: str, seed: int, force: bool) -> None:
@@ -287,7 +248,7 @@ def remoe_finetune_command(model: str, data: str, out: str, locality_weight: flo
 
 @cli.command("import")
 @click.argument("source", type=click.Path())
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Trace to write.")
+@out_option("Trace to write.", required=True)
 @click.option("--map", "mapping", help="Field=column pairs, e.g. experts=topk_ids,layer=layer,"
               "token=token_idx,seq=req_id (fields: experts, weights, layer, token, seq, pos, step, "
               "time, phase, token_id).")
@@ -316,7 +277,7 @@ def remoe_finetune_command(model: str, data: str, out: str, locality_weight: flo
                    "identical routing) instead of failing.")
 @click.option("--drop-problems", is_flag=True,
               help="Drop (and count) incomplete, duplicate and conflicting rows instead of failing.")
-@click.option("--force", is_flag=True, help="Overwrite --out.")
+@force_option()
 def import_command(source: str, out: str, mapping: str | None, num_experts: int | None, top_k: int | None,
                    layers: str | None, model: str | None, router_label: str, expert_bytes: int | None,
                    step_mode: str | None, order: str | None, token_restarts: str, skip_warmup: int,
@@ -339,16 +300,13 @@ def import_command(source: str, out: str, mapping: str | None, num_experts: int 
 @click.argument("traces", nargs=-1, required=True, type=click.Path(dir_okay=True))
 @click.option("--policies", default="lru,lfu,opt", show_default=True, help="Comma list of policies.")
 @click.option("--scopes", default="layer", show_default=True, help="Comma list: layer, global.")
-@click.option("--capacities", help="START:STOP[:STEP] or a list (default: every valid capacity).")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
-              help="Results table; written as .parquet and .csv side by side.")
+@capacities_option()
+@out_option("Results table; written as .parquet and .csv side by side.", required=True)
 @click.option("--resume", is_flag=True, help="Keep the finished cells of an existing --out.")
-@click.option("--force", is_flag=True, help="Replace an existing --out.")
-@click.option("--bandwidth", type=BANDWIDTH, help="Fetch bandwidth for I/O time, e.g. 4GB/s or ufs4.")
-@click.option("--latency", type=DURATION, default="0", show_default=True,
-              help="Fixed cost per fetched expert.")
-@click.option("--per-token", is_flag=True, help="Every token is its own step.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random policy.")
+@force_option("Replace an existing --out.")
+@io_options
+@per_token_option
+@seed_option()
 @click.option("--executor", type=click.Choice(["local", "dask"]), default="local", show_default=True,
               help="Local threads, or a dask.distributed cluster.")
 @click.option("--scheduler", help="Address of a running dask scheduler (default: a local cluster).")
@@ -372,14 +330,14 @@ def _names(text: str) -> list[str]:
 
 @cli.command("reroute")
 @click.argument("trace", type=click.Path(dir_okay=True))
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Rerouted trace.")
+@out_option("Rerouted trace.", required=True)
 @click.option("--mode", type=click.Choice(["recent", "cache"]), default="recent", show_default=True,
               help="Favour experts used in the last --window steps, or resident in an LRU cache.")
 @click.option("--bias", type=FiniteFloat(), default=1.0, show_default=True, help="Added to favoured scores.")
 @click.option("--window", type=COUNT, default=1, show_default=True, help="Steps of history (recent).")
-@click.option("--capacity", type=COUNT, help="Cache size per layer (cache mode only).")
+@capacity_option("Cache size per layer (cache mode only).")
 @click.option("--label", help="Router label of the new trace (default rerouted-MODE).")
-@click.option("--force", is_flag=True, help="Overwrite --out.")
+@force_option()
 def reroute_command(trace: str, out: str, mode: str, bias: float, window: int, capacity: int | None,
                     label: str | None, force: bool) -> None:
     """Emulate a reuse-biased router offline from the router scores saved in TRACE."""
@@ -401,15 +359,15 @@ def _has_logits(path: str) -> bool:
 
 @cli.command("plot")
 @click.argument("results", type=click.Path(dir_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the figures.")
+@out_option("Folder for the figures.", required=True, folder=True)
 @click.option("--traces", multiple=True, type=click.Path(dir_okay=True),
               help="Trace files for the reuse figures (default: the paths in the table).")
 @click.option("--window", type=int, default=16, show_default=True, help="Largest window of reuse vs window.")
 @click.option("--bootstrap", type=int, default=0, show_default=True,
               help="Confidence bands from N resamples of whole sequences (0: none).")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the bootstrap.")
+@seed_option("Seed of the bootstrap.")
 @click.option("--format", "formats", multiple=True, default=("png", "pdf"), show_default=True)
-@click.option("--force", is_flag=True, help="Replace the figures in --out (and remove stale ones).")
+@force_option("Replace the figures in --out (and remove stale ones).")
 def plot_command(results: str, out: str, traces: tuple[str, ...], window: int, bootstrap: int, seed: int,
                  formats: tuple[str, ...], force: bool) -> None:
     """Figures from a sweep table: hit rate and bytes per token vs capacity, reuse vs window,
@@ -426,34 +384,32 @@ def plot_command(results: str, out: str, traces: tuple[str, ...], window: int, b
 @cli.command("compare")
 @click.argument("base", type=click.Path(dir_okay=True))
 @click.argument("remoe", type=click.Path(dir_okay=True))
-@click.option("--capacity", "capacities", default="16,32", show_default=True,
-              help="Capacities (START:STOP[:STEP] or a list).")
+@capacities_option("--capacity", default="16,32")
 @click.option("--policies", default="lru,lfu,opt", show_default=True)
-@click.option("--scope", type=click.Choice(SCOPES), default="layer", show_default=True)
-@click.option("--bandwidth", "bandwidths", default="ufs4,nvme4,pcie4x16", show_default=True,
-              help=f"Profiles: presets ({', '.join(BANDWIDTH_PRESETS)}) or values like 3GB/s.")
+@scope_option
+@bandwidths_option
+@latency_option
 @click.option("--compute-ms", type=FiniteFloat(min=0, min_open=True),
               help="Compute time per token without I/O, for the speedup.")
-@click.option("--per-token", is_flag=True, help="Every token is its own step.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Also write the table (.csv/.parquet).")
-@click.option("--force", is_flag=True, help="Overwrite --out.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON records.")
+@per_token_option
+@out_option("Also write the table (.csv/.parquet).")
+@force_option()
+@json_option("Print JSON records.")
 def compare_command(base: str, remoe: str, capacities: str, policies: str, scope: str, bandwidths: str,
-                    compute_ms: float | None, per_token: bool, out: str | None, force: bool,
-                    as_json: bool) -> None:
+                    latency: float, compute_ms: float | None, per_token: bool, out: str | None,
+                    force: bool, as_json: bool) -> None:
     """Baseline router against a ReMoE router: reuse, hit rates, bytes and I/O per token."""
-    base_trace, remoe_trace = Trace.load(base, weights=False), Trace.load(remoe, weights=False)
-    frame = compare(base_trace, remoe_trace,
-                    capacities=parse_int_list(capacities, high=_top_capacity(base_trace, scope)),
-                    policies=_names(policies), scope=scope,
-                    bandwidths=_names(bandwidths), compute_ms=compute_ms, per_token=per_token)
+    frame = compare(Trace.load(base, weights=False), Trace.load(remoe, weights=False),
+                    capacities=capacities, policies=_names(policies), scope=scope,
+                    bandwidths=_names(bandwidths), compute_ms=compute_ms, per_token=per_token,
+                    latency=latency)
     if out:
         write_table(frame, out, overwrite=force)
     click.echo(frame.to_json(orient="records") if as_json else comparison_table(frame))
 
 
 @cli.command("synth")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Trace to write.")
+@out_option("Trace to write.", required=True)
 @click.option("--layers", type=click.IntRange(1, MAX_IDS), default=8, show_default=True, help="MoE layers.")
 @click.option("--experts", type=click.IntRange(1, MAX_IDS), default=64, show_default=True,
               help="Routed experts per layer (E).")
@@ -468,11 +424,11 @@ def compare_command(base: str, remoe: str, capacities: str, policies: str, scope
               help="Probability that each expert of the previous token is kept.")
 @click.option("--skew", type=FiniteFloat(0, MAX_SKEW), default=0.8, show_default=True,
               help="Zipf exponent of expert popularity (0 = uniform).")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@seed_option("Seed of the draw.")
 @click.option("--expert-bytes", type=SIZE, default=DEFAULT_EXPERT_BYTES, show_default=True,
               help="Bytes of one expert's weights (e.g. 16MiB), for miss bytes and memory budgets.")
 @click.option("--logits", is_flag=True, help="Also write router scores and gate weights.")
-@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@force_option("Overwrite an existing file.")
 def synth_command(out: str, layers: int, experts: int, top_k: int, tokens: int, sequences: int,
                   prompt_len: int, stickiness: float, skew: float, seed: int, expert_bytes: int,
                   logits: bool, force: bool) -> None:
