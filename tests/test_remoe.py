@@ -368,3 +368,23 @@ def test_unsupported_router_is_refused():
     model = mixtral_with_unsupported_router(len(tokenizer))
     with pytest.raises(MoecacheError, match="unsupported router: ScoresAndIndicesRouter"):
         finetune_model(model, tokenizer, ["hello world the cache"], progress=False)
+
+
+def test_settings_are_checked_and_typed(tmp_path):
+    from moecache.capture.torch_env import dtype_name
+    from moecache.remoe import FinetuneSettings
+    from moecache.remoe.checkpoint import router_label
+
+    settings = FinetuneSettings.of(None, {"locality_weight": 0, "steps": 3}, "finetune")
+    assert settings == FinetuneSettings(locality_weight=0.0, steps=3)
+    assert type(settings.locality_weight) is float and settings.loss_weights["locality"] == 0.0
+    with pytest.raises(TypeError, match="finetune\\(\\) got an unexpected keyword argument 'stepz'"):
+        FinetuneSettings.of(settings, {"stepz": 3}, "finetune")
+    with pytest.raises(MoecacheError, match="--log-every must be an integer >= 1"):
+        FinetuneSettings(log_every=0).check()
+    assert dtype_name("bf16") == "bfloat16" and dtype_name(torch.float16, "--save-dtype") == "float16"
+    with pytest.raises(MoecacheError, match="--save-dtype must be one of float32, float16, bfloat16, got 'a"):
+        dtype_name("auto", "--save-dtype", ("float32", "float16", "bfloat16"))
+    assert router_label(tmp_path) == "baseline"
+    (tmp_path / "remoe.json").write_text("{}")
+    assert router_label(tmp_path) == "remoe"

@@ -423,3 +423,24 @@ def test_plot_options_are_checked(tmp_path, inputs, args, message):
     assert code == 2
     one_error(err, message)
     assert not (tmp_path / "fig").exists()
+
+
+def test_atomic_folder_replaces_only_when_complete(tmp_path):
+    from moecache.errors import MoecacheError
+    from moecache.files import atomic_folder
+
+    out = tmp_path / "ckpt"
+    with atomic_folder(out, overwrite=False) as staging:
+        (staging / "a.txt").write_text("one")
+        assert not out.exists()
+    assert (out / "a.txt").read_text() == "one"
+    with pytest.raises(MoecacheError, match="already exists"), atomic_folder(out, overwrite=False) as staging:
+        (staging / "a.txt").write_text("two")
+    with pytest.raises(RuntimeError), atomic_folder(out, overwrite=True) as staging:
+        (staging / "a.txt").write_text("two")
+        raise RuntimeError("failed half-way")
+    assert (out / "a.txt").read_text() == "one"
+    with atomic_folder(out, overwrite=True) as staging:
+        (staging / "b.txt").write_text("two")
+    assert [p.name for p in out.iterdir()] == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging, backup or lock left

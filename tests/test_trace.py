@@ -270,3 +270,11 @@ def test_a_corrupted_page_is_an_error_not_other_ids(tmp_path, trace):
     path.write_bytes(bytes(data))
     with pytest.raises(mc.TraceError, match="CRC|checksum"):
         mc.Trace.load(path)
+
+
+def test_format_schema_lists_the_required_columns_in_order():
+    from moecache.trace_format import REQUIRED_COLUMNS, schema
+
+    meta = mc.Trace.from_arrays(np.zeros((1, 1, 2), np.int16) + [[[0, 1]]], num_experts=4).meta
+    assert tuple(schema(meta, with_weights=False, with_logits=False).names) == REQUIRED_COLUMNS
+    assert schema(meta, with_weights=True, with_logits=True).names[-2:] == ["weights", "logits"]
