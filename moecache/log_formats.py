@@ -78,7 +78,7 @@ import numpy as np
 
 from .errors import MoecacheError
 from .files import first_line
-from .trace import MAX_EXPERTS
+from .trace_format import MAX_EXPERTS
 
 Reader = Callable[[Path, str], dict[str, np.ndarray]]
 
