@@ -509,20 +509,24 @@ def _read_json(path: Path, fmt: str, src: str) -> pa.Table:
     import pyarrow.json as pj
 
     with pa.input_stream(str(path), compression="detect") as stream:
-        raw = stream.read()
-    text_start = raw.lstrip()[:1]
+        head = b""
+        while not head.lstrip() and (block := stream.read(1 << 16)):
+            head += block
+    text_start = head.lstrip()[:1]
     if not text_start:
         raise MoecacheError(f"{src}: empty file: no rows to import")
     if text_start == b"[":
         try:
-            records = json.loads(raw)
+            records = json.loads(_read_all(path))
         except json.JSONDecodeError as err:
             raise MoecacheError(f"{src}: not valid JSON: {err.msg} (line {err.lineno})") from None
         return _records_table(records, src, "element")
-    try:
-        return pj.read_json(pa.BufferReader(raw), read_options=pj.ReadOptions(block_size=1 << 24))
+    try:  # streamed from the file: the log is never held whole as bytes
+        with pa.input_stream(str(path), compression="detect") as stream:
+            return pj.read_json(stream, read_options=pj.ReadOptions(block_size=1 << 24))
     except pa.ArrowInvalid:
         pass  # find the exact line, or accept logs whose column types pyarrow will not unify
+    raw = _read_all(path)
     records = []
     for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
         if not line.strip():
@@ -532,6 +536,11 @@ def _read_json(path: Path, fmt: str, src: str) -> pa.Table:
         except json.JSONDecodeError as err:
             raise MoecacheError(f"{src}: line {number} is not valid JSON: {err.msg}") from None
     return _records_table(records, src, "line")
+
+
+def _read_all(path: Path) -> bytes:
+    with pa.input_stream(str(path), compression="detect") as stream:
+        return stream.read()
 
 
 def _records_table(records: Any, src: str, unit: str) -> pa.Table:
