@@ -79,9 +79,10 @@ def capacity_option(help: str = "Experts the cache holds (per layer in layer sco
 def capacities_option(flag: str = "--capacities", default: str | None = None) -> Decorator:
     """Capacities as a range or list, read by :func:`moecache.validate.chosen_capacities`
     (``compare`` names it ``--capacity`` and gives a default)."""
+    every = " (default: every valid capacity)" if default is None else ""
     return click.option(flag, "capacities", default=default, show_default=default is not None,
-                        help="START:STOP[:STEP] or a list, e.g. 8:64:4 (default: every valid capacity); "
-                             "ranges stop where every expert fits.")
+                        help=f"START:STOP[:STEP] or a list, e.g. 8:64:4{every}; ranges stop where every "
+                             "expert fits.")
 
 
 per_token_option = click.option("--per-token", is_flag=True,
