@@ -10,13 +10,16 @@ True
 from ._version import __version__
 from .curve import curve
 from .errors import MoecacheError, TraceError
-from .replay import ReplayResult, replay
+from .python_policy import PythonPolicy
+from .replay import Prefetch, ReplayResult, replay
 from .requests import Requests
 from .synth import synth
 from .trace import Trace
 
 __all__ = [
     "MoecacheError",
+    "Prefetch",
+    "PythonPolicy",
     "ReplayResult",
     "Requests",
     "Trace",

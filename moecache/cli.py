@@ -46,6 +46,8 @@ from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
 from .units import INT64_MAX, parse_int_list
 
+POLICY_HELP = f"Replacement policy, NAME or NAME:PARAM=VALUE,...: {', '.join(POLICIES)}."
+
 
 class _Commands(click.Group):
     def invoke(self, ctx: click.Context):
@@ -82,8 +84,7 @@ def info(trace: str) -> None:
 
 @cli.command("replay")
 @click.argument("trace", type=click.Path(dir_okay=True))
-@click.option("--policy", "-p", type=click.Choice(POLICIES), default="lru", show_default=True,
-              help="Replacement policy.")
+@click.option("--policy", "-p", default="lru", show_default=True, help=POLICY_HELP)
 @capacity_option()
 @memory_option
 @scope_option
@@ -116,7 +117,7 @@ def replay_command(trace: str, policy: str, capacity: int | None, memory: int | 
 
 @cli.command("curve")
 @click.argument("trace", type=click.Path(dir_okay=True))
-@click.option("--policy", "-p", type=click.Choice(POLICIES), default="lru", show_default=True)
+@click.option("--policy", "-p", default="lru", show_default=True, help=POLICY_HELP)
 @scope_option
 @capacities_option()
 @io_options

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from moecache.policies import REGISTRY, Choice, resolve
 from moecache.policies.stack import LFU, LRU, OPT, depth_histogram
 
 from .replay import ReplayResult, replay, summarize
@@ -17,15 +19,17 @@ from .requests import Requests
 from .trace import Trace
 from .validate import plan_range
 
-STACK_POLICIES = {"lru": LRU, "lfu": LFU, "opt": OPT}
+# the registered stack algorithms, by name: their one-pass method (Policy.stack)
+STACK_POLICIES = {name: p.stack for name, p in REGISTRY.items() if p.stack is not None}
+_METHODS = {"lru": LRU, "lfu": LFU, "opt": OPT}
 PRIORITY_LIMIT = 2**63  # the stack packs each priority into one int64
 
 
-def one_pass(req: Requests, policy: str) -> bool:
+def one_pass(req: Requests, choice: Choice) -> bool:
     """Whether the stack pass applies: a stack policy whose priorities fit (LFU's need
     (requests + 1) x (entries + 1) below the limit, about 3e9 entries)."""
-    if policy != "lfu":
-        return policy in STACK_POLICIES
+    if choice.policy.stack != "lfu":
+        return choice.policy.stack is not None
     return len(req.offsets) * (len(req.ids) + 1) < PRIORITY_LIMIT
 
 
@@ -39,7 +43,7 @@ def stack_hits(req: Requests, policy: str, scope: str,
     are not meaningful (such capacities are invalid).
     """
     num_layers, num_experts = req.num_layers, req.num_experts
-    code = STACK_POLICIES[policy]
+    code = _METHODS[STACK_POLICIES[policy]]
     if scope == "layer":
         hist = np.zeros((num_experts + 1, num_layers), np.int64)
         for layer in range(num_layers):
@@ -64,7 +68,7 @@ def fetched_bytes(hits: np.ndarray, layer_requests: np.ndarray, expert_bytes: li
 
 def curve(
     trace: Trace,
-    policy: str = "lru",
+    policy: Any = "lru",
     scope: str = "layer",
     *,
     capacities: str | Iterable[int] | None = None,
@@ -74,24 +78,27 @@ def curve(
     seed: int = 0,
     requests: Requests | None = None,
     workers: int | None = None,
+    policy_args: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Replay metrics at many capacities, one row per capacity.
 
     By default every valid capacity: from the largest step set to E (layer scope) or
     L x E (global scope); ``capacities`` may be a text such as ``"8:64:4"`` (ranges stop
-    at E or L x E) or integers, checked by :func:`moecache.validate.plan_range`. ``lru``,
-    ``lfu`` and ``opt`` take one pass whatever the number of capacities; other policies
-    (and LFU past about 3e9 requested experts) replay each capacity, ``workers`` at a time.
+    at E or L x E) or integers, checked by :func:`moecache.validate.plan_range`. ``policy`` and
+    ``policy_args`` as in :func:`moecache.replay`. Stack policies (``lru``, ``lfu``,
+    ``opt``) take one pass whatever the number of capacities; other policies (and LFU
+    past about 3e9 requested experts) replay each capacity, ``workers`` at a time.
     """
-    checked = plan_range(trace, policy, scope, capacities=capacities, per_token=per_token,
-                         bandwidth=bandwidth, latency=latency, seed=seed, requests=requests)
-    req, capacities = checked.requests, list(checked.capacities)
+    checked = plan_range(trace, resolve(policy, policy_args), scope, capacities=capacities,
+                         per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed,
+                         requests=requests)
+    choice, req, capacities = checked.policy, checked.requests, list(checked.capacities)
     bytes_per_second, fetch_latency = checked.bandwidth, checked.latency
-    if one_pass(req, policy):
-        cumulative = stack_hits(req, policy, scope, trace.expert_bytes)
+    if one_pass(req, choice):
+        cumulative = stack_hits(req, choice.policy.name, scope, trace.expert_bytes)
         # the routing-only figures; once every expert fits, every reuse hits
         all_reuses = req.layer_totals["requests"] - req.layer_totals["cold_misses"]
-        base = summarize(trace, req, all_reuses, policy, scope, None, None, bytes_per_second,
+        base = summarize(trace, req, all_reuses, choice.label, scope, None, None, bytes_per_second,
                          fetch_latency)
         table = _columns(trace, base, cumulative[checked.rows], capacities)
     else:
@@ -101,7 +108,7 @@ def curve(
             req.pooled()
 
         def one(capacity: int) -> ReplayResult:
-            return replay(trace, policy, capacity, scope, bandwidth=bytes_per_second,
+            return replay(trace, choice, capacity, scope, bandwidth=bytes_per_second,
                           latency=fetch_latency, seed=seed, requests=req)
 
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:

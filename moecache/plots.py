@@ -41,6 +41,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from moecache.policies import REGISTRY
+
 from .curve import STACK_POLICIES, fetched_bytes, stack_hits
 from .errors import MoecacheError
 from .files import atomic_write, output_lock, remove_stale_temps, write_errors
@@ -59,17 +61,10 @@ DPI = 150
 
 # Okabe-Ito: distinguishable in colour-blind vision and in print
 _COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
-_POLICY_STYLES: dict[str, dict[str, Any]] = {
-    "lru": {"linestyle": "-", "marker": "o"},
-    "lfu": {"linestyle": "-.", "marker": "s"},
-    "fifo": {"linestyle": (0, (6, 1.5, 1, 1.5, 1, 1.5)), "marker": "^"},
-    "random": {"linestyle": (0, (3, 1.5)), "marker": "x"},
-    "opt": {"linestyle": "--", "marker": None, "linewidth": 2.2},
-    "opt-bypass": {"linestyle": (0, (8, 2, 2, 2)), "marker": "D"},
-}
-_POLICY_LABELS = {"opt": "opt (Belady, offline optimum)",
-                  "opt-bypass": "opt-bypass (Belady\nwith bypass)"}
-_POLICY_ORDER = ("lru", "lfu", "fifo", "random", "opt-bypass", "opt")
+# from the policy registry: line styles, legend labels, legend order (online policies first)
+_POLICY_STYLES: dict[str, dict[str, Any]] = {name: dict(p.style) for name, p in REGISTRY.items()}
+_POLICY_LABELS = {name: p.legend for name, p in REGISTRY.items() if p.legend}
+_POLICY_ORDER = tuple(REGISTRY)
 _REUSE_STYLE = {"linestyle": ":", "linewidth": 1.6}
 _SCOPE_TITLES = {"layer": "per-layer caches (scope = layer)",
                  "global": "one pool shared by all layers (scope = global)"}

@@ -4,13 +4,15 @@ explains the result."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from moecache.policies import KERNELS
+from moecache.policies import resolve
+from moecache.policies.driver import EVENT_COLUMNS
 
 from .errors import MoecacheError
 from .requests import Requests
@@ -38,6 +40,13 @@ class ReplayResult:
     bandwidth: float | None = None
     latency: float = 0.0
     per_layer: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    prefetched: int | None = None  # the prefetch fields are None for a replay without prefetch
+    prefetch_used: int | None = None
+    prefetch_wasted: int | None = None
+    prefetch_dropped: int | None = None
+    prefetch_bytes: int | None = None
+    wasted_bytes: int | None = None
+    events: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def hit_rate(self) -> float:
@@ -64,13 +73,72 @@ class ReplayResult:
         keys = ("policy", "scope", "capacity", "memory_bytes", "requests", "hits", "misses",
                 "cold_misses", "hit_rate", "reuse_rate", "miss_bytes", "bytes_per_token",
                 "bandwidth", "latency", "io_seconds", "io_seconds_per_token", "tokens", "steps")
+        if self.prefetched is not None:
+            keys += PREFETCH_KEYS + ("prefetch_bytes", "wasted_bytes")
         out = {k: getattr(self, k) for k in keys}
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
 
+PREFETCH_KEYS = ("prefetched", "prefetch_used", "prefetch_wasted", "prefetch_dropped")
+
+
+@dataclass(frozen=True, eq=False)
+class Prefetch:
+    """Experts inserted ahead of demand (docs/semantics.md, "Kernel contract"): before the
+    request of step t in MoE layer l (0-based, in trace order), the experts of batch
+    (t, l) that are not cached are admitted in the given order. ``experts`` (int32 ids)
+    and ``offsets`` (int64, steps x layers + 1) hold the batches in step-major order.
+    """
+
+    experts: np.ndarray
+    offsets: np.ndarray
+    layers: int
+
+    @classmethod
+    def from_lists(cls, batches: Sequence[Sequence[Iterable[int]]]) -> Prefetch:
+        """From ``batches[t][l]``, the expert ids to prefetch before step t of layer l."""
+        layers = {len(step) for step in batches}
+        if len(layers) > 1:
+            raise MoecacheError(f"prefetch: every step needs one batch per layer, got {sorted(layers)}")
+        flat = [np.asarray(list(b), np.int64) for step in batches for b in step]
+        lengths = np.array([len(b) for b in flat], np.int64)
+        experts = np.concatenate(flat) if flat else np.zeros(0, np.int64)
+        if experts.size and (experts.min() < 0 or experts.max() > np.iinfo(np.int32).max):
+            raise MoecacheError("prefetch: expert ids must be between 0 and 2**31 - 1")
+        return cls(experts.astype(np.int32), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                   layers.pop() if layers else 0)
+
+    @property
+    def steps(self) -> int:
+        return (len(self.offsets) - 1) // self.layers if self.layers else 0
+
+    def check(self, trace: Trace, req: Requests) -> None:
+        """Reject batches that do not fit the replay's steps, layers and experts."""
+        if (self.steps, self.layers) != (req.num_steps, trace.num_layers):
+            raise MoecacheError(f"prefetch: has {self.steps} steps x {self.layers} layers, the replay "
+                                f"{req.num_steps} steps x {trace.num_layers} layers")
+        if self.experts.size and int(self.experts.max()) >= trace.num_experts:
+            raise MoecacheError(f"prefetch: expert id {int(self.experts.max())} is out of range "
+                                f"(the trace has {trace.num_experts} experts)")
+
+    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batches of one layer as (keys, offsets), one batch per step."""
+        index = np.arange(self.steps, dtype=np.int64) * self.layers + layer
+        starts, lengths = self.offsets[index], self.offsets[index + 1] - self.offsets[index]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        picks = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return self.experts[picks], offsets
+
+    def pooled(self, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batches as (keys, offsets) of global scope: key = layer x E + expert."""
+        batch_layer = np.arange(len(self.offsets) - 1, dtype=np.int64) % self.layers
+        keys = self.experts + num_experts * np.repeat(batch_layer, np.diff(self.offsets))
+        return keys.astype(np.int32), self.offsets
+
+
 def replay(
     trace: Trace,
-    policy: str = "lru",
+    policy: Any = "lru",
     capacity: int | None = None,
     scope: str = "layer",
     *,
@@ -80,39 +148,71 @@ def replay(
     per_token: bool = False,
     seed: int = 0,
     requests: Requests | None = None,
+    policy_args: dict[str, Any] | None = None,
+    prefetch: Prefetch | None = None,
+    record_events: bool = False,
 ) -> ReplayResult:
     """Simulate an expert cache over ``trace``.
 
+    ``policy`` is a registered name, optionally with parameters (``"clock:bits=2"``, or
+    ``policy_args={"bits": 2}``), or a :class:`moecache.PythonPolicy`.
     ``capacity`` counts experts: per layer (``scope="layer"``) or in one pool shared by
     all layers (``scope="global"``). ``memory`` gives a byte budget instead, split evenly
     across layers in layer scope; it needs ``expert_bytes`` in the trace metadata.
     ``bandwidth`` ("4GB/s") and ``latency`` (per fetch, "80us") turn misses into I/O
     time. ``requests`` lets a caller reuse the sets built for an earlier replay.
+    ``prefetch`` inserts experts ahead of demand (the result's prefetch fields count
+    them); ``record_events`` fills ``events``, one row per step and layer.
     """
-    checked = plan(trace, policy, scope, capacity=capacity, memory=memory, per_token=per_token,
-                   bandwidth=bandwidth, latency=latency, seed=seed, requests=requests)
-    req, num_layers, num_experts = checked.requests, trace.num_layers, trace.num_experts
-    kernel = KERNELS[checked.policy]
+    checked = plan(trace, resolve(policy, policy_args), scope, capacity=capacity, memory=memory,
+                   per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed, requests=requests)
+    choice, req = checked.policy, checked.requests
+    num_layers, num_experts = trace.num_layers, trace.num_experts
+    if prefetch is not None:
+        prefetch.check(trace, req)
     hits = np.zeros((req.num_steps, num_layers), np.int64)
+    events = np.zeros((req.num_steps, num_layers, len(EVENT_COLUMNS)), np.int64)
+    counts = np.zeros((len(PREFETCH_KEYS), num_layers), np.int64)
     if scope == "layer":
         sizes = np.ones(num_experts, np.int64)
         for layer, cap in enumerate(checked.layer_capacities):
             keys, offsets = req.layer(layer)
-            hits[:, layer] = kernel(keys, offsets, sizes, np.int64(cap), np.int64(checked.seed))
+            hits[:, layer], layer_events, layer_counts = choice.run(
+                keys, offsets, sizes, cap, checked.seed,
+                None if prefetch is None else prefetch.layer(layer), record_events)
+            if record_events:
+                events[:, layer] = layer_events
+            if prefetch is not None:
+                counts[:, layer] = layer_counts.sum(axis=1)
     else:
         keys, offsets = req.pooled()
         sizes = np.repeat(np.asarray(checked.units, np.int64), num_experts)
-        hits[:] = kernel(keys, offsets, sizes, np.int64(checked.pool),
-                         np.int64(checked.seed)).reshape(-1, num_layers)
+        pooled_hits, pooled_events, pooled_counts = choice.run(
+            keys, offsets, sizes, checked.pool, checked.seed,
+            None if prefetch is None else prefetch.pooled(num_experts), record_events)
+        hits[:] = pooled_hits.reshape(-1, num_layers)
+        if record_events:
+            events[:] = pooled_events.reshape(-1, num_layers, len(EVENT_COLUMNS))
+        if prefetch is not None:
+            counts[:] = pooled_counts.reshape(len(PREFETCH_KEYS), num_layers, num_experts).sum(axis=2)
 
-    return summarize(trace, req, hits.sum(axis=0), checked.policy, scope, checked.capacity,
-                     checked.memory_bytes, checked.bandwidth, checked.latency)
+    result = summarize(trace, req, hits.sum(axis=0), choice.label, scope, checked.capacity,
+                       checked.memory_bytes, checked.bandwidth, checked.latency,
+                       None if prefetch is None else counts)
+    if record_events:
+        frame = pd.DataFrame(events.reshape(-1, len(EVENT_COLUMNS)), columns=list(EVENT_COLUMNS))
+        frame.insert(0, "step", np.repeat(np.arange(req.num_steps), num_layers))
+        frame.insert(1, "layer", np.tile(trace.layers, req.num_steps))
+        result.events = frame
+    return result
 
 
 def summarize(trace: Trace, req: Requests, layer_hits: np.ndarray, policy: str, scope: str,
               capacity: int | None, memory_bytes: int | None = None,
-              bandwidth: float | None = None, latency: float = 0.0) -> ReplayResult:
-    """The result object for given hits per MoE layer; everything else comes from ``req``."""
+              bandwidth: float | None = None, latency: float = 0.0,
+              prefetch_counts: np.ndarray | None = None) -> ReplayResult:
+    """The result object for given hits per MoE layer; everything else comes from ``req``
+    (``prefetch_counts``: rows PREFETCH_KEYS, one column per layer)."""
     totals = req.layer_totals
     per_layer = pd.DataFrame({
         "layer": trace.layers,
@@ -134,6 +234,15 @@ def summarize(trace: Trace, req: Requests, layer_hits: np.ndarray, policy: str, 
                                 "of this trace could exceed 2**63")
         per_layer["miss_bytes"] = per_layer["misses"] * expert_bytes
         miss_bytes = int(per_layer["miss_bytes"].sum())
+    prefetch: dict[str, int] = {}
+    if prefetch_counts is not None:
+        for name, row in zip(PREFETCH_KEYS, prefetch_counts, strict=True):
+            per_layer[name] = row
+        prefetch = {name: int(per_layer[name].sum()) for name in PREFETCH_KEYS}
+        if expert_bytes is not None:  # Python integers: no overflow
+            for name, column in (("prefetch_bytes", "prefetched"), ("wasted_bytes", "prefetch_wasted")):
+                pairs = zip(per_layer[column], expert_bytes, strict=True)
+                prefetch[name] = sum(int(n) * int(b) for n, b in pairs)
     totals = per_layer[["requests", "hits", "misses", "cold_misses", "reuse_hits",
                         "reuse_requests"]].sum()
     reuse_den = int(totals["reuse_requests"])
@@ -144,5 +253,5 @@ def summarize(trace: Trace, req: Requests, layer_hits: np.ndarray, policy: str, 
         misses=int(totals["misses"]), cold_misses=int(totals["cold_misses"]),
         reuse_rate=int(totals["reuse_hits"]) / reuse_den if reuse_den else math.nan,
         miss_bytes=miss_bytes, tokens=req.num_tokens, steps=req.num_steps,
-        bandwidth=bandwidth, latency=latency, per_layer=per_layer,
+        bandwidth=bandwidth, latency=latency, per_layer=per_layer, **prefetch,
     )

@@ -20,10 +20,11 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import reduce
+from typing import Any
 
 import numpy as np
 
-from moecache.policies import POLICIES
+from moecache.policies import Choice, resolve
 
 from .errors import MoecacheError
 from .requests import Requests
@@ -55,7 +56,7 @@ class Plan:
     """
 
     trace: Trace
-    policy: str
+    policy: Choice
     scope: str
     requests: Requests
     smallest: int
@@ -77,15 +78,10 @@ class Plan:
         return np.minimum(np.asarray(self.capacities, np.int64), self.top)
 
 
-def check_policy(policy: str) -> str:
-    """The policy's name, if it is a known one.
-
-    Seam: the policy registry's resolver (``moecache.policies.resolve``) takes this
-    place once it exists, with parameters; every driver already comes through here.
-    """
-    if policy not in POLICIES:
-        raise MoecacheError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
-    return policy
+def check_policy(policy: Any) -> Choice:
+    """The validated policy choice (a name, a spec with parameters, a Choice or a
+    PythonPolicy): :func:`moecache.policies.resolve`."""
+    return resolve(policy)
 
 
 def check_scope(scope: str) -> str:
@@ -121,7 +117,7 @@ def top_capacity(trace: Trace, scope: str) -> int:
 
 def plan(
     trace: Trace,
-    policy: str = "lru",
+    policy: Any = "lru",
     scope: str = "layer",
     *,
     capacity: int | None = None,
@@ -152,19 +148,19 @@ def plan(
     sizes = [int(b) for b in trace.expert_bytes]
     if scope == "layer":
         caps = tuple(memory_bytes // layers // size for size in sizes)
-        return replace(base, capacity=caps[0] if len(set(caps)) == 1 else None, memory_bytes=memory_bytes,
-                     layer_capacities=caps)
+        return replace(base, capacity=caps[0] if len(set(caps)) == 1 else None,
+                       memory_bytes=memory_bytes, layer_capacities=caps)
     # sizes in units of their greatest common divisor, to keep counts small and exact
     divisor = reduce(math.gcd, sizes)
     units = tuple(size // divisor for size in sizes)
     pool = memory_bytes // divisor
     return replace(base, capacity=pool // units[0] if len(set(units)) == 1 else None,
-                 memory_bytes=memory_bytes, pool=pool, units=units)
+                   memory_bytes=memory_bytes, pool=pool, units=units)
 
 
 def plan_range(
     trace: Trace,
-    policy: str = "lru",
+    policy: Any = "lru",
     scope: str = "layer",
     *,
     capacities: str | Iterable[int] | None = None,
@@ -192,7 +188,7 @@ def plan_range(
     return replace(base, capacities=tuple(chosen))
 
 
-def _common(trace: Trace, policy: str, scope: str, per_token: bool, bandwidth: str | float | None,
+def _common(trace: Trace, policy: Any, scope: str, per_token: bool, bandwidth: str | float | None,
             latency: str | float, seed: int, requests: Requests | None) -> Plan:
     """The checks every run shares, and the trace's capacity range."""
     if not isinstance(trace, Trace):

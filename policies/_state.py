@@ -1,4 +1,4 @@
-"""Small numba data structures shared by the policy kernels.
+"""Small numba data structures shared by the policy kernels and hooks.
 
 Every kernel sees the same input: ``keys`` (int32), the expert ids of all requests in
 order, ``offsets`` (int64, one more than the requests) delimiting each request, whose
@@ -107,6 +107,17 @@ def lowest_slot(rank, count):
     best = 0
     while rank[best] != lowest:
         best += 1
+    return best
+
+
+@njit(cache=True, inline="always")
+def lowest_candidate(priority, resident, pinned, mark):
+    """The resident key with ``pinned[key] != mark`` of lowest ``priority``, the smallest id
+    among equals; -1 if there is none. One scan over all keys (the hooks' victim search)."""
+    best = -1
+    for key in range(priority.shape[0]):
+        if resident[key] and pinned[key] != mark and (best < 0 or priority[key] < priority[best]):
+            best = key
     return best
 
 

@@ -24,6 +24,8 @@ from ._state import (
     popcount,
     request_mask,
 )
+from .lru import new_stamps, oldest_stamp, stamp
+from .registry import Hooks, Policy, always_keep, no_access, no_evict
 
 
 @njit(cache=True, nogil=True)
@@ -106,3 +108,10 @@ def simulate_list(keys, offsets, sizes, capacity):
                     resident[key] = 1
                     list_append(prev, nxt, head, key)
     return hits
+
+
+POLICY = Policy(
+    name="fifo", description="evicts the earliest inserted expert; ties: smallest id",
+    # hooks: LRU's stamps, set on insertion only
+    hooks=Hooks(new_stamps, no_access, stamp, oldest_stamp, no_evict, always_keep), kernel=simulate,
+    style={"linestyle": (0, (6, 1.5, 1, 1.5, 1, 1.5)), "marker": "^"}, rank=30)

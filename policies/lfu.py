@@ -10,7 +10,8 @@ Keys of the current request are pinned.
 import numpy as np
 from numba import njit
 
-from ._state import PINNED, lowest_slot, slots_add, slots_new, slots_remove
+from ._state import PINNED, lowest_candidate, lowest_slot, slots_add, slots_new, slots_remove
+from .registry import Hooks, Policy, always_keep, no_admit, no_evict
 
 
 @njit(cache=True, nogil=True)
@@ -50,3 +51,32 @@ def simulate(keys, offsets, sizes, capacity, seed):
             else:
                 count = slots_add(slots, where, rank, count, key, value)
     return hits
+
+
+# -- hooks: state = (rank, uses) per key and the scale R + 1 (one element); rank =
+# uses * (R + 1) + last use + 1 orders as the kernel does, 0 for a key never requested
+
+
+@njit(cache=True)
+def init(keys, offsets, sizes, capacity, params, seed):
+    num_keys = sizes.shape[0]
+    return np.zeros(num_keys, np.int64), np.zeros(num_keys, np.int64), np.full(1, offsets.shape[0], np.int64)
+
+
+@njit(cache=True)
+def access(state, key, now, hit):
+    rank, uses, scale = state
+    uses[key] += 1
+    rank[key] = uses[key] * scale[0] + now + 1
+
+
+@njit(cache=True)
+def victim(state, resident, pinned, mark):
+    return lowest_candidate(state[0], resident, pinned, mark)
+
+
+POLICY = Policy(
+    name="lfu", description="evicts the fewest uses over the whole history (counts survive eviction); "
+    "ties: least recent, then smallest id",
+    hooks=Hooks(init, access, no_admit, victim, no_evict, always_keep), kernel=simulate, stack="lfu",
+    style={"linestyle": "-.", "marker": "s"}, rank=20)

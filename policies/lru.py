@@ -17,7 +17,8 @@ Two exact implementations of the same order, chosen by ``simulate``:
 import numpy as np
 from numba import njit, uint64
 
-from ._state import fits_masks, lowest_bits, no_room, popcount
+from ._state import fits_masks, lowest_bits, lowest_candidate, no_room, popcount
+from .registry import Hooks, Policy, always_keep, no_evict
 
 
 @njit(cache=True, nogil=True)
@@ -97,3 +98,34 @@ def simulate_stream(keys, offsets, sizes, capacity):
             pointer += 1
         used += need
     return hits
+
+
+# -- hooks (docs/semantics.md, "Kernel contract"): state = (a request stamp per key,),
+# the last use; a prefetched key counts as used when it is inserted. FIFO shares them.
+
+
+@njit(cache=True)
+def new_stamps(keys, offsets, sizes, capacity, params, seed):
+    return (np.full(sizes.shape[0], -1, np.int64),)
+
+
+@njit(cache=True)
+def stamp(state, key, now):
+    state[0][key] = now
+
+
+@njit(cache=True)
+def access(state, key, now, hit):
+    stamp(state, key, now)
+
+
+@njit(cache=True)
+def oldest_stamp(state, resident, pinned, mark):
+    return lowest_candidate(state[0], resident, pinned, mark)
+
+
+POLICY = Policy(
+    name="lru", description="evicts the least recently used expert; ties: smallest id",
+    hooks=Hooks(new_stamps, access, stamp, oldest_stamp, no_evict, always_keep), kernel=simulate, stack="lru",
+    style={"linestyle": "-", "marker": "o"}, rank=10,
+    source="Mattson et al., Evaluation techniques for storage hierarchies, IBM Systems Journal 1970")

@@ -9,7 +9,8 @@ id. Next requests come from one backward pass; current keys are pinned.
 import numpy as np
 from numba import njit
 
-from ._state import PINNED, lowest_slot, slots_add, slots_new, slots_remove
+from ._state import PINNED, lowest_candidate, lowest_slot, slots_add, slots_new, slots_remove
+from .registry import Hooks, Policy, always_keep, no_admit, no_evict
 
 
 @njit(cache=True)
@@ -62,3 +63,50 @@ def simulate(keys, offsets, sizes, capacity, seed):
             else:
                 count = slots_add(slots, where, rank, count, key, value)
     return hits
+
+
+# -- hooks: state = (rank, uses, cursor): ``uses`` lists each key's requests in order,
+# each key's list ending with R (never again), ``cursor[k]`` indexes k's next request not
+# yet served, and rank[k] = -uses[cursor[k]], lowest for the farthest next request.
+
+
+@njit(cache=True)
+def init(keys, offsets, sizes, capacity, params, seed):
+    num_keys = sizes.shape[0]
+    num_requests = offsets.shape[0] - 1
+    starts = np.zeros(num_keys + 1, np.int64)
+    for j in range(keys.shape[0]):
+        starts[keys[j] + 1] += 1
+    for k in range(num_keys):
+        starts[k + 1] += starts[k] + 1  # one more entry per key: its final R
+    uses = np.full(starts[num_keys], num_requests, np.int64)
+    cursor = starts[:num_keys].copy()
+    for r in range(num_requests):
+        for j in range(offsets[r], offsets[r + 1]):
+            uses[cursor[keys[j]]] = r
+            cursor[keys[j]] += 1
+    cursor[:] = starts[:num_keys]
+    rank = np.empty(num_keys, np.int64)
+    for k in range(num_keys):
+        rank[k] = -uses[cursor[k]]
+    return rank, uses, cursor
+
+
+@njit(cache=True)
+def access(state, key, now, hit):
+    rank, uses, cursor = state
+    cursor[key] += 1
+    rank[key] = -uses[cursor[key]]
+
+
+@njit(cache=True)
+def victim(state, resident, pinned, mark):
+    return lowest_candidate(state[0], resident, pinned, mark)
+
+
+POLICY = Policy(
+    name="opt", description="Belady: evicts the expert whose next request is farthest (never = infinitely "
+    "far); ties: smallest id. The offline optimum under demand admission",
+    hooks=Hooks(init, access, no_admit, victim, no_evict, always_keep), kernel=simulate, stack="opt",
+    style={"linestyle": "--", "marker": None, "linewidth": 2.2}, legend="opt (Belady, offline optimum)",
+    rank=95, source="Belady, A study of replacement algorithms for a virtual-storage computer, 1966")

@@ -17,8 +17,10 @@ admitted, are pinned until the request ends.
 import numpy as np
 from numba import njit
 
-from ._state import PINNED, lowest_slot, slots_add, slots_new, slots_remove
+from . import opt
+from ._state import PINNED, lowest_candidate, lowest_slot, slots_add, slots_new, slots_remove
 from .opt import next_request, opt_rank
+from .registry import Hooks, Policy, no_admit, no_evict
 
 
 @njit(cache=True, nogil=True)
@@ -53,3 +55,21 @@ def simulate(keys, offsets, sizes, capacity, seed):
             if where[keys[j]] >= 0:
                 rank[where[keys[j]]] = opt_rank(following[j], keys[j], num_keys)
     return hits
+
+
+@njit(cache=True)
+def keep(state, key, now, resident, pinned, mark):
+    """Cache the miss ``key`` (not yet accessed at ``now``) unless it is needed later than
+    every candidate victim (ties: the smaller id is the farther)."""
+    rank, uses, cursor = state
+    farthest = lowest_candidate(rank, resident, pinned, mark)
+    incoming = -uses[cursor[key] + 1]
+    return farthest >= 0 and (rank[farthest] < incoming or (rank[farthest] == incoming and farthest < key))
+
+
+POLICY = Policy(
+    name="opt-bypass", description="as opt, but a miss is cached only if some resident outside the "
+    "request is needed later than it; otherwise it is streamed through (fetched, not kept)",
+    hooks=Hooks(opt.init, opt.access, no_admit, opt.victim, no_evict, keep), kernel=simulate,
+    admission="bypass", style={"linestyle": (0, (8, 2, 2, 2)), "marker": "D"},
+    legend="opt-bypass (Belady\nwith bypass)", rank=90)

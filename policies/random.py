@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, uint64
 
 from ._state import no_room, slots_add, slots_new, slots_remove
+from .registry import Hooks, Policy, always_keep, no_access
 
 _GOLDEN = uint64(0x9E3779B97F4A7C15)
 _MIX1 = uint64(0xBF58476D1CE4E5B9)
@@ -60,3 +61,42 @@ def simulate(keys, offsets, sizes, capacity, seed):
             count = slots_add(slots, where, rank, count, key, 0)
             used += sizes[key]
     return hits
+
+
+# -- hooks: state = (slots, where, rank (unused), [count], [generator state]), the slot
+# array of the kernel: append on admission, swap-remove on eviction
+
+
+@njit(cache=True)
+def init(keys, offsets, sizes, capacity, params, seed):
+    slots, where, rank = slots_new(sizes.shape[0])
+    return slots, where, rank, np.zeros(1, np.int64), np.full(1, seed, np.uint64)
+
+
+@njit(cache=True)
+def admit(state, key, now):
+    slots, where, rank, count, _ = state
+    count[0] = slots_add(slots, where, rank, count[0], key, 0)
+
+
+@njit(cache=True)
+def victim(state, resident, pinned, mark):
+    slots, _, _, count, generator = state
+    while True:
+        generator[0], draw = splitmix64(generator[0])
+        key = slots[np.int64(draw % uint64(count[0]))]
+        if pinned[key] != mark:
+            return key
+
+
+@njit(cache=True)
+def evict(state, key):
+    slots, where, rank, count, _ = state
+    count[0] = slots_remove(slots, where, rank, count[0], where[key])
+
+
+POLICY = Policy(
+    name="random", description="evicts a uniformly random resident outside the request, seeded "
+    "(splitmix64 over the resident slot array, redrawn while it hits a pinned key)",
+    hooks=Hooks(init, no_access, admit, victim, evict, always_keep), kernel=simulate,
+    style={"linestyle": (0, (3, 1.5)), "marker": "x"}, rank=40)

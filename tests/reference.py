@@ -1,12 +1,183 @@
 """A slow, obviously-correct replay written straight from docs/semantics.md.
 
-It shares no code with moecache's kernels: sets are Python sets, the cache is a dict,
-and every eviction takes ``min`` over the candidates with the policy's full sort key.
+It shares no code with moecache's kernels or hooks: sets are Python sets, the cache is a
+set, and each policy's reference (``REFERENCES``, one small class per registered policy,
+found by name) picks its victim with ``min`` over the candidates with the policy's full
+sort key. A new policy adds its class here with ``@reference("name")``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+
+REFERENCES: dict[str, type[Reference]] = {}
+
+
+def reference(name: str):
+    """Register a reference policy under the registered policy's name."""
+    def register(cls):
+        REFERENCES[name] = cls
+        return cls
+    return register
+
+
+class Reference:
+    """Hooks of the slow simulator; ``requests`` is the whole stream (for OPT)."""
+
+    bypass = False
+
+    def __init__(self, requests: list[set], params: dict, seed: int):
+        self.requests = requests
+
+    def access(self, key, now: int, hit: bool) -> None:
+        """Each key of demand request ``now``, after its admissions."""
+
+    def admit(self, key, now: int) -> None:
+        """Every insertion, demand or prefetch."""
+
+    def victim(self, candidates: list, now: int):
+        raise NotImplementedError
+
+    def evict(self, key) -> None:
+        """``key`` leaves the cache."""
+
+    def keep(self, key, candidates: list, now: int) -> bool:
+        return True
+
+
+@reference("lru")
+class LRU(Reference):
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.last: dict = {}
+
+    def access(self, key, now, hit):
+        self.last[key] = now
+
+    def admit(self, key, now):  # a prefetched expert counts as used when inserted
+        self.last[key] = now
+
+    def victim(self, candidates, now):
+        return min(candidates, key=lambda k: (self.last[k], k))
+
+
+@reference("fifo")
+class FIFO(Reference):
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.inserted: dict = {}
+
+    def admit(self, key, now):
+        self.inserted[key] = now
+
+    def victim(self, candidates, now):
+        return min(candidates, key=lambda k: (self.inserted[k], k))
+
+
+@reference("lfu")
+class LFU(Reference):
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.uses: Counter = Counter()
+        self.last: dict = {}
+
+    def access(self, key, now, hit):
+        self.uses[key] += 1
+        self.last[key] = now
+
+    def victim(self, candidates, now):
+        return min(candidates, key=lambda k: (self.uses[k], self.last.get(k, -1), k))
+
+
+@reference("opt")
+class OPT(Reference):
+    def following(self, key, start: int) -> float:
+        """The first request at or after ``start`` holding ``key`` (inf if none)."""
+        for later in range(start, len(self.requests)):
+            if key in self.requests[later]:
+                return later
+        return float("inf")
+
+    def victim(self, candidates, now):
+        # candidates are not in request ``now``; during a prefetch ``now`` is still ahead
+        return min(candidates, key=lambda k: (-self.following(k, now), k))
+
+
+@reference("opt-bypass")
+class OPTBypass(OPT):
+    bypass = True
+
+    def keep(self, key, candidates, now):
+        """Cache ``key`` unless it is the farthest of itself and the candidates."""
+        farthest = min(candidates + [key], key=lambda k: (-self.following(k, now + 1), k))
+        return farthest != key
+
+
+def splitmix64(state: int) -> tuple[int, int]:
+    mask = (1 << 64) - 1
+    state = (state + 0x9E3779B97F4A7C15) & mask
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return state, z ^ (z >> 31)
+
+
+@reference("random")
+class Random(Reference):
+    """The documented slot array: append on admission, swap-remove on eviction."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.slots: list = []
+        self.rng = seed
+
+    def admit(self, key, now):
+        self.slots.append(key)
+
+    def victim(self, candidates, now):
+        while True:
+            self.rng, draw = splitmix64(self.rng)
+            key = self.slots[draw % len(self.slots)]
+            if key in candidates:
+                return key
+
+    def evict(self, key):
+        index = self.slots.index(key)
+        self.slots[index] = self.slots[-1]
+        self.slots.pop()
+
+
+@reference("clock")
+class Clock(Reference):
+    """libCacheSim's Clock: a ring in insertion order read from the hand (index 0)."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.ring: list = []
+        self.counter: dict = {}
+        self.top = 2 ** (int(params.get("bits", 1)) - 1)
+
+    def access(self, key, now, hit):
+        if hit:
+            self.counter[key] = min(self.counter[key] + 1, self.top)
+
+    def admit(self, key, now):
+        self.ring.append(key)
+        self.counter[key] = 0
+
+    def victim(self, candidates, now):
+        while True:
+            key = self.ring[0]
+            if key in candidates:
+                if self.counter[key] == 0:
+                    return key
+                self.counter[key] -= 1
+            self.ring.append(self.ring.pop(0))  # the hand moves past it
+
+    def evict(self, key):
+        self.ring.remove(key)
 
 
 def step_sets(experts: np.ndarray, step: np.ndarray, per_token: bool = False) -> list[list[set]]:
@@ -22,90 +193,84 @@ def step_sets(experts: np.ndarray, step: np.ndarray, per_token: bool = False) ->
             for tokens in groups]
 
 
-def splitmix64(state: int) -> tuple[int, int]:
-    mask = (1 << 64) - 1
-    state = (state + 0x9E3779B97F4A7C15) & mask
-    z = state
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return state, z ^ (z >> 31)
-
-
-def simulate(requests: list[set], policy: str, capacity: int, size=lambda key: 1,
-             seed: int = 0) -> list[int]:
-    """Hits per request. ``requests`` are sets of hashable, ordered keys."""
+def simulate(requests: list[set], policy: str, capacity: int, size=lambda key: 1, seed: int = 0,
+             params: dict | None = None, prefetch: list[list] | None = None) -> tuple[list[int], Counter]:
+    """(hits per request, prefetch counts). ``requests`` are sets of hashable, ordered keys;
+    ``prefetch[r]`` lists the keys to insert before request r (docs/semantics.md)."""
+    ref = REFERENCES[policy](requests, params or {}, seed)
     cache: set = set()
-    last_use: dict = {}
-    inserted: dict = {}
-    uses: dict = {}
-    slots: list = []  # the random policy's documented slot array (swap-remove)
-    rng = seed
+    pending: set = set()  # resident from a prefetch not yet used
+    counts: Counter = Counter()
     hits = []
 
-    def next_use(key, now):
-        for later in range(now + 1, len(requests)):
-            if key in requests[later]:
-                return later
-        return float("inf")
+    def used():
+        return sum(size(k) for k in cache)
+
+    def make_room(key, protected, now):
+        while used() + size(key) > capacity:
+            candidates = [k for k in cache if k not in protected]
+            assert candidates, "capacity below one request"
+            victim = ref.victim(candidates, now)
+            assert victim in candidates
+            cache.remove(victim)
+            ref.evict(victim)
+            if victim in pending:
+                pending.remove(victim)
+                counts["prefetch_wasted"] += 1
 
     for now, request in enumerate(requests):
-        hits.append(len(request & cache))
-        for key in request:
-            uses[key] = uses.get(key, 0) + 1
-        for key in sorted(request - cache):
-            if policy == "opt-bypass" and sum(size(k) for k in cache) + size(key) > capacity:
-                farthest = min([k for k in cache if k not in request] + [key],
-                               key=lambda k: (-next_use(k, now), k))
-                if farthest == key:
-                    continue  # streamed through without being cached
-            while sum(size(k) for k in cache) + size(key) > capacity:
-                candidates = [k for k in cache if k not in request]
-                assert candidates, "capacity below one request"
-                if policy == "lru":
-                    victim = min(candidates, key=lambda k: (last_use[k], k))
-                elif policy == "fifo":
-                    victim = min(candidates, key=lambda k: (inserted[k], k))
-                elif policy == "lfu":
-                    victim = min(candidates, key=lambda k: (uses[k], last_use[k], k))
-                elif policy in ("opt", "opt-bypass"):
-                    victim = min(candidates, key=lambda k: (-next_use(k, now), k))
-                elif policy == "random":
-                    while True:
-                        rng, draw = splitmix64(rng)
-                        victim = slots[draw % len(slots)]
-                        if victim not in request:
-                            break
-                else:
-                    raise ValueError(policy)
-                cache.remove(victim)
-                index = slots.index(victim)
-                slots[index] = slots[-1]
-                slots.pop()
+        batch = prefetch[now] if prefetch else []
+        for key in batch:
+            if key in cache:
+                continue
+            if sum(size(k) for k in cache if k in batch) + size(key) > capacity:
+                counts["prefetch_dropped"] += 1
+                continue
+            make_room(key, set(batch), now)
             cache.add(key)
-            inserted[key] = now
-            slots.append(key)
-        for key in request:
-            last_use[key] = now
-    return hits
+            ref.admit(key, now)
+            pending.add(key)
+            counts["prefetched"] += 1
+        found = request & cache
+        hits.append(len(found))
+        counts["prefetch_used"] += len(found & pending)
+        pending -= found
+        for key in sorted(request - cache):
+            if used() + size(key) > capacity and ref.bypass and \
+                    not ref.keep(key, [k for k in cache if k not in request], now):
+                continue  # streamed through without being cached
+            make_room(key, request, now)
+            cache.add(key)
+            ref.admit(key, now)
+        for key in sorted(request):
+            ref.access(key, now, key in found)
+    counts["prefetch_wasted"] += len(pending)
+    return hits, counts
 
 
 def reference_replay(experts, step, policy, capacity, scope="layer", per_token=False,
-                     expert_bytes=None, memory=None, seed=0) -> dict:
-    """Pooled and per-layer counts, as moecache.replay should report them."""
+                     expert_bytes=None, memory=None, seed=0, params=None, prefetch=None) -> dict:
+    """Pooled and per-layer counts, as moecache.replay should report them; ``prefetch[t][l]``
+    lists the experts to prefetch before step t of layer l (also reported, pooled)."""
     sets = step_sets(np.asarray(experts), np.asarray(step), per_token)
     num_layers = experts.shape[1]
     hits = np.zeros(num_layers, np.int64)
+    counts: Counter = Counter()
     if scope == "layer":
         for layer in range(num_layers):
             cap = capacity if memory is None else memory // num_layers // expert_bytes[layer]
-            hits[layer] = sum(simulate([s[layer] for s in sets], policy, cap, seed=seed))
+            batches = None if prefetch is None else [p[layer] for p in prefetch]
+            layer_hits, layer_counts = simulate([s[layer] for s in sets], policy, cap, seed=seed,
+                                                params=params, prefetch=batches)
+            hits[layer] = sum(layer_hits)
+            counts += layer_counts
     else:
         pooled = [{(layer, e) for e in s[layer]} for s in sets for layer in range(num_layers)]
-        if memory is None:
-            per_request = simulate(pooled, policy, capacity, seed=seed)
-        else:
-            per_request = simulate(pooled, policy, memory,
-                                   size=lambda key: expert_bytes[key[0]], seed=seed)
+        batches = None if prefetch is None else \
+            [[(layer, e) for e in p[layer]] for p in prefetch for layer in range(num_layers)]
+        size = (lambda key: 1) if memory is None else (lambda key: expert_bytes[key[0]])
+        per_request, counts = simulate(pooled, policy, capacity if memory is None else memory, size=size,
+                                       seed=seed, params=params, prefetch=batches)
         for r, h in enumerate(per_request):
             hits[r % num_layers] += h
     requests = np.array([sum(len(s[layer]) for s in sets) for layer in range(num_layers)])
@@ -121,4 +286,21 @@ def reference_replay(experts, step, policy, capacity, scope="layer", per_token=F
                       for layer in range(num_layers)])
     return {"hits": hits, "requests": requests, "cold_misses": cold,
             "reuse_hits": overlap, "reuse_requests": later,
-            "max_set": max((len(x) for s in sets for x in s), default=0)}
+            "max_set": max((len(x) for s in sets for x in s), default=0),
+            "steps": len(sets), **{k: counts[k] for k in
+                                   ("prefetched", "prefetch_used", "prefetch_wasted", "prefetch_dropped")}}
+
+
+def assert_matches(result, expected: dict) -> None:
+    """A ReplayResult agrees with ``reference_replay``'s counts, layer by layer."""
+    frame = result.per_layer
+    np.testing.assert_array_equal(frame["hits"], expected["hits"])
+    np.testing.assert_array_equal(frame["requests"], expected["requests"])
+    np.testing.assert_array_equal(frame["cold_misses"], expected["cold_misses"])
+    np.testing.assert_array_equal(frame["reuse_hits"], expected["reuse_hits"])
+    np.testing.assert_array_equal(frame["reuse_requests"], expected["reuse_requests"])
+    assert result.hits == expected["hits"].sum()
+    assert result.misses == expected["requests"].sum() - expected["hits"].sum()
+    later = expected["reuse_requests"].sum()
+    if later:
+        assert result.reuse_rate == expected["reuse_hits"].sum() / later

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 
 import moecache as mc
-from moecache.policies import POLICIES
+from moecache.curve import STACK_POLICIES
+from moecache.policies import POLICIES, resolve
 
 from .strategies import make_trace, routings
 
@@ -51,7 +52,7 @@ def test_curve_rejects_capacity_below_a_step_set():
         mc.curve(trace, "lru", capacities=[3, 5])
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "opt"])
+@pytest.mark.parametrize("policy", list(STACK_POLICIES))
 @given(data=routings(max_layers=2, max_experts=90, max_tokens=25))
 def test_curve_past_64_experts_equals_replay(policy, data):
     """Past 64 keys the lru curve leaves its 64-bit mask shortcut for the general stack."""
@@ -94,7 +95,7 @@ def test_lfu_curve_past_its_priority_range_falls_back_to_replays(monkeypatch):
     trace = mc.synth(layers=2, experts=16, top_k=4, tokens=200, seed=3)
     one_pass = mc.curve(trace, "lfu", "global")
     monkeypatch.setattr(curve_module, "PRIORITY_LIMIT", 1000)
-    assert not curve_module.one_pass(mc.Requests.from_trace(trace), "lfu")
+    assert not curve_module.one_pass(mc.Requests.from_trace(trace), resolve("lfu"))
     pd.testing.assert_frame_equal(mc.curve(trace, "lfu", "global"), one_pass)
 
 

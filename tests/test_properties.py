@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moecache as mc
-from moecache.policies import DEMAND_POLICIES, POLICIES
+from moecache.curve import STACK_POLICIES
+from moecache.policies import POLICIES
 
 from .strategies import make_trace, routings
 
@@ -15,7 +16,7 @@ def largest_set(trace, per_token=False):
     return int(mc.Requests.from_trace(trace, per_token=per_token).set_sizes.max())
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "opt"])
+@pytest.mark.parametrize("policy", list(STACK_POLICIES))
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @given(data=routings())
 def test_hit_rate_never_decreases_with_capacity(policy, scope, data):
@@ -27,14 +28,13 @@ def test_hit_rate_never_decreases_with_capacity(policy, scope, data):
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
-@given(data=routings(), extra=st.integers(0, 10), seed=st.integers(0, 9))
-def test_opt_beats_every_policy(scope, data, extra, seed):
+@given(data=routings(), extra=st.integers(0, 10))
+def test_opt_bypass_never_below_opt(scope, data, extra):
+    """With unit sizes, bypassing can only help Belady (docs/semantics.md)."""
     trace = make_trace(*data)
     capacity = largest_set(trace) + extra
-    best = mc.replay(trace, "opt", capacity, scope=scope).hits
-    for policy in DEMAND_POLICIES:
-        assert mc.replay(trace, policy, capacity, scope=scope, seed=seed).hits <= best
-    assert mc.replay(trace, "opt-bypass", capacity, scope=scope).hits >= best
+    assert (mc.replay(trace, "opt-bypass", capacity, scope=scope).hits
+            >= mc.replay(trace, "opt", capacity, scope=scope).hits)
 
 
 @given(data=routings(), extra=st.integers(0, 10))
@@ -47,26 +47,6 @@ def test_lru_hits_at_least_reuse_per_layer(data, extra):
     # the rates compare the same way once step 0 (no predecessor) is left out
     assert (frame["hits"] / frame["reuse_requests"].clip(lower=1)
             >= frame["reuse_rate"].fillna(0)).all()
-
-
-@pytest.mark.parametrize("policy", POLICIES)
-@given(data=routings())
-def test_full_capacity_leaves_only_cold_misses(policy, data):
-    trace = make_trace(*data)
-    layer = mc.replay(trace, policy, trace.num_experts)
-    pooled = mc.replay(trace, policy, trace.num_experts * trace.num_layers, scope="global")
-    for result in (layer, pooled):
-        assert result.misses == result.cold_misses
-        assert (result.per_layer["cold_misses"] == result.per_layer["misses"]).all()
-
-
-@given(data=routings(grouped=False))
-def test_every_policy_agrees_at_capacity_k(data):
-    """At C = K with one token per step the cache always holds exactly the last step."""
-    trace = make_trace(*data)
-    results = [mc.replay(trace, p, trace.top_k) for p in DEMAND_POLICIES]
-    assert len({r.hits for r in results}) == 1
-    assert results[0].hits == results[0].per_layer["reuse_hits"].sum()
 
 
 @given(data=routings(), seed=st.integers(0, 2**31))

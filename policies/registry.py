@@ -1,0 +1,187 @@
+"""The records a policy module declares, and the parsing of a policy choice.
+
+Each policy module defines one module-level ``POLICY = Policy(...)``; the package
+collects them into ``REGISTRY`` (``policies/__init__.py``). The hooks' contract is the
+"Kernel contract" section of docs/semantics.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+from numba import njit
+
+from moecache.errors import MoecacheError
+
+from .driver import drive
+
+ADMISSIONS = ("demand", "bypass")
+STACKS = ("lru", "lfu", "opt")  # the one-pass curve methods of stack.py
+
+
+class Hooks(NamedTuple):
+    """A policy's numba-compiled hooks (or plain Python callables, for PythonPolicy)."""
+
+    init: Callable
+    access: Callable
+    admit: Callable
+    victim: Callable
+    evict: Callable
+    keep: Callable
+
+
+@njit(cache=True)
+def always_keep(state, key, now, resident, pinned, mark):
+    """``keep`` of every demand-admission policy: each miss is cached."""
+    return True
+
+
+@njit(cache=True)
+def no_access(state, key, now, hit):
+    """``access`` of a policy that ignores demand uses (FIFO)."""
+
+
+@njit(cache=True)
+def no_admit(state, key, now):
+    """``admit`` of a policy that ignores insertions."""
+
+
+@njit(cache=True)
+def no_evict(state, key):
+    """``evict`` of a policy whose state needs no update when a key leaves."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One numeric parameter of a policy, passed to its hooks in a float64 array."""
+
+    name: str
+    default: float
+    low: float
+    high: float
+    doc: str
+    integer: bool = False
+
+    def describe(self) -> str:
+        kind = "integer" if self.integer else "number"
+        bounds = f"{kind} in [{number(self.low)}, {number(self.high)}]"
+        return f"`{self.name}`={number(self.default)} ({bounds}): {self.doc}"
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """A registered policy.
+
+    ``kernel`` is an optional specialised simulator ``(keys, offsets, sizes, capacity, seed)
+    -> hits`` for plain demand replays of a policy without parameters; everything else
+    (prefetch, events, parameters) runs ``hooks`` through ``policies.driver.drive``.
+    ``stack`` names the one-pass curve method (``STACKS``) of a stack algorithm. ``rank``
+    orders lists, tables and plot legends (online policies first, offline bounds last,
+    then by name); ``style`` holds matplotlib line keywords and ``legend`` a longer label.
+    """
+
+    name: str
+    description: str
+    hooks: Hooks
+    kernel: Callable | None = None
+    admission: str = "demand"
+    stack: str | None = None
+    params: tuple[Param, ...] = ()
+    style: Mapping[str, Any] = field(default_factory=dict)
+    legend: str = ""
+    rank: int = 50
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"policy {self.name}: admission must be one of {ADMISSIONS}")
+        if self.stack is not None and self.stack not in STACKS:
+            raise ValueError(f"policy {self.name}: stack must be None or one of {STACKS}")
+        if self.kernel is not None and self.params:
+            raise ValueError(f"policy {self.name}: a fast kernel takes no parameters; use hooks only")
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"policy {self.name}: repeated parameter names {names}")
+        for p in self.params:
+            if not p.low <= p.default <= p.high:
+                raise ValueError(f"policy {self.name}: default of {p.name} outside its range")
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the hooks are numba dispatchers (PythonPolicy hooks are not)."""
+        return hasattr(self.hooks.init, "py_func")
+
+
+@dataclass(frozen=True, eq=False)
+class Choice:
+    """A policy with its parameter values (``params`` in Param order, defaults filled)."""
+
+    policy: Policy
+    params: np.ndarray
+
+    @property
+    def label(self) -> str:
+        """Canonical spec: the name, then ``:name=value,...`` for each non-default value."""
+        changed = [f"{p.name}={number(v)}" for p, v in zip(self.policy.params, self.params, strict=True)
+                   if v != p.default]
+        return self.policy.name + (":" + ",".join(changed) if changed else "")
+
+    def run(self, keys: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, capacity: int, seed: int,
+            prefetch: tuple[np.ndarray, np.ndarray] | None = None, record: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(hits per request, events, per-key prefetch counts) of one request stream: the
+        fast kernel for a plain demand replay (events and counts None), otherwise the hooks
+        through ``drive`` (its Python source ``drive.py_func`` for Python hooks)."""
+        p = self.policy
+        if p.kernel is not None and prefetch is None and not record:
+            return p.kernel(keys, offsets, sizes, np.int64(capacity), np.int64(seed)), None, None
+        run = drive if p.compiled else drive.py_func
+        batch, batch_offsets = prefetch or (np.zeros(0, keys.dtype), np.zeros(0, np.int64))
+        return run(*p.hooks, keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed),
+                   batch.astype(keys.dtype), batch_offsets, record)
+
+
+def number(value: float) -> str:
+    """A parameter value as the shortest text that reads back to it (1, 0.1, 1e-05)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def parse_args(text: str, name: str) -> dict[str, str]:
+    """``"a=1,b=2"`` as {"a": "1", "b": "2"}; one-line errors name the policy."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise MoecacheError(f"policy {name}: expected name=value in {text!r}, got {item!r}")
+        if key in out:
+            raise MoecacheError(f"policy {name}: parameter {key!r} given twice")
+        out[key] = value
+    return out
+
+
+def choose(policy: Policy, args: Mapping[str, Any]) -> Choice:
+    """Validate ``args`` against ``policy.params`` and fill in the defaults."""
+    known = {p.name: p for p in policy.params}
+    values = {p.name: p.default for p in policy.params}
+    for key, raw in args.items():
+        if key not in known:
+            offered = f"its parameters are {', '.join(known)}" if known else "it has no parameters"
+            raise MoecacheError(f"policy {policy.name}: unknown parameter {key!r}: {offered}")
+        p = known[key]
+        try:
+            if isinstance(raw, bool):
+                raise TypeError
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise MoecacheError(f"policy {policy.name}: {key} must be a number, got {raw!r}") from None
+        if not math.isfinite(value) or not p.low <= value <= p.high:
+            raise MoecacheError(f"policy {policy.name}: {key}={raw} is outside "
+                                f"[{number(p.low)}, {number(p.high)}]")
+        if p.integer and not value.is_integer():
+            raise MoecacheError(f"policy {policy.name}: {key} must be a whole number, got {raw}")
+        values[key] = value
+    return Choice(policy, np.array([values[p.name] for p in policy.params], np.float64))
