@@ -62,7 +62,7 @@ def resolve(spec: Any, args: Mapping[str, Any] | None = None) -> Choice:
 
 def policy_table() -> str:
     """The README's policy table, in markdown, from the registry."""
-    rows = ["| policy | parameters | evicts |", "|---|---|---|"]
+    rows = ["| policy | parameters | description |", "|---|---|---|"]
     for p in REGISTRY.values():
         params = "; ".join(q.describe() for q in p.params) or "—"
         rows.append(f"| `{p.name}` | {params} | {p.description} |")
