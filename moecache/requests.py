@@ -14,7 +14,7 @@ from functools import cached_property
 import numpy as np
 from numba import njit
 
-from moecache.policies._state import bit_index
+from moecache.policies import bit_index
 
 from .errors import MoecacheError
 from .trace import Trace

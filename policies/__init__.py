@@ -15,6 +15,7 @@ from typing import Any
 
 from moecache.errors import MoecacheError
 
+from ._state import bit_index
 from .registry import Choice, Hooks, Param, Policy, choose, number, parse_args
 
 
@@ -70,4 +71,4 @@ def policy_table() -> str:
 
 
 __all__ = ["DEMAND_POLICIES", "KERNELS", "POLICIES", "REGISTRY", "Choice", "Hooks", "Param", "Policy",
-           "number", "policy_table", "resolve"]
+           "bit_index", "number", "policy_table", "resolve"]

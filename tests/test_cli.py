@@ -67,7 +67,7 @@ def test_info(sample):
     (["replay", "{sample}", "-c", "4"], "below the largest step set"),
     (["replay", "{sample}", "-c", "0", "--per-token"], "'--capacity' / '-c': 0 is not in the range 1<=x"),
     (["replay", "{sample}", "-c", "-3", "--per-token"], "'--capacity' / '-c': -3 is not in the range 1<=x"),
-    (["replay", "{sample}", "-p", "nosuch", "-c", "8"], "'nosuch' is not one of"),
+    (["replay", "{sample}", "-p", "nosuch", "-c", "8"], "unknown policy 'nosuch'"),
     (["replay", "{sample}"], "give --capacity"),
     (["replay", "{missing}", "-c", "8"], "no such file"),
     (["replay", "{text}", "-c", "8"], "not a Parquet file"),

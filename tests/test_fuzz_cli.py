@@ -34,7 +34,8 @@ BANDWIDTHS = (["ufs4", "UFS4", "nvme5", "4GB/s", "900MiB/s"], ["1", "1e400", "0"
 DURATIONS = (["0", "80us", "1.2ms"], ["1e400", "-1", "nan", "1MiB", "", str(2**63)])
 LISTS = (["8", "4,8", "2:16:3", "2:1000000000"], ["1:3:0", "4:2", ",", "", "x", str(2**63), "-3", "0:4",
                                                   "1:9223372036854775807"])
-POLICIES = (["lru", "fifo", "lfu", "opt", "random"], ["nosuch", ""])
+POLICIES = (["lru", "fifo", "lfu", "opt", "random", "clock", "clock:bits=3"],
+            ["nosuch", "", "clock:bits=99", "lru:x=1"])
 SCOPES = (["layer", "global"], ["pool", ""])
 TRACE_NAMES = (["tiny"], ["one", "empty", "text", "missing"])
 FLAG = ([], [])
