@@ -121,6 +121,13 @@ def lowest_candidate(priority, resident, pinned, mark):
     return best
 
 
+@njit(cache=True)
+def lowest_rank_victim(state, resident, pinned, mark):
+    """The ``victim`` hook of policies whose ``state[0]`` ranks every key, lowest evicted
+    first (LRU: last use; LFU: uses, then last use; OPT: minus the next request)."""
+    return lowest_candidate(state[0], resident, pinned, mark)
+
+
 # -- 64-bit expert masks, for caches over at most 64 keys of unit size ----------------
 
 MASK_KEYS = 64

@@ -2,8 +2,11 @@
 prefetch insertions and a per-request event record. Its contract (hooks, marks,
 accounting) is the "Kernel contract" section of docs/semantics.md.
 
-numba compiles ``drive`` once per set of hook functions passed to it; ``drive.py_func``
-runs the same source with plain Python hooks (``moecache.PythonPolicy``).
+numba compiles ``drive`` once per set of hook functions passed to it, once per process:
+it is not cached on disk, because numba's cache index keys it on the hook functions and
+fails to load (ReferenceError) once a hook it recorded was renamed or moved, which
+writing a new policy does. ``drive.py_func`` runs the same source with plain Python
+hooks (``moecache.PythonPolicy``).
 """
 
 import numpy as np
@@ -23,7 +26,7 @@ def bad_victim():
     raise ValueError("the victim hook returned a key that is not resident or is pinned")
 
 
-@njit(cache=True, nogil=True)
+@njit(nogil=True)
 def drive(init, access, admit, victim, evict, keep, keys, offsets, sizes, capacity, params, seed,
           prefetch_keys, prefetch_offsets, record):
     """Serve every request; returns (hits per request, events, per-key prefetch counts).

@@ -20,11 +20,12 @@ from ._state import (
     list_new,
     list_unlink,
     lowest_bits,
+    lowest_rank_victim,
     no_room,
     popcount,
     request_mask,
 )
-from .lru import new_stamps, oldest_stamp, stamp
+from .lru import new_stamps, stamp
 from .registry import Hooks, Policy, always_keep, no_access, no_evict
 
 
@@ -113,5 +114,5 @@ def simulate_list(keys, offsets, sizes, capacity):
 POLICY = Policy(
     name="fifo", description="evicts the earliest inserted expert; ties: smallest id",
     # hooks: LRU's stamps, set on insertion only
-    hooks=Hooks(new_stamps, no_access, stamp, oldest_stamp, no_evict, always_keep), kernel=simulate,
+    hooks=Hooks(new_stamps, no_access, stamp, lowest_rank_victim, no_evict, always_keep), kernel=simulate,
     style={"linestyle": (0, (6, 1.5, 1, 1.5, 1, 1.5)), "marker": "^"}, rank=30)

@@ -10,7 +10,7 @@ Keys of the current request are pinned.
 import numpy as np
 from numba import njit
 
-from ._state import PINNED, lowest_candidate, lowest_slot, slots_add, slots_new, slots_remove
+from ._state import PINNED, lowest_rank_victim, lowest_slot, slots_add, slots_new, slots_remove
 from .registry import Hooks, Policy, always_keep, no_admit, no_evict
 
 
@@ -70,13 +70,9 @@ def access(state, key, now, hit):
     rank[key] = uses[key] * scale[0] + now + 1
 
 
-@njit(cache=True)
-def victim(state, resident, pinned, mark):
-    return lowest_candidate(state[0], resident, pinned, mark)
-
-
 POLICY = Policy(
     name="lfu", description="evicts the fewest uses over the whole history (counts survive eviction); "
     "ties: least recent, then smallest id",
-    hooks=Hooks(init, access, no_admit, victim, no_evict, always_keep), kernel=simulate, stack="lfu",
+    hooks=Hooks(init, access, no_admit, lowest_rank_victim, no_evict, always_keep),
+    kernel=simulate, stack="lfu",
     style={"linestyle": "-.", "marker": "s"}, rank=20)

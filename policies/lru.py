@@ -17,7 +17,7 @@ Two exact implementations of the same order, chosen by ``simulate``:
 import numpy as np
 from numba import njit, uint64
 
-from ._state import fits_masks, lowest_bits, lowest_candidate, no_room, popcount
+from ._state import fits_masks, lowest_bits, lowest_rank_victim, no_room, popcount
 from .registry import Hooks, Policy, always_keep, no_evict
 
 
@@ -119,13 +119,9 @@ def access(state, key, now, hit):
     stamp(state, key, now)
 
 
-@njit(cache=True)
-def oldest_stamp(state, resident, pinned, mark):
-    return lowest_candidate(state[0], resident, pinned, mark)
-
-
 POLICY = Policy(
     name="lru", description="evicts the least recently used expert; ties: smallest id",
-    hooks=Hooks(new_stamps, access, stamp, oldest_stamp, no_evict, always_keep), kernel=simulate, stack="lru",
+    hooks=Hooks(new_stamps, access, stamp, lowest_rank_victim, no_evict, always_keep),
+    kernel=simulate, stack="lru",
     style={"linestyle": "-", "marker": "o"}, rank=10,
     source="Mattson et al., Evaluation techniques for storage hierarchies, IBM Systems Journal 1970")

@@ -9,7 +9,7 @@ id. Next requests come from one backward pass; current keys are pinned.
 import numpy as np
 from numba import njit
 
-from ._state import PINNED, lowest_candidate, lowest_slot, slots_add, slots_new, slots_remove
+from ._state import PINNED, lowest_rank_victim, lowest_slot, slots_add, slots_new, slots_remove
 from .registry import Hooks, Policy, always_keep, no_admit, no_evict
 
 
@@ -99,14 +99,10 @@ def access(state, key, now, hit):
     rank[key] = -uses[cursor[key]]
 
 
-@njit(cache=True)
-def victim(state, resident, pinned, mark):
-    return lowest_candidate(state[0], resident, pinned, mark)
-
-
 POLICY = Policy(
     name="opt", description="Belady: evicts the expert whose next request is farthest (never = infinitely "
     "far); ties: smallest id. The offline optimum under demand admission",
-    hooks=Hooks(init, access, no_admit, victim, no_evict, always_keep), kernel=simulate, stack="opt",
+    hooks=Hooks(init, access, no_admit, lowest_rank_victim, no_evict, always_keep),
+    kernel=simulate, stack="opt",
     style={"linestyle": "--", "marker": None, "linewidth": 2.2}, legend="opt (Belady, offline optimum)",
     rank=95, source="Belady, A study of replacement algorithms for a virtual-storage computer, 1966")

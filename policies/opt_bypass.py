@@ -18,7 +18,15 @@ import numpy as np
 from numba import njit
 
 from . import opt
-from ._state import PINNED, lowest_candidate, lowest_slot, slots_add, slots_new, slots_remove
+from ._state import (
+    PINNED,
+    lowest_candidate,
+    lowest_rank_victim,
+    lowest_slot,
+    slots_add,
+    slots_new,
+    slots_remove,
+)
 from .opt import next_request, opt_rank
 from .registry import Hooks, Policy, no_admit, no_evict
 
@@ -70,6 +78,6 @@ def keep(state, key, now, resident, pinned, mark):
 POLICY = Policy(
     name="opt-bypass", description="as opt, but a miss is cached only if some resident outside the "
     "request is needed later than it; otherwise it is streamed through (fetched, not kept)",
-    hooks=Hooks(opt.init, opt.access, no_admit, opt.victim, no_evict, keep), kernel=simulate,
+    hooks=Hooks(opt.init, opt.access, no_admit, lowest_rank_victim, no_evict, keep), kernel=simulate,
     admission="bypass", style={"linestyle": (0, (8, 2, 2, 2)), "marker": "D"},
     legend="opt-bypass (Belady\nwith bypass)", rank=90)
