@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from moecache.policies import POLICIES
+from moecache.policies import POLICIES, policy_table
 
 from . import __version__
 from .cli_options import (
@@ -407,6 +407,12 @@ def compare_command(base: str, remoe: str, capacities: str, policies: str, scope
     if out:
         write_table(frame, out, overwrite=force)
     click.echo(frame.to_json(orient="records") if as_json else comparison_table(frame))
+
+
+@cli.command("policies")
+def policies_command() -> None:
+    """List the registered cache policies, their parameters and what they evict."""
+    click.echo(policy_table())
 
 
 @cli.command("synth")

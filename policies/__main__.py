@@ -1,4 +1,4 @@
-"""``python -m moecache.policies``: print the README's policy table from the registry."""
+"""``python -m moecache.policies`` (or ``moecache policies``): the policy table of the README."""
 
 from . import policy_table
 

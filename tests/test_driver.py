@@ -91,6 +91,15 @@ def test_labels_are_canonical():
     np.testing.assert_array_equal(resolve("clock").params, [1.0])
 
 
+def test_policies_command_prints_the_registry_table():
+    from click.testing import CliRunner
+
+    from moecache.cli import cli
+
+    result = CliRunner().invoke(cli, ["policies"])
+    assert result.exit_code == 0 and result.stdout.strip() == policy_table()
+
+
 def test_readme_policy_table_is_the_registry():
     readme = (DOCS.parent / "README.md").read_text()
     assert policy_table() in readme
