@@ -180,6 +180,41 @@ class Clock(Reference):
         self.ring.remove(key)
 
 
+@reference("sieve")
+class Sieve(Reference):
+    """SIEVE (NSDI'24): a queue oldest first; the hand (an index) moves towards the newest,
+    wraps to the oldest, clears visited bits and evicts the first unvisited expert."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.queue: list = []
+        self.visited: dict = {}
+        self.hand = 0
+
+    def access(self, key, now, hit):
+        if hit:
+            self.visited[key] = True
+
+    def admit(self, key, now):
+        self.queue.append(key)
+        self.visited[key] = False
+
+    def victim(self, candidates, now):
+        while True:
+            self.hand %= len(self.queue)
+            key = self.queue[self.hand]
+            if key in candidates:
+                if not self.visited[key]:
+                    return key
+                self.visited[key] = False
+            self.hand += 1
+
+    def evict(self, key):
+        self.queue.remove(key)  # the hand now points at its newer neighbour
+        if self.hand == len(self.queue):
+            self.hand = 0  # past the newest: the next sweep starts at the oldest
+
+
 def step_sets(experts: np.ndarray, step: np.ndarray, per_token: bool = False) -> list[list[set]]:
     """E[t][l] as Python sets, steps in trace order."""
     groups: list[list[int]] = []
