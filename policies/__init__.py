@@ -43,18 +43,27 @@ KERNELS = {name: p.kernel for name, p in REGISTRY.items() if p.kernel is not Non
 
 def resolve(spec: Any, args: Mapping[str, Any] | None = None) -> Choice:
     """A validated policy choice from ``"lru"``, ``"clock:bits=2"`` (CLI form), a name with
-    ``args`` ({"bits": 2}, Python form), a Choice, or a PythonPolicy class or instance."""
+    ``args`` ({"bits": 2}, Python form), a Choice, a PythonPolicy class or instance, or a
+    user's file ``"path/to/my_policy.py:MyPolicy[:name=value,...]"`` (moecache/user_policy.py)."""
     if isinstance(spec, Choice) and not args:
         return spec
     if isinstance(spec, str):
-        name, sep, text = spec.partition(":")
-        name = name.strip()
-        if name not in REGISTRY:
-            raise MoecacheError(f"unknown policy {name!r}: choose one of {', '.join(REGISTRY)}")
+        from moecache.user_policy import is_policy_file, load_policy  # it imports this package
+
+        if is_policy_file(spec):
+            instance, text = load_policy(spec)
+            record = instance.as_policy()
+            name, sep = record.name, bool(text)
+        else:
+            name, sep, text = spec.partition(":")
+            name = name.strip()
+            if name not in REGISTRY:
+                raise MoecacheError(f"unknown policy {name!r}: choose one of {', '.join(REGISTRY)}")
+            record = REGISTRY[name]
         if sep and args:
             raise MoecacheError(f"policy {name}: give parameters in the spec or in policy_args, not both")
         given = parse_args(text, name) if sep else dict(args or {})
-        return choose(REGISTRY[name], given)
+        return choose(record, given)
     record = getattr(spec() if isinstance(spec, type) else spec, "as_policy", None)
     if record is None:
         raise MoecacheError(f"policy must be a name such as 'lru' or a moecache.PythonPolicy, got {spec!r}")
