@@ -46,7 +46,8 @@ from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
 from .units import INT64_MAX, parse_int_list
 
-POLICY_HELP = f"Replacement policy, NAME or NAME:PARAM=VALUE,...: {', '.join(POLICIES)}."
+POLICY_HELP = (f"Replacement policy, NAME or NAME:PARAM=VALUE,... ({', '.join(POLICIES)}), or a "
+               "PythonPolicy in a file, FILE.py:CLASS[:PARAM=VALUE,...].")
 
 
 class _Commands(click.Group):

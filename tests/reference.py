@@ -8,7 +8,9 @@ sort key. A new policy adds its class here with ``@reference("name")``.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 
@@ -24,9 +26,12 @@ def reference(name: str):
 
 
 class Reference:
-    """Hooks of the slow simulator; ``requests`` is the whole stream (for OPT)."""
+    """Hooks of the slow simulator; ``requests`` is the whole stream (for OPT). ``simulate``
+    sets ``capacity`` and ``size`` (a key's size) after construction, before any hook."""
 
     bypass = False
+    capacity = 0
+    size = staticmethod(lambda key: 1)
 
     def __init__(self, requests: list[set], params: dict, seed: int):
         self.requests = requests
@@ -215,6 +220,372 @@ class Sieve(Reference):
             self.hand = 0  # past the newest: the next sweep starts at the oldest
 
 
+@reference("pinned")
+class Pinned(Reference):
+    """LRU until request T = ceil(train x R); from T on, the n keys held by the most of the
+    first T requests (ties: smallest key; only keys seen there) are evicted last."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.start = min(len(requests), math.ceil(params.get("train", 0.1) * len(requests)))
+        counts = Counter(key for request in requests[:self.start] for key in request)
+        self.profile = set(sorted(counts, key=lambda k: (-counts[k], k))[:int(params.get("n", 2))])
+        self.last: dict = {}
+
+    def access(self, key, now, hit):
+        self.last[key] = now
+
+    def admit(self, key, now):
+        self.last[key] = now
+
+    def victim(self, candidates, now):
+        return min(candidates, key=lambda k: (now >= self.start and k in self.profile, self.last[k], k))
+
+
+@reference("lfru")
+class LFRU(Reference):
+    """Lowest freq / (clock - last + 1) as an exact fraction, ties: inserted first; the clock
+    ticks at each insertion and each hit."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.clock = 0
+        self.freq: dict = {}
+        self.last: dict = {}
+        self.inserted: dict = {}
+
+    def admit(self, key, now):
+        self.clock += 1
+        self.freq[key], self.last[key], self.inserted[key] = 1, self.clock, self.clock
+
+    def access(self, key, now, hit):
+        if hit:
+            self.clock += 1
+            self.freq[key] += 1
+            self.last[key] = self.clock
+
+    def victim(self, candidates, now):
+        return min(candidates, key=lambda k: (Fraction(self.freq[k], self.clock - self.last[k] + 1),
+                                              self.inserted[k]))
+
+
+def size_unit(ref: Reference) -> int:
+    """The greatest common divisor of the keys' sizes, the driver's unit of a memory budget
+    (one expert when all sizes are equal)."""
+    return math.gcd(*{ref.size(k) for request in ref.requests for k in request})
+
+
+def in_units(ref: Reference, share: float) -> int:
+    """floor(share x capacity) in size units, times the unit."""
+    unit = size_unit(ref)
+    return int(ref.capacity // unit * share) * unit
+
+
+@reference("s3fifo")
+class S3FIFO(Reference):
+    """S3-FIFO (SOSP'23) as libCacheSim's S3FIFO: small, main and ghost FIFOs as lists, oldest
+    first; a request's experts remembered by the ghost leave it when the request arrives."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.ratios = params.get("small", 0.1), params.get("ghost", 0.9)
+        self.threshold = int(params.get("threshold", 2))
+        self.small: list = []
+        self.main: list = []
+        self.ghost: list = []
+        self.left: set = set()  # the current request's experts that left the ghost
+        self.freq: dict = {}
+        self.evicted = False
+        self.arrived = -1
+
+    def shares(self) -> tuple[int, int, int]:
+        small = in_units(self, self.ratios[0])
+        return small, self.capacity - small, in_units(self, self.ratios[1])
+
+    def used(self, queue: list) -> int:
+        return sum(self.size(k) for k in queue)
+
+    def arrive(self, now):
+        if now != self.arrived:
+            self.arrived = now
+            self.left = {k for k in self.ghost if k in self.requests[now]}
+            self.ghost = [k for k in self.ghost if k not in self.left]
+
+    def access(self, key, now, hit):
+        if hit:
+            self.freq[key] += 1
+
+    def admit(self, key, now):
+        self.arrive(now)
+        self.freq[key] = 0
+        if key in self.left or key in self.ghost:
+            self.left.discard(key)
+            if key in self.ghost:
+                self.ghost.remove(key)
+            self.main.append(key)
+        elif not self.evicted and self.used(self.small) >= self.shares()[0]:
+            self.main.append(key)
+        else:
+            self.small.append(key)
+
+    def victim(self, candidates, now):
+        self.arrive(now)
+        self.evicted = True
+        while True:
+            small = [k for k in self.small if k in candidates]
+            main = [k for k in self.main if k in candidates]
+            if main and (self.used(self.main) > self.shares()[1] or not small):
+                while True:
+                    key = next(k for k in self.main if k in candidates)
+                    if self.freq[key] == 0:
+                        return key
+                    self.freq[key] = min(self.freq[key], 3) - 1
+                    self.main.remove(key)
+                    self.main.append(key)
+            for key in small:
+                if self.freq[key] < self.threshold:
+                    return key
+                self.small.remove(key)
+                self.main.append(key)
+                self.freq[key] = 0
+
+    def evict(self, key):
+        if key in self.main:
+            self.main.remove(key)
+            return
+        self.small.remove(key)
+        share = self.shares()[2]
+        if self.size(key) <= share:
+            while self.used(self.ghost) + self.size(key) > share:
+                self.ghost.pop(0)
+            self.ghost.append(key)
+
+
+@reference("arc")
+class ARC(Reference):
+    """ARC (FAST'03) as libCacheSim's ARC: T1, T2, B1, B2 as lists, least recent first; sizes
+    and p in size units; a request's experts in a ghost adapt p and leave it on arrival."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.t1: list = []
+        self.t2: list = []
+        self.b1: list = []
+        self.b2: list = []
+        self.cache: set = set()
+        self.p = 0.0
+        self.left: dict = {}  # the current request's experts that left a ghost: from B2?
+        self.arrived = -1
+        self.ghostless = None
+
+    def units(self, keys) -> int:
+        return sum(self.size(k) for k in keys) // size_unit(self)
+
+    def ghost_hit(self, key):
+        c = self.capacity // size_unit(self)
+        if key in self.b1:
+            self.p = min(self.p + max(self.units(self.b2) / self.units(self.b1), 1), c)
+            self.b1.remove(key)
+        else:
+            self.p = max(self.p - max(self.units(self.b1) / self.units(self.b2), 1), 0)
+            self.b2.remove(key)
+
+    def arrive(self, now):
+        if now != self.arrived:
+            self.arrived = now
+            self.left = {}
+            for key in sorted(self.requests[now]):
+                if key in self.b1 or key in self.b2:
+                    self.left[key] = key in self.b2
+                    self.ghost_hit(key)
+
+    def access(self, key, now, hit):
+        if hit:
+            (self.t1 if key in self.t1 else self.t2).remove(key)
+            self.t2.append(key)
+
+    def admit(self, key, now):
+        self.arrive(now)
+        self.cache.add(key)
+        if key in self.left:
+            del self.left[key]
+            self.t2.append(key)
+        elif key in self.b1 or key in self.b2:
+            self.ghost_hit(key)
+            self.t2.append(key)
+        else:
+            self.t1.append(key)
+
+    def replace(self, candidates, in_b2: bool):
+        t1 = [k for k in self.t1 if k in candidates]
+        t2 = [k for k in self.t2 if k in candidates]
+        size = self.units(self.t1)
+        if (t1 and (size > self.p or (size == self.p and in_b2))) or not t2:
+            return t1[0]
+        return t2[0]
+
+    def victim(self, candidates, now):
+        self.arrive(now)
+        incoming = min((k for k in self.requests[now] if k not in self.cache), default=None)
+        if incoming in self.left:
+            return self.replace(candidates, self.left[incoming])
+        size = 0 if incoming is None else self.units([incoming])
+        c = self.capacity // size_unit(self)
+        if self.units(self.t1) + self.units(self.b1) + size > c:
+            if self.b1:
+                self.b1.pop(0)
+            elif any(k in candidates for k in self.t1):
+                self.ghostless = next(k for k in self.t1 if k in candidates)
+                return self.ghostless
+        elif self.units(self.t1 + self.t2 + self.b1 + self.b2) >= 2 * c and self.b2:
+            self.b2.pop(0)
+        return self.replace(candidates, False)
+
+    def evict(self, key):
+        self.cache.remove(key)
+        if key in self.t1:
+            self.t1.remove(key)
+            if key != self.ghostless:
+                self.b1.append(key)
+        else:
+            self.t2.remove(key)
+            self.b2.append(key)
+        self.ghostless = None
+
+
+@reference("lru-k")
+class LRUK(Reference):
+    """Uses since insertion; fewer than K: FIFO first; else by K-th most recent use, then id."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.k = int(params.get("k", 2))
+        self.uses: dict = {}
+        self.order: list = []  # insertion order of the residents
+
+    def access(self, key, now, hit):
+        if hit:
+            self.uses[key].append(now)
+
+    def admit(self, key, now):
+        self.uses[key] = [now]
+        self.order.append(key)
+
+    def victim(self, candidates, now):
+        young = [k for k in self.order if k in candidates and len(self.uses[k]) < self.k]
+        if young:
+            return young[0]
+        return min(candidates, key=lambda k: (self.uses[k][-self.k], k))
+
+    def evict(self, key):
+        self.order.remove(key)
+        del self.uses[key]
+
+
+@reference("slru")
+class SLRU(Reference):
+    """Segments as lists, least recent first; ``self.segment[key]`` is a key's segment."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.lists: list[list] = [[] for _ in range(int(params.get("segments", 4)))]
+        self.segment: dict = {}
+
+    def share(self) -> int:
+        unit = size_unit(self)
+        return self.capacity // unit // len(self.lists) * unit
+
+    def held(self, s: int) -> int:
+        return sum(self.size(k) for k in self.lists[s])
+
+    def put(self, key, s: int) -> None:
+        if key in self.segment:
+            self.lists[self.segment[key]].remove(key)
+        self.lists[s].append(key)
+        self.segment[key] = s
+
+    def admit(self, key, now):
+        room = [s for s in range(len(self.lists)) if self.held(s) + self.size(key) <= self.share()]
+        self.put(key, room[0] if room else 0)
+
+    def access(self, key, now, hit):
+        if hit:
+            self.put(key, min(self.segment[key] + 1, len(self.lists) - 1))
+            for s in range(len(self.lists) - 1, 0, -1):
+                while self.held(s) > self.share():
+                    self.put(self.lists[s][0], s - 1)
+
+    def victim(self, candidates, now):
+        return next(k for keys in self.lists for k in keys if k in candidates)
+
+    def evict(self, key):
+        self.lists[self.segment.pop(key)].remove(key)
+
+
+@reference("2q")
+class TwoQ(Reference):
+    """A1in and A1out as FIFO lists, Am as an LRU list, oldest first."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.ratios = params.get("in", 0.25), params.get("out", 0.5)
+        self.a1in: list = []
+        self.am: list = []
+        self.a1out: list = []
+
+    def admit(self, key, now):
+        if key in self.a1out:
+            self.a1out.remove(key)
+            self.am.append(key)
+        else:
+            self.a1in.append(key)
+        while sum(self.size(k) for k in self.a1out) > in_units(self, self.ratios[1]):
+            self.a1out.pop(0)
+
+    def access(self, key, now, hit):
+        if hit and key in self.am:
+            self.am.remove(key)
+            self.am.append(key)
+
+    def victim(self, candidates, now):
+        over = sum(self.size(k) for k in self.a1in) > in_units(self, self.ratios[0])
+        order = self.a1in + self.am if over else self.am + self.a1in
+        return next(k for k in order if k in candidates)
+
+    def evict(self, key):
+        if key in self.a1in:
+            self.a1in.remove(key)
+            self.a1out.append(key)
+        else:
+            self.am.remove(key)
+
+
+@reference("lfuda")
+class LFUDA(Reference):
+    """Key = uses since insertion + age; the age is the last victim's key."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.age = 0
+        self.uses: dict = {}
+        self.key: dict = {}  # (K, request of its last setting)
+
+    def admit(self, key, now):
+        self.uses[key] = 1
+        self.key[key] = (1 + self.age, now)
+
+    def access(self, key, now, hit):
+        if hit:
+            self.uses[key] += 1
+            self.key[key] = (self.uses[key] + self.age, now)
+
+    def victim(self, candidates, now):
+        return min(candidates, key=lambda k: (*self.key[k], k))
+
+    def evict(self, key):
+        self.age = self.key[key][0]
+
+
 def step_sets(experts: np.ndarray, step: np.ndarray, per_token: bool = False) -> list[list[set]]:
     """E[t][l] as Python sets, steps in trace order."""
     groups: list[list[int]] = []
@@ -233,6 +604,7 @@ def simulate(requests: list[set], policy: str, capacity: int, size=lambda key: 1
     """(hits per request, prefetch counts). ``requests`` are sets of hashable, ordered keys;
     ``prefetch[r]`` lists the keys to insert before request r (docs/semantics.md)."""
     ref = REFERENCES[policy](requests, params or {}, seed)
+    ref.capacity, ref.size = capacity, size
     cache: set = set()
     pending: set = set()  # resident from a prefetch not yet used
     counts: Counter = Counter()

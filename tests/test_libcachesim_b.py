@@ -30,26 +30,46 @@ def lcs_hits(ids: list[int], init: Callable, capacity: int, params: str = "") ->
     return [bool(cache.get(lcs.Request(obj_id=i + 1, obj_size=1))) for i in ids]
 
 
-def random_traces(count: int = 40, length: int = 300) -> list[tuple[list[int], int]]:
-    """(ids, capacity): skewed, drifting ids over 3 to 24 experts, capacities 1 to E - 1."""
-    rng = np.random.default_rng(13)
+def random_traces(seed: int, count: int = 40, experts: tuple[int, int] = (3, 25), smallest: int = 1,
+                  length: int = 300) -> list[tuple[list[int], int]]:
+    """(ids, capacity): skewed ids over E in ``experts``, capacities from ``smallest`` to E - 1."""
+    rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        experts = int(rng.integers(3, 25))
-        weights = rng.random(experts) ** 3
-        ids = rng.choice(experts, size=length, p=weights / weights.sum())
-        out.append(([int(i) for i in ids], int(rng.integers(1, experts))))
+        num = int(rng.integers(*experts))
+        weights = rng.random(num) ** 3
+        ids = rng.choice(num, size=length, p=weights / weights.sum())
+        out.append(([int(i) for i in ids], int(rng.integers(smallest, num))))
     return out
 
 
-TRACES = random_traces()
-
-
-def assert_same_hits(policy: str, init: Callable, args: dict | None = None, params: str = "") -> None:
-    for ids, capacity in TRACES:
+def assert_same_hits(policy: str, init: Callable, traces: list, args: dict | None = None,
+                     params: str = "") -> None:
+    for ids, capacity in traces:
         assert mc_hits(ids, policy, capacity, **(args or {})) == lcs_hits(ids, init, capacity, params), \
             (ids, capacity)
 
 
 def test_sieve_equals_libcachesim():
-    assert_same_hits("sieve", native.Sieve_init)
+    assert_same_hits("sieve", native.Sieve_init, random_traces(13))
+
+
+def test_s3fifo_equals_libcachesim_from_two_experts_in_the_small_queue():
+    """Defaults from C = 20 (small queue 2); other shares and thresholds where it holds 2 or more."""
+    assert_same_hits("s3fifo", native.S3FIFO_init, random_traces(14, experts=(21, 80), smallest=20))
+    for small, ghost, threshold in ((0.25, 0.5, 1), (0.3, 0.0, 3), (0.2, 2.0, 2)):
+        traces = random_traces(15, count=10, experts=(11, 40), smallest=10)
+        assert_same_hits("s3fifo", native.S3FIFO_init, traces,
+                         {"small": small, "ghost": ghost, "threshold": threshold},
+                         f"small-size-ratio={small},ghost-size-ratio={ghost},move-to-main-threshold={threshold}")
+
+
+def test_s3fifo_differs_from_libcachesim_below_two_experts_in_the_small_queue():
+    """At C = 10 the small queue holds one expert: libCacheSim caches no new object whose
+    size is at least the small queue's, so it never hits; moecache caches it."""
+    assert mc_hits([0, 0], "s3fifo", 10) == [False, True]
+    assert lcs_hits([0, 0], native.S3FIFO_init, 10) == [False, False]
+
+
+def test_arc_equals_libcachesim():
+    assert_same_hits("arc", native.ARC_init, random_traces(16, count=60, experts=(3, 60)))

@@ -1,0 +1,96 @@
+"""SLRU (segmented LRU, Karedla, Love and Wherry, Caching strategies to improve disk
+system performance, IEEE Computer 1994), as libCacheSim's SLRU
+(libCacheSim/cache/eviction/SLRU.c, n-seg=4).
+
+The cache is split into ``segments`` LRU lists of ``capacity // segments`` each, 0 the
+lowest. A new expert enters the lowest segment with room for it (segment 0 once all
+are full), at its most recent end. A hit in the top segment makes the expert its most
+recent; a hit below moves it up one segment, and a segment over its share passes its
+least recent experts down to the one below until it fits, then that one does the same,
+down to segment 0. The victim is the least recent expert of the lowest non-empty
+segment; under set steps (docs/semantics.md), the first one outside the current request
+in that order (segment 0 least recent first, then segment 1, ...).
+
+libCacheSim equality (tests/test_libcachesim_a.py): exact on one-expert-per-step traces
+when ``segments`` divides the capacity. Otherwise the segments hold less than the cache
+and segment 0 is filled beyond its share; libCacheSim then evicts segment 0's least
+recent expert when a hit's demotions reach it, so a hit empties a slot, while here
+segment 0 keeps it (no expert leaves without a miss). Shortest case, capacity 3 with 2
+segments: ids 0 1 2 0 2 (0 and 2 in segment 0, 1 in segment 1); the hit on 0 moves it
+up and 1 down, and libCacheSim evicts 2, which misses next; here it hits.
+
+Hooks only: state = (segment per key, -1 when absent; the segments' LRU queues from
+policies/_queues.py, oldest first; used and share per segment; sizes).
+"""
+
+import numpy as np
+from numba import njit
+
+from ._queues import oldest_unpinned, queue_head, queues_new, sized_move, sized_remove
+from .registry import Hooks, Param, Policy, always_keep
+
+
+@njit(cache=True)
+def init(keys, offsets, sizes, capacity, params, seed):
+    count = int(params[0])
+    prev, nxt = queues_new(sizes.shape[0], count)
+    share = np.full(count, capacity // count, np.int64)
+    return np.full(sizes.shape[0], -1, np.int64), prev, nxt, np.zeros(count, np.int64), share, sizes
+
+
+@njit(cache=True)
+def place(state, key, segment):
+    """Make ``key`` the most recent expert of ``segment``."""
+    where, prev, nxt, used, share, sizes = state
+    sized_move(where, prev, nxt, used, sizes, share.shape[0], key, segment)
+
+
+@njit(cache=True)
+def admit(state, key, now):
+    _, _, _, used, share, sizes = state
+    segment = 0
+    for s in range(share.shape[0]):
+        if used[s] + sizes[key] <= share[s]:
+            segment = s
+            break
+    place(state, key, segment)
+
+
+@njit(cache=True)
+def access(state, key, now, hit):
+    where, prev, nxt, used, share, _ = state
+    top = share.shape[0] - 1
+    if not hit:
+        return
+    segment = min(where[key] + 1, top)
+    place(state, key, segment)
+    while segment > 0:  # demote the least recent of each segment over its share
+        head = queue_head(prev, share.shape[0], segment)
+        while used[segment] > share[segment]:
+            place(state, nxt[head], segment - 1)
+        segment -= 1
+
+
+@njit(cache=True)
+def victim(state, resident, pinned, mark):
+    _, prev, nxt, _, share, _ = state
+    for segment in range(share.shape[0]):
+        key = oldest_unpinned(prev, nxt, share.shape[0], segment, pinned, mark)
+        if key >= 0:
+            return key
+    return -1
+
+
+@njit(cache=True)
+def evict(state, key):
+    where, prev, nxt, used, _, sizes = state
+    sized_remove(where, prev, nxt, used, sizes, key)
+
+
+POLICY = Policy(
+    name="slru", description="segmented LRU: new experts enter the lowest segment, a hit moves an expert up "
+    "one segment and overflow moves down; evicts the least recent of the lowest segment",
+    hooks=Hooks(init, access, admit, victim, evict, always_keep),
+    params=(Param("segments", 4, 1, 16, "LRU segments, each capacity // segments", integer=True),),
+    style={"linestyle": (0, (5, 1, 1, 1)), "marker": "*"}, rank=47,
+    source="Karedla, Love, Wherry, IEEE Computer 1994; libCacheSim, cache/eviction/SLRU.c (SLRU, n-seg=4)")
