@@ -443,7 +443,7 @@ def _capacity_axis(ax, scope: str, series: list[_Series]) -> None:
 
 
 def _policy_handles(policies: list[str], with_reuse: bool) -> list[Line2D]:
-    handles = [Line2D([], [], color="#444444", label=_POLICY_LABELS.get(p, p), **_style(p, 2))
+    handles = [Line2D([], [], color="#444444", label=_POLICY_LABELS.get(p, p), **policy_style(p, 2))
                for p in policies]
     if with_reuse:
         handles.append(Line2D([], [], color="#444444", label="reuse rate (routing only)", **_REUSE_STYLE))
@@ -460,7 +460,8 @@ def _legends(legend_ax, series: list[_Series], policies: list[str], with_reuse: 
         _legend(legend_ax, _policy_handles(policies, with_reuse), "policy", top=False, handlelength=4)
 
 
-def _style(policy: str, points: int) -> dict[str, Any]:
+def policy_style(policy: str, points: int) -> dict[str, Any]:
+    """Line style of ``policy`` from the registry, with markers spaced for ``points`` points."""
     style = dict(_POLICY_STYLES.get(policy, {"linestyle": "-", "marker": "v"}))
     style.setdefault("linewidth", 1.5)
     if style.get("marker"):
@@ -494,7 +495,8 @@ def _curve_figure(series: list[_Series], table: pd.DataFrame, column: str, scale
                 if rows.empty:
                     continue
                 x = rows["capacity"].to_numpy(float)
-                ax.plot(x, rows[column].to_numpy(float) * scale, color=s.color, **_style(policy, len(x)))
+                ax.plot(x, rows[column].to_numpy(float) * scale, color=s.color,
+                        **policy_style(policy, len(x)))
                 drawn_series.add(id(s))
                 drawn_policies.add(policy)
                 band = s.bands.get((column, policy, scope))

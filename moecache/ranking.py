@@ -1,0 +1,201 @@
+"""A fair ranking of policies: hit rate and share of the LRU-to-OPT gap on held-out sequences.
+
+The sequences of each trace are split by a seeded permutation: ``train_fraction`` of them
+(at least one, and at least one left for testing) form the training part. The replayed
+trace is the training sequences followed by the test sequences, each part in trace order,
+steps renumbered so that no step mixes the two. Every policy replays the whole of it
+(caches warm from training) and is scored only on the test requests. A policy with a
+``train`` parameter (``pinned``) gets the training share of the requests, so it is fitted
+on training sequences only. ``gap_share = (hits_P - hits_LRU) / (hits_OPT - hits_LRU)``
+on the test requests, at each capacity; undefined (NaN) where OPT gains nothing on LRU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from moecache.policies import Choice, choose, resolve
+
+from .errors import MoecacheError
+from .files import atomic_write, output_lock
+from .plots import DPI, policy_style
+from .replay import replay
+from .requests import Requests
+from .tables import write_table
+from .trace import Trace
+from .validate import check_scope, chosen_capacities, top_capacity
+
+RANKING_COLUMNS = ["trace", "router", "policy", "capacity", "test_requests", "hit_rate", "gap_share"]
+BASELINES = ("lru", "opt")  # the ends of the gap; always replayed
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """A trace reordered as training sequences then test sequences."""
+
+    trace: Trace
+    train_seqs: np.ndarray  # sequence ids of the training part, ascending
+    train_tokens: int  # the first train_tokens tokens of ``trace`` are the training part
+
+    def train_steps(self, per_token: bool = False) -> int:
+        """Steps of the replay that belong to the training part."""
+        if per_token:
+            return self.train_tokens
+        return int(self.trace.step[self.train_tokens])  # steps are renumbered 0, 1, ...; a test part exists
+
+
+def split_by_sequence(trace: Trace, train_fraction: float = 0.5, seed: int = 0) -> Split:
+    """Training sequences (round(``train_fraction`` x S), kept within 1..S-1, drawn by a
+    permutation seeded with ``seed``) first, then the test sequences."""
+    check_fraction(train_fraction)
+    seqs = np.unique(trace.seq)
+    if len(seqs) < 2:
+        raise MoecacheError(f"{trace.source}: a train/test split needs at least 2 sequences, "
+                            f"the trace has {len(seqs)}")
+    count = min(len(seqs) - 1, max(1, round(train_fraction * len(seqs))))
+    train = np.sort(np.random.default_rng(seed).permutation(seqs)[:count])
+    is_test = ~np.isin(trace.seq, train)
+    order = np.argsort(is_test, kind="stable")
+    part, step = is_test[order], trace.step[order]
+    new_step = np.concatenate([[0], np.cumsum((np.diff(part) != 0) | (np.diff(step) != 0))]).astype(np.int64)
+    arrays = {name: getattr(trace, name)[order] for name in ("experts", "seq", "pos", "token_id", "phase")}
+    for name in ("weights", "logits"):
+        if getattr(trace, name) is not None:
+            arrays[name] = getattr(trace, name)[order]
+    reordered = replace(trace, step=new_step, meta=dict(trace.meta), **arrays)
+    return Split(reordered, train, int((~is_test).sum()))
+
+
+def check_fraction(train_fraction: float) -> float:
+    """``train_fraction`` if it is a number strictly between 0 and 1."""
+    if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float)) \
+            or not 0 < train_fraction < 1:
+        raise MoecacheError(f"train fraction must be a number between 0 and 1 (exclusive), "
+                            f"got {train_fraction!r}")
+    return float(train_fraction)
+
+
+def fitted(policy: str | Choice, train_steps: int, steps: int, layers: int) -> Choice:
+    """``policy`` resolved, with a ``train`` parameter set to the training share of the
+    requests: ceil(train x R) is exactly the training requests in either scope."""
+    choice = resolve(policy)
+    names = [p.name for p in choice.policy.params]
+    if "train" not in names:
+        return choice
+    share = train_steps / steps
+    while any(math.ceil(share * steps * m) > train_steps * m for m in (1, layers)):
+        share = math.nextafter(share, 0.0)  # float rounding must not count a test request
+    args = dict(zip(names, choice.params, strict=True))
+    return choose(choice.policy, {**args, "train": share})
+
+
+def held_out_hits(split: Split, policy: str | Choice, capacity: int, scope: str = "layer",
+              per_token: bool = False, seed: int = 0) -> tuple[int, int]:
+    """(hits, requests) of ``policy`` on the test steps of ``split``, caches warm from training."""
+    req = Requests.from_trace(split.trace, per_token=per_token)
+    start = split.train_steps(per_token)
+    choice = fitted(policy, start, req.num_steps, split.trace.num_layers)
+    events = replay(split.trace, choice, capacity, scope, per_token=per_token, seed=seed, requests=req,
+                    record_events=True).events
+    hits = int(events.loc[events["step"] >= start, "hits"].sum())
+    return hits, int(req.set_sizes[start:].sum())
+
+
+def rank(traces: Iterable[str | os.PathLike | Trace], policies: Sequence[str],
+         capacities: str | Iterable[int], scope: str = "layer", train_fraction: float = 0.5,
+         seed: int = 0, per_token: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(tidy rows, ranking table) of ``policies`` (plus lru and opt) on each trace's test split.
+
+    The rows hold one (trace, policy, capacity) each; the table one policy each: mean gap
+    share over every capacity and trace where it is defined, and mean hit rate, best first.
+    """
+    check_scope(scope)
+    check_fraction(train_fraction)
+    names = list(dict.fromkeys([*policies, *BASELINES]))
+    for name in names:
+        resolve(name)  # a bad policy fails before any replay
+    rows = []
+    for item in traces:
+        trace = item if isinstance(item, Trace) else Trace.load(item, weights=False)
+        label = trace.source if isinstance(item, Trace) else str(item)
+        split = split_by_sequence(trace, train_fraction, seed)
+        for capacity in chosen_capacities(capacities, top_capacity(trace, scope)):
+            for name in names:
+                hits, requests = held_out_hits(split, name, capacity, scope, per_token, seed)
+                rows.append({"trace": label, "router": trace.meta.get("router"), "policy": name,
+                             "capacity": capacity, "test_requests": requests, "hits": hits})
+    frame = pd.DataFrame(rows)
+    cells = pd.MultiIndex.from_frame(frame[["trace", "capacity"]])
+    lru, opt = (frame[frame["policy"] == name].set_index(["trace", "capacity"])["hits"].reindex(cells)
+                .to_numpy(float) for name in BASELINES)
+    frame["hit_rate"] = frame["hits"] / frame["test_requests"]
+    frame["gap_share"] = (frame["hits"].to_numpy(float) - lru) / np.where(opt != lru, opt - lru, np.nan)
+    frame = frame[RANKING_COLUMNS]
+    table = (frame.groupby("policy", sort=False)[["gap_share", "hit_rate"]].mean()
+             .sort_values(["gap_share", "hit_rate"], ascending=False, na_position="last").reset_index())
+    return frame, table
+
+
+def ranking_figure(frame: pd.DataFrame) -> Figure:
+    """Hit rate and gap share vs capacity of every policy, one row of two panels per trace."""
+    traces = list(dict.fromkeys(frame["trace"]))
+    fig = Figure(figsize=(11.0, 3.6 * len(traces) + 0.6), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(len(traces), 2, squeeze=False))
+    policies = list(dict.fromkeys(frame["policy"]))
+    colors = {p: f"C{i % 10}" for i, p in enumerate(policies)}
+    for (hit_ax, gap_ax), trace in zip(axes, traces, strict=True):
+        rows = frame[frame["trace"] == trace]
+        router = rows["router"].iloc[0]
+        for policy in policies:
+            own = rows[rows["policy"] == policy]
+            x = own["capacity"].to_numpy(float)
+            style = policy_style(policy.partition(":")[0], len(x))
+            hit_ax.plot(x, 100.0 * own["hit_rate"].to_numpy(float), color=colors[policy], label=policy,
+                        **style)
+            gap_ax.plot(x, own["gap_share"].to_numpy(float), color=colors[policy], **style)
+        hit_ax.set_ylabel("hit rate on test sequences (%)")
+        gap_ax.set_ylabel("share of the LRU-to-OPT gap")
+        gap_ax.axhline(0.0, color="#888888", linewidth=0.8)
+        gap_ax.axhline(1.0, color="#888888", linewidth=0.8)
+        for ax, what in ((hit_ax, "hit rate"), (gap_ax, "gap share")):
+            ax.set_title(f"{what}: {Path(trace).name}" + (f" (router {router})" if router else ""),
+                         fontsize=10)
+            ax.set_xlabel("capacity (experts)")
+            ax.grid(True, alpha=0.3)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right upper", fontsize=8,
+               title="policy", frameon=False)
+    return fig
+
+
+def ranking_paths(out: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
+    """The files :func:`write_ranking` writes in ``out``; an existing one needs ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MoecacheError(f"{out}: is a file, expected a folder for the ranking")
+    paths = [out / "ranking.csv", out / "table.csv", out / "ranking.png"]
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise MoecacheError(f"{path}: already exists (pass --force to overwrite)")
+    return paths
+
+
+def write_ranking(frame: pd.DataFrame, table: pd.DataFrame, out: str | os.PathLike, *,
+                  overwrite: bool = False) -> list[Path]:
+    """ranking.csv, table.csv and ranking.png in folder ``out``, each written atomically."""
+    paths = ranking_paths(out, overwrite=overwrite)
+    write_table(frame, paths[0])
+    write_table(table, paths[1])
+    fig = ranking_figure(frame)
+    with output_lock(paths[2]), atomic_write(paths[2]) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return paths
