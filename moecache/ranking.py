@@ -99,7 +99,7 @@ def fitted(policy: str | Choice, train_steps: int, steps: int, layers: int) -> C
 
 
 def held_out_hits(split: Split, policy: str | Choice, capacity: int, scope: str = "layer",
-              per_token: bool = False, seed: int = 0) -> tuple[int, int]:
+                  per_token: bool = False, seed: int = 0) -> tuple[int, int]:
     """(hits, requests) of ``policy`` on the test steps of ``split``, caches warm from training."""
     req = Requests.from_trace(split.trace, per_token=per_token)
     start = split.train_steps(per_token)
