@@ -115,11 +115,18 @@ def rank(traces: Iterable[str | os.PathLike | Trace], policies: Sequence[str],
          seed: int = 0, per_token: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(tidy rows, ranking table) of ``policies`` (plus lru and opt) on each trace's test split.
 
-    The rows hold one (trace, policy, capacity) each; the table one policy each: mean gap
-    share over every capacity and trace where it is defined, and mean hit rate, best first.
+    The rows hold one (trace, policy, capacity) each; the table one policy each, best first,
+    pooled over every trace and capacity: gap share of the summed hits (sum of hits_P -
+    hits_LRU over sum of hits_OPT - hits_LRU, so a cell where OPT barely beats LRU cannot
+    dominate, as it would a mean of ratios) and hit rate of the summed test requests.
     """
     check_scope(scope)
     check_fraction(train_fraction)
+    traces = list(traces)
+    paths = [Path(item).resolve() for item in traces if not isinstance(item, Trace)]
+    if len(set(paths)) != len(paths):
+        twice = next(path for path in paths if paths.count(path) > 1)
+        raise MoecacheError(f"{twice}: the same trace is given twice")
     names = list(dict.fromkeys([*policies, *BASELINES]))
     for name in names:
         resolve(name)  # a bad policy fails before any replay
@@ -138,11 +145,21 @@ def rank(traces: Iterable[str | os.PathLike | Trace], policies: Sequence[str],
     lru, opt = (frame[frame["policy"] == name].set_index(["trace", "capacity"])["hits"].reindex(cells)
                 .to_numpy(float) for name in BASELINES)
     frame["hit_rate"] = frame["hits"] / frame["test_requests"]
-    frame["gap_share"] = (frame["hits"].to_numpy(float) - lru) / np.where(opt != lru, opt - lru, np.nan)
-    frame = frame[RANKING_COLUMNS]
-    table = (frame.groupby("policy", sort=False)[["gap_share", "hit_rate"]].mean()
-             .sort_values(["gap_share", "hit_rate"], ascending=False, na_position="last").reset_index())
-    return frame, table
+    frame["gap_share"] = gap_share(frame["hits"].to_numpy(float), lru, opt)
+    frame["lru_hits"], frame["opt_hits"] = lru, opt
+    sums = frame.groupby("policy", sort=False)[["hits", "lru_hits", "opt_hits", "test_requests"]].sum()
+    table = pd.DataFrame({
+        "policy": sums.index,
+        "gap_share": gap_share(sums["hits"].to_numpy(float), sums["lru_hits"].to_numpy(),
+                               sums["opt_hits"].to_numpy()),
+        "hit_rate": (sums["hits"] / sums["test_requests"]).to_numpy(),
+    }).sort_values(["gap_share", "hit_rate"], ascending=False, na_position="last", ignore_index=True)
+    return frame[RANKING_COLUMNS], table
+
+
+def gap_share(hits: np.ndarray, lru: np.ndarray, opt: np.ndarray) -> np.ndarray:
+    """(hits - LRU's) / (OPT's - LRU's): 0 for LRU, 1 for Belady, NaN where OPT gains nothing."""
+    return (hits - lru) / np.where(opt != lru, opt - lru, np.nan)
 
 
 def ranking_figure(frame: pd.DataFrame) -> Figure:

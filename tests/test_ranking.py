@@ -102,8 +102,9 @@ def test_gap_share_of_lru_is_0_and_of_opt_is_1():
     assert by.loc[("lfu", 4), "gap_share"] == (hits["lfu"] - hits["lru"]) / (hits["opt"] - hits["lru"])
     assert by.loc[("lfu", 4), "test_requests"] == reference_test_hits(split, "lru", 4)[1]
     assert table["policy"].tolist()[0] == "opt"
+    pooled = {p: sum(held_out_hits(split, p, c)[0] for c in (4, 5, 8)) for p in ("lfu", "lru", "opt")}
     assert table.set_index("policy").loc["lfu", "gap_share"] == pytest.approx(
-        by.loc["lfu", "gap_share"][defined].mean())
+        (pooled["lfu"] - pooled["lru"]) / (pooled["opt"] - pooled["lru"]))
 
 
 def test_cli_writes_the_files(tmp_path):
@@ -129,3 +130,10 @@ def test_cli_one_sequence_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.output == f"moecache: error: {path}: a train/test split needs at least 2 sequences, " \
                             "the trace has 1\n"
+
+
+def test_a_trace_given_twice_is_an_error(tmp_path):
+    path = tmp_path / "t.parquet"
+    tiny_trace().save(path)
+    with pytest.raises(MoecacheError, match="given twice"):
+        rank([path, tmp_path / "." / "t.parquet"], ["lfu"], [4])
