@@ -586,6 +586,81 @@ class LFUDA(Reference):
         self.age = self.key[key][0]
 
 
+@reference("lirs")
+class LIRS(Reference):
+    """LIRS (SIGMETRICS'02), HIR limit max(1 unit, floor(hirs x C)): S as a list (bottom
+    first) of LIR and HIR experts, Q as a list (front first) of resident HIR experts."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.hirs = params.get("hirs", 0.01)
+        self.stack: list = []
+        self.queue: list = []
+        self.lir: set = set()
+        self.cache: set = set()
+
+    def lir_limit(self) -> int:
+        return self.capacity - max(size_unit(self), in_units(self, self.hirs))
+
+    def top(self, key):
+        if key in self.stack:
+            self.stack.remove(key)
+        self.stack.append(key)
+
+    def prune(self):
+        while self.stack and self.stack[0] not in self.lir:
+            self.stack.pop(0)
+
+    def to_queue(self, key):
+        if key in self.queue:
+            self.queue.remove(key)
+        self.queue.append(key)
+
+    def make_lir(self, key):
+        if key in self.queue:
+            self.queue.remove(key)
+        self.top(key)
+        self.lir.add(key)
+        while sum(self.size(k) for k in self.lir) > self.lir_limit():
+            lowest = next(k for k in self.stack if k in self.lir)
+            self.lir.remove(lowest)
+            self.queue.append(lowest)
+        self.prune()
+
+    def access(self, key, now, hit):
+        if not hit:
+            return
+        if key in self.lir:
+            self.top(key)
+            self.prune()
+        elif key in self.stack:
+            self.make_lir(key)
+        else:
+            self.top(key)
+            self.to_queue(key)
+
+    def admit(self, key, now):
+        self.cache.add(key)
+        if key in self.stack or sum(self.size(k) for k in self.lir) + self.size(key) <= self.lir_limit():
+            self.make_lir(key)
+        else:
+            self.top(key)
+            self.queue.append(key)
+
+    def victim(self, candidates, now):
+        queued = [k for k in self.queue if k in candidates]
+        return queued[0] if queued else next(k for k in self.stack if k in self.lir and k in candidates)
+
+    def evict(self, key):
+        self.cache.remove(key)
+        if key in self.lir:
+            self.lir.remove(key)
+            self.stack.remove(key)
+            self.prune()
+        else:
+            self.queue.remove(key)
+
+
 def step_sets(experts: np.ndarray, step: np.ndarray, per_token: bool = False) -> list[list[set]]:
     """E[t][l] as Python sets, steps in trace order."""
     groups: list[list[int]] = []

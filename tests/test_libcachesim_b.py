@@ -73,3 +73,14 @@ def test_s3fifo_differs_from_libcachesim_below_two_experts_in_the_small_queue():
 
 def test_arc_equals_libcachesim():
     assert_same_hits("arc", native.ARC_init, random_traces(16, count=60, experts=(3, 60)))
+
+
+def test_lirs_differs_from_libcachesim_on_a_hit_in_q_outside_s():
+    """C = 2 (one LIR, one HIR expert). The second 1 hits a resident HIR expert not in S:
+    libCacheSim (hit_RD_HIRinQ) demotes LIR 0 to Q, evicting Q's front, 1 itself, yet keeps 1
+    in S as resident without occupying capacity; 2 then becomes LIR in the free room and the
+    last 1 hits a phantom. Here 1 goes on top of S and to Q's end, 2 evicts it (a resident HIR
+    on a full LIR set) and the last 1 misses."""
+    ids = [0, 1, 0, 1, 2, 1]
+    assert mc_hits(ids, "lirs", 2) == [False, False, True, True, False, False]
+    assert lcs_hits(ids, native.LIRS_init, 2) == [False, False, True, True, False, True]

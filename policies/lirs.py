@@ -1,0 +1,164 @@
+"""LIRS: low inter-reference recency set, a stack S of recency and a queue Q of resident HIR experts.
+
+As Jiang and Zhang, "LIRS: An Efficient Low Inter-reference Recency Set Replacement Policy to
+Improve Buffer Cache Performance", SIGMETRICS'02, with libCacheSim's share of the HIR set
+(libCacheSim/cache/eviction/LIRS.c: ``hirs`` = 0.01). With capacity C the HIR limit is
+H = max(1, floor(hirs x C)), the LIR limit C - H. Residents are LIR or resident HIR;
+non-resident HIR experts are remembered in S (no cache capacity). S holds experts from the
+most recent to the least, its bottom always an LIR one (pruning drops the HIR entries below
+the lowest LIR); Q holds the resident HIR experts in FIFO order. A new expert not in S
+becomes LIR while the LIR set has room, else a resident HIR on top of S and at Q's end. A
+hit on an LIR expert moves it to the top of S. A hit on a resident HIR expert in S makes it
+LIR on top of S (leaving Q) and the bottom LIR of S moves to Q's end as resident HIR; a hit
+on one not in S puts it on top of S and at Q's end. The victim is Q's front; it stays in S,
+non-resident, if it was there. A miss on a non-resident HIR expert in S makes it LIR on top
+of S and demotes S's bottom LIR to Q's end. Every demotion repeats while the LIR set is
+over its limit, then S is pruned. Sizes are in size units (experts at unit size).
+
+Set steps (docs/semantics.md): libCacheSim's LIRS_evict evicts none or several objects per
+call (it may demote an LIR object to Q and evict Q's front first); here ``victim`` returns
+one expert at a time, the front of Q outside the request, and the demotions happen when the
+expert is admitted (after the eviction), which on one expert per step is the same order of
+events. With none of Q outside the request the victim is the lowest LIR expert of S outside
+it, evicted without a non-resident entry. A prefetched expert is admitted as a miss.
+
+Against libCacheSim (tests/test_libcachesim_b.py): different hits. libCacheSim's hit on a
+resident HIR expert not in S (hit_RD_HIRinQ) demotes an LIR object to Q and evicts Q's
+front, which is that expert, yet keeps it in S as resident without occupying capacity: on
+0, 1, 0, 1, 2, 1 at C = 2 the last request hits there and misses here (the pinned trace).
+libCacheSim also caches nothing at C = 1 (its LIR limit is 0) and bounds S to 2C by
+dropping its oldest non-resident entries; S is unbounded here (as in the paper).
+
+Hooks only: state = (status of each key, whether in S, S and Q as linked lists, [LIR used,
+LIR limit], sizes).
+"""
+
+import numpy as np
+from numba import njit
+
+from ._queues import move_to_tail, oldest_unpinned, queue_head, queues_new
+from ._state import list_unlink
+from .registry import Hooks, Param, Policy, always_keep
+
+NONE, LIR, HIR, GONE = range(4)  # GONE: non-resident HIR, remembered in S
+LIR_USED, LIR_LIMIT = range(2)
+
+
+@njit(cache=True)
+def init(keys, offsets, sizes, capacity, params, seed):
+    num_keys = sizes.shape[0]
+    s_prev, s_next = queues_new(num_keys, 1)
+    q_prev, q_next = queues_new(num_keys, 1)
+    hir_limit = max(1, np.int64(capacity * params[0]))
+    return (np.full(num_keys, NONE, np.int64), np.zeros(num_keys, np.bool_), s_prev, s_next, q_prev, q_next,
+            np.array([0, capacity - hir_limit], np.int64), sizes)
+
+
+@njit(cache=True)
+def push(state, key):
+    """Put ``key`` on top of S."""
+    in_s, s_prev, s_next = state[1], state[2], state[3]
+    move_to_tail(s_prev, s_next, queue_head(s_prev, 1, 0), key)
+    in_s[key] = True
+
+
+@njit(cache=True)
+def enqueue(state, key):
+    """Make ``key`` a resident HIR at Q's end."""
+    status, q_prev, q_next = state[0], state[4], state[5]
+    move_to_tail(q_prev, q_next, queue_head(q_prev, 1, 0), key)
+    status[key] = HIR
+
+
+@njit(cache=True)
+def prune(state):
+    """Drop S's HIR entries below its lowest LIR expert."""
+    status, in_s, s_prev, s_next = state[0], state[1], state[2], state[3]
+    head = queue_head(s_prev, 1, 0)
+    key = s_next[head]
+    while key != head and status[key] != LIR:
+        after = s_next[key]
+        list_unlink(s_prev, s_next, key)
+        in_s[key] = False
+        if status[key] == GONE:
+            status[key] = NONE
+        key = after
+
+
+@njit(cache=True)
+def make_lir(state, key):
+    """``key`` becomes LIR on top of S; S's lowest LIR experts move to Q while over the limit."""
+    status, _, s_prev, s_next, q_prev, q_next, misc, sizes = state
+    if status[key] == HIR:
+        list_unlink(q_prev, q_next, key)
+    push(state, key)
+    status[key] = LIR
+    misc[LIR_USED] += sizes[key]
+    while misc[LIR_USED] > misc[LIR_LIMIT]:
+        prune(state)
+        lowest = s_next[queue_head(s_prev, 1, 0)]
+        misc[LIR_USED] -= sizes[lowest]
+        enqueue(state, lowest)
+    prune(state)
+
+
+@njit(cache=True)
+def access(state, key, now, hit):
+    status, in_s = state[0], state[1]
+    if not hit:
+        return
+    if status[key] == LIR:
+        push(state, key)
+        prune(state)
+    elif in_s[key]:
+        make_lir(state, key)
+    else:
+        push(state, key)
+        enqueue(state, key)
+
+
+@njit(cache=True)
+def admit(state, key, now):
+    status, misc, sizes = state[0], state[6], state[7]
+    if status[key] == GONE or misc[LIR_USED] + sizes[key] <= misc[LIR_LIMIT]:
+        make_lir(state, key)
+    else:
+        push(state, key)
+        enqueue(state, key)
+
+
+@njit(cache=True)
+def victim(state, resident, pinned, mark):
+    status, _, s_prev, s_next, q_prev, q_next, _, _ = state
+    key = oldest_unpinned(q_prev, q_next, 1, 0, pinned, mark)
+    if key >= 0:
+        return key
+    head = queue_head(s_prev, 1, 0)
+    key = s_next[head]
+    while status[key] != LIR or pinned[key] == mark:
+        key = s_next[key]
+    return key
+
+
+@njit(cache=True)
+def evict(state, key):
+    status, in_s, s_prev, s_next, q_prev, q_next, misc, sizes = state
+    if status[key] == HIR:
+        list_unlink(q_prev, q_next, key)
+        status[key] = GONE if in_s[key] else NONE
+        return
+    misc[LIR_USED] -= sizes[key]
+    list_unlink(s_prev, s_next, key)
+    in_s[key] = False
+    status[key] = NONE
+    prune(state)
+
+
+POLICY = Policy(
+    name="lirs", description="LIRS: experts whose reuse distance is short (LIR) stay; the others (HIR) "
+    "pass through a small FIFO and become LIR when hit again while still in the recency stack",
+    hooks=Hooks(init, access, admit, victim, evict, always_keep),
+    params=(Param("hirs", 0.01, 0.0, 1.0, "the HIR set's share of the capacity (at least one expert)"),),
+    style={"linestyle": (0, (2, 1, 2, 3)), "marker": ">"}, rank=57,
+    source="Jiang and Zhang, LIRS: An Efficient Low Inter-reference Recency Set Replacement Policy to "
+    "Improve Buffer Cache Performance, SIGMETRICS 2002; libCacheSim, cache/eviction/LIRS.c")
