@@ -334,7 +334,7 @@ def _bootstrap(s: _Series, n: int, max_window: int, seed: int, level: float, wor
             "layer": per_layer_reuse(trace, requests=req)["reuse"].to_numpy(),
         }
         for (policy, scope), capacities in cells.items():
-            out[("hit_rate", policy, scope)], out[("bytes_per_token", policy, scope)] = _curve_at(
+            out[("hit_rate", policy, scope)], out[("bytes_per_token", policy, scope)] = curve_at(
                 trace, req, policy, scope, capacities)
         return out
 
@@ -346,8 +346,8 @@ def _bootstrap(s: _Series, n: int, max_window: int, seed: int, level: float, wor
     s.bands = {key: bootstrap_band(values, level) for key, values in samples.items()}
 
 
-def _curve_at(trace: Trace, req: Requests, policy: str, scope: str,
-              capacities: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def curve_at(trace: Trace, req: Requests, policy: str, scope: str,
+             capacities: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Hit rate and bytes per token at ``capacities``: ``curve``'s numbers from its stack
     pass, without building a result row per capacity (the bootstrap's inner loop)."""
     sizes = trace.expert_bytes

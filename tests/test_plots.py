@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import moecache as mc
 from moecache import locality
-from moecache.plots import FIGURES, PlotNote, _curve_at, plot_results
+from moecache.plots import FIGURES, PlotNote, curve_at, plot_results
 from moecache.sweep import sweep
 
 from .strategies import make_trace, routings
@@ -157,7 +157,7 @@ def test_bootstrap_curve_statistic_equals_curve():
         for scope in ("layer", "global"):
             frame = mc.curve(trace, policy, scope)
             caps = frame["capacity"].tolist()
-            hit_rate, per_token = _curve_at(trace, req, policy, scope, caps)
+            hit_rate, per_token = curve_at(trace, req, policy, scope, caps)
             np.testing.assert_allclose(hit_rate, frame["hit_rate"], rtol=1e-12)
             np.testing.assert_allclose(per_token, frame["bytes_per_token"].astype(float), rtol=1e-12)
 
