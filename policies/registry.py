@@ -8,8 +8,10 @@ collects them into ``REGISTRY`` (``policies/__init__.py``). The hooks' contract 
 from __future__ import annotations
 
 import math
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -139,10 +141,19 @@ class Choice:
         p = self.policy
         if p.kernel is not None and prefetch is None and not record:
             return p.kernel(keys, offsets, sizes, np.int64(capacity), np.int64(seed)), None, None
-        run = drive if p.compiled else drive.py_func
         batch, batch_offsets = prefetch or (np.zeros(0, keys.dtype), np.zeros(0, np.int64))
-        return run(*p.hooks, keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed),
-                   batch.astype(keys.dtype), batch_offsets, record)
+        args = (*p.hooks, keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed),
+                batch.astype(keys.dtype), batch_offsets, record)
+        if p.compiled:
+            return drive(*args)
+        try:  # a user's Python policy: its bugs are reported in one line naming it
+            return drive.py_func(*args)
+        except MoecacheError:
+            raise
+        except Exception as err:
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            raise MoecacheError(f"policy {p.name}: {type(err).__name__}: {err} "
+                                f"({Path(frame.filename).name}, line {frame.lineno})") from None
 
 
 def number(value: float) -> str:

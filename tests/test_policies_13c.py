@@ -122,6 +122,31 @@ def test_bad_policy_file_is_one_line_and_exit_2(files, spec, message):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and out == ""
 
 
+BUGGY = """
+import moecache as mc
+
+class OffBy(mc.PythonPolicy):
+    def victim(self, resident, pinned, mark):
+        return -1
+
+class Raises(mc.PythonPolicy):
+    def victim(self, resident, pinned, mark):
+        raise RuntimeError("oops in my policy")
+"""
+
+
+@pytest.mark.parametrize("name, message", [
+    ("OffBy", "policy OffBy: ValueError: the victim hook returned a key that is not resident"),
+    ("Raises", "policy Raises: RuntimeError: oops in my policy (buggy.py, line 10)"),
+])
+def test_a_buggy_user_policy_is_one_line_naming_it(files, tmp_path, name, message):
+    (tmp_path / "buggy.py").write_text(BUGGY)
+    code, out, err = run("replay", files["trace"], "-c", 4, "--policy", f"{tmp_path / 'buggy.py'}:{name}")
+    assert code == 2, (out, err)
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and out == ""
+
+
 def one_layer(*requests, num_experts=4):
     """A trace of one layer, one token per step, ``requests`` its expert ids (K = 1)."""
     experts = np.array(requests, np.int16).reshape(-1, 1, 1)
