@@ -23,7 +23,7 @@ Methodology
   for Belady, whose oracle field is precomputed here, outside the timing). Timed per
   run: opening the reader, building the cache, ``process_trace``; the cache is freed
   outside the timing.
-* moecache: the policy kernel ``policies.KERNELS[name](keys, offsets, sizes, C, seed)`` on the
+* moecache: the policy kernel ``policies.KERNELS[name](keys, offsets, sizes, C, params, seed)`` on the
   CSR of step sets (``Requests.layer(0)``), after one warm-up call that loads / compiles
   the numba code; its timing includes the kernel's own set-up (for opt the backward
   next-use pass, which libcachesim gets from the trace file for free). Also timed: the
@@ -197,7 +197,7 @@ def run_kernel(policy: str, keys, offsets, capacity: int) -> tuple[float, int]:
     sizes = np.ones(EXPERTS, np.int64)
     gc.collect()
     start = time.perf_counter()
-    hits = kernel(keys, offsets, sizes, np.int64(capacity), np.int64(0))
+    hits = kernel(keys, offsets, sizes, np.int64(capacity), np.zeros(0), np.int64(0))
     return time.perf_counter() - start, int(hits.sum())
 
 

@@ -21,13 +21,17 @@ class PythonPolicy:
     hooks the policy needs (the defaults do nothing and keep every miss).
 
     ``name`` labels results; ``params`` declares parameters, read in ``reset`` from the
-    ``params`` array (Param order). Each run works on a fresh copy of the instance.
+    ``params`` array (Param order). Each run works on a fresh copy of the instance. A
+    policy that sets ``needs_scores = True`` finds the router weight of every entry of ``keys``
+    in ``self.scores`` (float32) during ``reset`` and after; replays of traces without
+    weights refuse it.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = "a policy written in Python"
     params: ClassVar[tuple[Param, ...]] = ()
     admission: ClassVar[str] = "demand"
+    needs_scores: ClassVar[bool] = False
 
     def reset(self, keys: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, capacity: int,
               params: np.ndarray, seed: int) -> None:
@@ -55,11 +59,12 @@ class PythonPolicy:
         template = self
         cls = type(self)
 
-        def init(keys, offsets, sizes, capacity, params, seed):
+        def init(keys, offsets, sizes, capacity, params, seed, scores):
             state = copy.deepcopy(template)
+            state.scores = scores
             state.reset(keys, offsets, sizes, int(capacity), params, int(seed))
             return state
 
         hooks = Hooks(init, cls.access, cls.admit, cls.victim, cls.evict, cls.keep)
         return Policy(name=self.name or cls.__name__, description=self.description, hooks=hooks,
-                      admission=self.admission, params=self.params)
+                      admission=self.admission, params=self.params, needs_scores=cls.needs_scores)

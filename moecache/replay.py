@@ -170,6 +170,7 @@ def replay(
     num_layers, num_experts = trace.num_layers, trace.num_experts
     if prefetch is not None:
         prefetch.check(trace, req)
+    scores = req.scores(trace, per_token=per_token) if choice.policy.needs_scores else None
     hits = np.zeros((req.num_steps, num_layers), np.int64)
     events = np.zeros((req.num_steps, num_layers, len(EVENT_COLUMNS)), np.int64)
     counts = np.zeros((len(PREFETCH_KEYS), num_layers), np.int64)
@@ -179,7 +180,8 @@ def replay(
             keys, offsets = req.layer(layer)
             hits[:, layer], layer_events, layer_counts = choice.run(
                 keys, offsets, sizes, cap, checked.seed,
-                None if prefetch is None else prefetch.layer(layer), record_events)
+                None if prefetch is None else prefetch.layer(layer), record_events,
+                None if scores is None else req.layer_scores(scores, layer))
             if record_events:
                 events[:, layer] = layer_events
             if prefetch is not None:
@@ -189,7 +191,7 @@ def replay(
         sizes = np.repeat(np.asarray(checked.units, np.int64), num_experts)
         pooled_hits, pooled_events, pooled_counts = choice.run(
             keys, offsets, sizes, checked.pool, checked.seed,
-            None if prefetch is None else prefetch.pooled(num_experts), record_events)
+            None if prefetch is None else prefetch.pooled(num_experts), record_events, scores)
         hits[:] = pooled_hits.reshape(-1, num_layers)
         if record_events:
             events[:] = pooled_events.reshape(-1, num_layers, len(EVENT_COLUMNS))

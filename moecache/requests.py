@@ -52,18 +52,51 @@ def _step_unions(experts, step_starts, num_experts):
 
 
 @njit(cache=True)
-def _layer_column(ids, offsets, num_layers, layer):
-    """The requests of one layer, as their own CSR pair with int32 keys."""
+def _layer_offsets(offsets, num_layers, layer):
+    """Offsets of one layer's requests in the step-major CSR, as their own CSR offsets."""
     num_steps = (offsets.shape[0] - 1) // num_layers
     out_offsets = np.zeros(num_steps + 1, np.int64)
     for t in range(num_steps):
         r = t * num_layers + layer
         out_offsets[t + 1] = out_offsets[t] + offsets[r + 1] - offsets[r]
-    keys = np.empty(out_offsets[-1], np.int32)
-    for t in range(num_steps):
+    return out_offsets
+
+
+@njit(cache=True)
+def _gather_layer(values, offsets, num_layers, layer, out_offsets, out):
+    """Copy one layer's entries of ``values`` (aligned with the step-major CSR) into ``out``."""
+    for t in range(out_offsets.shape[0] - 1):
         r = t * num_layers + layer
-        keys[out_offsets[t]:out_offsets[t + 1]] = ids[offsets[r]:offsets[r + 1]]
-    return keys, out_offsets
+        out[out_offsets[t]:out_offsets[t + 1]] = values[offsets[r]:offsets[r + 1]]
+    return out
+
+
+def _layer_column(values: np.ndarray, offsets: np.ndarray, num_layers: int, layer: int,
+                  dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's entries of ``values`` as ``dtype``, with the layer's own CSR offsets."""
+    out_offsets = _layer_offsets(offsets, num_layers, layer)
+    out = np.empty(out_offsets[-1], dtype)
+    return _gather_layer(values, offsets, num_layers, layer, out_offsets, out), out_offsets
+
+
+@njit(cache=True)
+def _step_scores(experts, weights, step_starts, ids, offsets, num_experts):
+    """Per entry of the step-major CSR: the largest router weight its expert got from any
+    token of the step in that layer."""
+    num_layers, top_k = experts.shape[1], experts.shape[2]
+    scores = np.empty(ids.shape[0], np.float32)
+    best = np.full(num_experts, -np.inf, np.float32)
+    for t in range(step_starts.shape[0] - 1):
+        for layer in range(num_layers):
+            for token in range(step_starts[t], step_starts[t + 1]):
+                for k in range(top_k):
+                    e = experts[token, layer, k]
+                    best[e] = max(best[e], weights[token, layer, k])
+            r = t * num_layers + layer
+            for j in range(offsets[r], offsets[r + 1]):
+                scores[j] = best[ids[j]]
+                best[ids[j]] = -np.inf
+    return scores
 
 
 @njit(cache=True)
@@ -96,6 +129,11 @@ def _routing_counts(ids, offsets, num_layers, num_experts):
     return cold, overlap
 
 
+def _starts(trace: Trace, per_token: bool) -> np.ndarray:
+    """First token of each step (every token its own step with ``per_token``)."""
+    return np.arange(trace.num_tokens + 1, dtype=np.int64) if per_token else trace.step_starts()
+
+
 @dataclass(eq=False)
 class Requests:
     """The cache requests of a trace, shared by every replay of it."""
@@ -114,12 +152,28 @@ class Requests:
             raise MoecacheError(f"{trace.source}: the trace holds no tokens: nothing to replay")
         key = ("requests", per_token)
         if key not in trace.cache:
-            starts = (np.arange(trace.num_tokens + 1, dtype=np.int64) if per_token
-                      else trace.step_starts())
-            ids, offsets = _step_unions(trace.experts, starts, trace.num_experts)
+            ids, offsets = _step_unions(trace.experts, _starts(trace, per_token), trace.num_experts)
             trace.cache[key] = cls(ids, offsets, trace.num_layers, trace.num_experts,
                                    trace.num_tokens)
         return trace.cache[key]
+
+    def scores(self, trace: Trace, *, per_token: bool = False) -> np.ndarray:
+        """Router weight per entry of ``ids`` (float32; the largest among the step's tokens
+        that chose the expert), for policies that read scores; cached on the trace."""
+        if trace.weights is None:
+            raise MoecacheError(f"{trace.source}: the trace has no router weights, which this "
+                                "policy needs (capture or import them with the routing)")
+        key = ("scores", per_token)
+        if key not in trace.cache:
+            trace.cache[key] = _step_scores(trace.experts, trace.weights, _starts(trace, per_token),
+                                            self.ids, self.offsets, self.num_experts)
+        return trace.cache[key]
+
+    def layer_scores(self, scores: np.ndarray, index: int) -> np.ndarray:
+        """The l-th MoE layer's entries of ``scores`` (aligned with ``layer(index)``'s keys)."""
+        if self.num_layers == 1:
+            return scores
+        return _layer_column(scores, self.offsets, self.num_layers, index, np.float32)[0]
 
     @property
     def num_steps(self) -> int:
@@ -149,7 +203,7 @@ class Requests:
         """(keys, offsets) of the l-th MoE layer's requests, keys = expert ids."""
         if self.num_layers == 1:
             return self.ids, self.offsets
-        return _layer_column(self.ids, self.offsets, self.num_layers, index)
+        return _layer_column(self.ids, self.offsets, self.num_layers, index, np.int32)
 
     @cached_property
     def layer_totals(self) -> dict[str, np.ndarray]:

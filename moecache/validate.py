@@ -195,6 +195,9 @@ def _common(trace: Trace, policy: Any, scope: str, per_token: bool, bandwidth: s
         raise MoecacheError(f"expected a moecache.Trace (load one with Trace.load), "
                             f"got {type(trace).__name__}")
     policy, top = check_policy(policy), top_capacity(trace, scope)
+    if policy.policy.needs_scores and trace.weights is None:
+        raise MoecacheError(f"{trace.source}: policy {policy.policy.name} needs router weights, "
+                            "and the trace has none (capture or import them with the routing)")
     seed = check_seed(seed)
     bytes_per_second = None if bandwidth is None else parse_bandwidth(bandwidth)
     fetch_latency = parse_duration(latency)

@@ -42,7 +42,7 @@ ARRIVED, CAPACITY, GHOSTLESS = range(3)
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     num_keys = sizes.shape[0]
     prev, nxt = queues_new(num_keys, LISTS)
     return (np.full(num_keys, NONE, np.int64), prev, nxt, np.zeros(LISTS, np.int64), np.zeros(1),

@@ -20,7 +20,7 @@ from .registry import Hooks, Param, Policy, always_keep
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     prev, nxt, _ = list_new(sizes.shape[0])
     top = np.full(1, 1 << (int(params[0]) - 1), np.int64)
     return np.zeros(sizes.shape[0], np.int64), prev, nxt, top

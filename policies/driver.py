@@ -28,7 +28,7 @@ def bad_victim():
 
 @njit(nogil=True)
 def drive(init, access, admit, victim, evict, keep, keys, offsets, sizes, capacity, params, seed,
-          prefetch_keys, prefetch_offsets, record):
+          scores, prefetch_keys, prefetch_offsets, record):
     """Serve every request; returns (hits per request, events, per-key prefetch counts).
 
     Invariants: ``used`` is the size of the residents; before request r's prefetch batch
@@ -39,7 +39,7 @@ def drive(init, access, admit, victim, evict, keep, keys, offsets, sizes, capaci
     """
     num_keys = sizes.shape[0]
     num_requests = offsets.shape[0] - 1
-    state = init(keys, offsets, sizes, capacity, params, seed)
+    state = init(keys, offsets, sizes, capacity, params, seed, scores)
     resident = np.zeros(num_keys, np.bool_)
     pinned = np.full(num_keys, -1, np.int64)
     found = np.zeros(num_keys, np.bool_)  # hits of the current request, for ``access``

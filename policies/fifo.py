@@ -30,7 +30,7 @@ from .registry import Hooks, Policy, always_keep, no_access, no_evict
 
 
 @njit(cache=True, nogil=True)
-def simulate(keys, offsets, sizes, capacity, seed):
+def simulate(keys, offsets, sizes, capacity, params, seed):
     if fits_masks(sizes):
         return simulate_masks(keys, offsets, capacity)
     return simulate_list(keys, offsets, sizes, capacity)

@@ -19,7 +19,7 @@ from .registry import Hooks, Policy, always_keep, no_evict
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     """State: (freq, last, inserted, clock): the counters per key and the clock."""
     num_keys = sizes.shape[0]
     return (np.zeros(num_keys, np.int64), np.zeros(num_keys, np.int64), np.zeros(num_keys, np.int64),

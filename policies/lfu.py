@@ -15,7 +15,7 @@ from .registry import Hooks, Policy, always_keep, no_admit, no_evict
 
 
 @njit(cache=True, nogil=True)
-def simulate(keys, offsets, sizes, capacity, seed):
+def simulate(keys, offsets, sizes, capacity, params, seed):
     num_keys = sizes.shape[0]
     slots, where, rank = slots_new(num_keys)
     count = 0
@@ -58,7 +58,7 @@ def simulate(keys, offsets, sizes, capacity, seed):
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     num_keys = sizes.shape[0]
     return np.zeros(num_keys, np.int64), np.zeros(num_keys, np.int64), np.full(1, offsets.shape[0], np.int64)
 

@@ -29,7 +29,7 @@ from .registry import Hooks, Policy, always_keep
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     num_keys = sizes.shape[0]
     return (np.zeros(num_keys, np.int64), np.zeros(num_keys, np.int64), np.full(num_keys, -1, np.int64),
             np.zeros(1, np.int64))

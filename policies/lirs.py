@@ -45,7 +45,7 @@ LIR_USED, LIR_LIMIT = range(2)
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     num_keys = sizes.shape[0]
     s_prev, s_next = queues_new(num_keys, 1)
     q_prev, q_next = queues_new(num_keys, 1)

@@ -22,7 +22,7 @@ from .registry import Hooks, Policy, always_keep, no_evict
 
 
 @njit(cache=True, nogil=True)
-def simulate(keys, offsets, sizes, capacity, seed):
+def simulate(keys, offsets, sizes, capacity, params, seed):
     if fits_masks(sizes):
         return simulate_masks(keys, offsets, capacity)
     return simulate_stream(keys, offsets, sizes, capacity)
@@ -105,7 +105,7 @@ def simulate_stream(keys, offsets, sizes, capacity):
 
 
 @njit(cache=True)
-def new_stamps(keys, offsets, sizes, capacity, params, seed):
+def new_stamps(keys, offsets, sizes, capacity, params, seed, scores):
     return (np.full(sizes.shape[0], -1, np.int64),)
 
 

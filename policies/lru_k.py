@@ -26,7 +26,7 @@ FIFO_BASE = -(1 << 62)  # ranks of experts with fewer than K uses: below every K
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     num_keys = sizes.shape[0]
     return (np.zeros(num_keys, np.int64), np.zeros((num_keys, int(params[0])), np.int64),
             np.zeros(num_keys, np.int64), np.zeros(1, np.int64))

@@ -33,7 +33,7 @@ def opt_rank(next_use, key, num_keys):
 
 
 @njit(cache=True, nogil=True)
-def simulate(keys, offsets, sizes, capacity, seed):
+def simulate(keys, offsets, sizes, capacity, params, seed):
     num_keys = sizes.shape[0]
     following = next_request(keys, offsets, num_keys)
     slots, where, rank = slots_new(num_keys)
@@ -71,7 +71,7 @@ def simulate(keys, offsets, sizes, capacity, seed):
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     num_keys = sizes.shape[0]
     num_requests = offsets.shape[0] - 1
     starts = np.zeros(num_keys + 1, np.int64)

@@ -32,7 +32,7 @@ from .registry import Hooks, Policy, no_admit, no_evict
 
 
 @njit(cache=True, nogil=True)
-def simulate(keys, offsets, sizes, capacity, seed):
+def simulate(keys, offsets, sizes, capacity, params, seed):
     num_keys = sizes.shape[0]
     following = next_request(keys, offsets, num_keys)
     slots, where, rank = slots_new(num_keys)

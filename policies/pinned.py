@@ -28,7 +28,7 @@ from .registry import Hooks, Param, Policy, always_keep, no_evict
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     """State: (ranks, start). ``ranks[0]`` is each key's last use (LRU), ``ranks[1]`` the
     same plus R for a pinned key, so it ranks after every unpinned one; ``start[0]`` = T."""
     train, n = params[0], int(params[1])

@@ -28,7 +28,7 @@ def splitmix64(state):
 
 
 @njit(cache=True, nogil=True)
-def simulate(keys, offsets, sizes, capacity, seed):
+def simulate(keys, offsets, sizes, capacity, params, seed):
     num_keys = sizes.shape[0]
     slots, where, rank = slots_new(num_keys)
     count = 0
@@ -68,7 +68,7 @@ def simulate(keys, offsets, sizes, capacity, seed):
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     slots, where, rank = slots_new(sizes.shape[0])
     return slots, where, rank, np.zeros(1, np.int64), np.full(1, seed, np.uint64)
 

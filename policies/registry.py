@@ -78,9 +78,12 @@ class Param:
 class Policy:
     """A registered policy.
 
-    ``kernel`` is an optional specialised simulator ``(keys, offsets, sizes, capacity, seed)
-    -> hits`` for plain demand replays of a policy without parameters; everything else
-    (prefetch, events, parameters) runs ``hooks`` through ``policies.driver.drive``.
+    ``kernel`` is an optional specialised simulator ``(keys, offsets, sizes, capacity, params,
+    seed) -> hits`` for plain demand replays (with ``unit_kernel``, only of streams whose keys
+    all have size 1); everything else (prefetch, events, byte budgets for a unit kernel) runs
+    ``hooks`` through ``policies.driver.drive``. ``needs_scores`` marks a policy whose hooks read
+    the router weight of each request (``init``'s ``scores``; a trace without weights is
+    refused).
     ``stack`` names the one-pass curve method (``STACKS``) of a stack algorithm. ``rank``
     orders lists, tables and plot legends (online policies first, offline bounds last,
     then by name); ``style`` holds matplotlib line keywords and ``legend`` a longer label.
@@ -90,6 +93,8 @@ class Policy:
     description: str
     hooks: Hooks
     kernel: Callable | None = None
+    unit_kernel: bool = False
+    needs_scores: bool = False
     admission: str = "demand"
     stack: str | None = None
     params: tuple[Param, ...] = ()
@@ -103,8 +108,8 @@ class Policy:
             raise ValueError(f"policy {self.name}: admission must be one of {ADMISSIONS}")
         if self.stack is not None and self.stack not in STACKS:
             raise ValueError(f"policy {self.name}: stack must be None or one of {STACKS}")
-        if self.kernel is not None and self.params:
-            raise ValueError(f"policy {self.name}: a fast kernel takes no parameters; use hooks only")
+        if self.kernel is not None and self.needs_scores:
+            raise ValueError(f"policy {self.name}: a fast kernel sees no scores; use hooks only")
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
             raise ValueError(f"policy {self.name}: repeated parameter names {names}")
@@ -133,16 +138,21 @@ class Choice:
         return self.policy.name + (":" + ",".join(changed) if changed else "")
 
     def run(self, keys: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, capacity: int, seed: int,
-            prefetch: tuple[np.ndarray, np.ndarray] | None = None, record: bool = False
-            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+            prefetch: tuple[np.ndarray, np.ndarray] | None = None, record: bool = False,
+            scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(hits per request, events, per-key prefetch counts) of one request stream: the
         fast kernel for a plain demand replay (events and counts None), otherwise the hooks
-        through ``drive`` (its Python source ``drive.py_func`` for Python hooks)."""
+        through ``drive`` (its Python source ``drive.py_func`` for Python hooks). ``scores``
+        (float32, one per entry of ``keys``) is required by a policy with ``needs_scores``."""
         p = self.policy
-        if p.kernel is not None and prefetch is None and not record:
-            return p.kernel(keys, offsets, sizes, np.int64(capacity), np.int64(seed)), None, None
+        if p.needs_scores and (scores is None or scores.shape != keys.shape):
+            raise MoecacheError(f"policy {p.name} needs the router weight of every request")
+        if (p.kernel is not None and prefetch is None and not record
+                and not (p.unit_kernel and np.any(sizes != 1))):
+            return p.kernel(keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed)), None, None
         batch, batch_offsets = prefetch or (np.zeros(0, keys.dtype), np.zeros(0, np.int64))
         args = (*p.hooks, keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed),
+                np.zeros(0, np.float32) if scores is None else scores.astype(np.float32, copy=False),
                 batch.astype(keys.dtype), batch_offsets, record)
         if p.compiled:
             return drive(*args)

@@ -47,7 +47,7 @@ EVICTED, ARRIVED, THRESHOLD = range(3)
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     num_keys = sizes.shape[0]
     prev, nxt = queues_new(num_keys, QUEUES)
     small = np.int64(capacity * params[0])

@@ -22,7 +22,7 @@ from .registry import Hooks, Policy, always_keep
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     prev, nxt, head = list_new(sizes.shape[0])
     return np.zeros(sizes.shape[0], np.bool_), prev, nxt, np.full(1, head, np.int64)
 

@@ -31,7 +31,7 @@ from .registry import Hooks, Param, Policy, always_keep
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     count = int(params[0])
     prev, nxt = queues_new(sizes.shape[0], count)
     share = np.full(count, capacity // count, np.int64)

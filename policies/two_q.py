@@ -35,7 +35,7 @@ AIN, AM, AOUT = 0, 1, 2
 
 
 @njit(cache=True)
-def init(keys, offsets, sizes, capacity, params, seed):
+def init(keys, offsets, sizes, capacity, params, seed, scores):
     prev, nxt = queues_new(sizes.shape[0], 3)
     limits = np.array([int(capacity * params[0]), int(capacity * params[1])], np.int64)
     return np.full(sizes.shape[0], -1, np.int64), prev, nxt, np.zeros(3, np.int64), limits, sizes
