@@ -332,8 +332,9 @@ def _names(text: str) -> list[str]:
 
 @cli.command("rank")
 @click.argument("traces", nargs=-1, required=True, type=click.Path(dir_okay=True))
-@click.option("--policies", default=",".join(POLICIES), show_default=True,
-              help="Comma list of policies (lru and opt are always added: the ends of the gap).")
+@click.option("--policies", default=None,
+              help="Comma list of policies (lru and opt are always added: the ends of the gap). "
+              "Default: every registered policy the traces allow (score-lru needs router weights).")
 @capacities_option(default="8:32:4")
 @scope_option
 @click.option("--train-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5,
@@ -342,13 +343,14 @@ def _names(text: str) -> list[str]:
 @per_token_option
 @out_option("Folder for ranking.csv, table.csv and ranking.png.", required=True, folder=True)
 @force_option("Overwrite the files in --out.")
-def rank_command(traces: tuple[str, ...], policies: str, capacities: str, scope: str, train_fraction: float,
-                 seed: int, per_token: bool, out: str, force: bool) -> None:
+def rank_command(traces: tuple[str, ...], policies: str | None, capacities: str, scope: str,
+                 train_fraction: float, seed: int, per_token: bool, out: str, force: bool) -> None:
     """Rank policies by their share of the LRU-to-OPT gap on held-out sequences of TRACES."""
     from .ranking import rank, ranking_paths, write_ranking
 
     ranking_paths(out, overwrite=force)  # before the work
-    frame, table = rank(traces, _names(policies), capacities, scope, train_fraction, seed, per_token)
+    frame, table = rank(traces, None if policies is None else _names(policies), capacities, scope,
+                        train_fraction, seed, per_token)
     for path in write_ranking(frame, table, out, overwrite=force):
         click.echo(f"wrote {path}")
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

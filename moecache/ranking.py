@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from moecache.policies import Choice, choose, resolve
+from moecache.policies import POLICIES, REGISTRY, Choice, choose, resolve
 
 from .errors import MoecacheError
 from .files import atomic_write, output_lock
@@ -32,6 +32,7 @@ from .replay import replay
 from .requests import Requests
 from .tables import write_table
 from .trace import Trace
+from .trace_io import has_weights
 from .validate import check_scope, chosen_capacities, top_capacity
 
 RANKING_COLUMNS = ["trace", "router", "policy", "capacity", "test_requests", "hit_rate", "gap_share"]
@@ -110,10 +111,12 @@ def held_out_hits(split: Split, policy: str | Choice, capacity: int, scope: str 
     return hits, int(req.set_sizes[start:].sum())
 
 
-def rank(traces: Iterable[str | os.PathLike | Trace], policies: Sequence[str],
+def rank(traces: Iterable[str | os.PathLike | Trace], policies: Sequence[str] | None,
          capacities: str | Iterable[int], scope: str = "layer", train_fraction: float = 0.5,
          seed: int = 0, per_token: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(tidy rows, ranking table) of ``policies`` (plus lru and opt) on each trace's test split.
+    ``policies=None`` ranks every registered policy the traces allow (those that read router
+    weights only if every trace has them); a named one a trace cannot run is an error.
 
     The rows hold one (trace, policy, capacity) each; the table one policy each, best first,
     pooled over every trace and capacity: gap share of the summed hits (sum of hits_P -
@@ -127,12 +130,15 @@ def rank(traces: Iterable[str | os.PathLike | Trace], policies: Sequence[str],
     if len(set(paths)) != len(paths):
         twice = next(path for path in paths if paths.count(path) > 1)
         raise MoecacheError(f"{twice}: the same trace is given twice")
+    weighted = all(item.weights is not None if isinstance(item, Trace) else has_weights(item)
+                   for item in traces)
+    if policies is None:
+        policies = [name for name in POLICIES if weighted or not REGISTRY[name].needs_scores]
     names = list(dict.fromkeys([*policies, *BASELINES]))
-    for name in names:
-        resolve(name)  # a bad policy fails before any replay
+    scores = any(resolve(name).policy.needs_scores for name in names)  # a bad policy fails here
     rows = []
     for item in traces:
-        trace = item if isinstance(item, Trace) else Trace.load(item, weights=False)
+        trace = item if isinstance(item, Trace) else Trace.load(item, weights=scores)
         label = trace.source if isinstance(item, Trace) else str(item)
         split = split_by_sequence(trace, train_fraction, seed)
         for capacity in chosen_capacities(capacities, top_capacity(trace, scope)):

@@ -305,6 +305,12 @@ def open_parquet_files(path: str | os.PathLike) -> tuple[list[pq.ParquetFile], d
     return opened, meta, source
 
 
+def has_weights(path: str | os.PathLike) -> bool:
+    """Whether the trace file (or part folder) holds router weights, read from its schema."""
+    files, _, _ = open_parquet_files(path)
+    return "weights" in files[0].schema_arrow.names
+
+
 def _open_one(path: Path) -> pq.ParquetFile:
     """Open a regular Parquet file (never a pipe or device), its page checksums verified."""
     try:

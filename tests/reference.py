@@ -27,11 +27,12 @@ def reference(name: str):
 
 class Reference:
     """Hooks of the slow simulator; ``requests`` is the whole stream (for OPT). ``simulate``
-    sets ``capacity`` and ``size`` (a key's size) after construction, before any hook."""
+    sets ``capacity``, ``size`` (a key's size) and ``scores`` after construction, before any hook."""
 
     bypass = False
     capacity = 0
     size = staticmethod(lambda key: 1)
+    scores: list[dict] | None = None  # per request, {key: router weight}, when the trace has weights
 
     def __init__(self, requests: list[set], params: dict, seed: int):
         self.requests = requests
@@ -267,6 +268,36 @@ class LFRU(Reference):
     def victim(self, candidates, now):
         return min(candidates, key=lambda k: (Fraction(self.freq[k], self.clock - self.last[k] + 1),
                                               self.inserted[k]))
+
+
+@reference("score-lru")
+class ScoreLRU(Reference):
+    """Each use's key: its tick (requests before the step + its 1-based position when the
+    step's experts are sorted by weight, largest first, ties smaller id) plus boost times
+    (k - 1 - rank) / (k - 1); kept as the maximum while resident when monotone."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.boost = params.get("boost", 16)
+        self.monotone = params.get("monotone", 1)
+        self.start = [0]
+        for request in requests:
+            self.start.append(self.start[-1] + len(request))
+        self.key: dict = {}
+
+    def admit(self, key, now):
+        self.key[key] = self.start[now]
+
+    def access(self, key, now, hit):
+        weights = self.scores[now]
+        order = sorted(weights, key=lambda k: (-weights[k], k))
+        rank, width = order.index(key), len(order)
+        weight = 1.0 if width == 1 else (width - 1 - rank) / (width - 1)
+        value = self.start[now] + rank + 1 + self.boost * weight
+        self.key[key] = max(self.key[key], value) if self.monotone else value
+
+    def victim(self, candidates, now):
+        return min(candidates, key=lambda k: (self.key[k], k))
 
 
 def size_unit(ref: Reference) -> int:
@@ -661,25 +692,48 @@ class LIRS(Reference):
             self.queue.remove(key)
 
 
-def step_sets(experts: np.ndarray, step: np.ndarray, per_token: bool = False) -> list[list[set]]:
-    """E[t][l] as Python sets, steps in trace order."""
+def step_groups(step: np.ndarray, per_token: bool = False) -> list[list[int]]:
+    """The tokens of each step, steps in trace order."""
     groups: list[list[int]] = []
-    for n in range(len(experts)):
+    for n in range(len(step)):
         if groups and not per_token and step[n] == step[n - 1]:
             groups[-1].append(n)
         else:
             groups.append([n])
+    return groups
+
+
+def step_sets(experts: np.ndarray, step: np.ndarray, per_token: bool = False) -> list[list[set]]:
+    """E[t][l] as Python sets, steps in trace order."""
     layers = experts.shape[1]
     return [[{int(e) for n in tokens for e in experts[n, layer]} for layer in range(layers)]
-            for tokens in groups]
+            for tokens in step_groups(step, per_token)]
+
+
+def step_weights(experts: np.ndarray, weights: np.ndarray, step: np.ndarray,
+                 per_token: bool = False) -> list[list[dict]]:
+    """{expert: largest router weight among the step's tokens} per step and layer."""
+    out = []
+    for tokens in step_groups(step, per_token):
+        per_layer = []
+        for layer in range(experts.shape[1]):
+            best: dict = {}
+            for n in tokens:
+                for e, w in zip(experts[n, layer], weights[n, layer], strict=True):
+                    best[int(e)] = max(best.get(int(e), -math.inf), float(w))
+            per_layer.append(best)
+        out.append(per_layer)
+    return out
 
 
 def simulate(requests: list[set], policy: str, capacity: int, size=lambda key: 1, seed: int = 0,
-             params: dict | None = None, prefetch: list[list] | None = None) -> tuple[list[int], Counter]:
+             params: dict | None = None, prefetch: list[list] | None = None,
+             scores: list[dict] | None = None) -> tuple[list[int], Counter]:
     """(hits per request, prefetch counts). ``requests`` are sets of hashable, ordered keys;
-    ``prefetch[r]`` lists the keys to insert before request r (docs/semantics.md)."""
+    ``prefetch[r]`` lists the keys to insert before request r (docs/semantics.md);
+    ``scores[r]`` maps each key of request r to its router weight."""
     ref = REFERENCES[policy](requests, params or {}, seed)
-    ref.capacity, ref.size = capacity, size
+    ref.capacity, ref.size, ref.scores = capacity, size, scores
     cache: set = set()
     pending: set = set()  # resident from a prefetch not yet used
     counts: Counter = Counter()
@@ -731,10 +785,14 @@ def simulate(requests: list[set], policy: str, capacity: int, size=lambda key: 1
 
 
 def reference_replay(experts, step, policy, capacity, scope="layer", per_token=False,
-                     expert_bytes=None, memory=None, seed=0, params=None, prefetch=None) -> dict:
+                     expert_bytes=None, memory=None, seed=0, params=None, prefetch=None,
+                     weights=None) -> dict:
     """Pooled and per-layer counts, as moecache.replay should report them; ``prefetch[t][l]``
-    lists the experts to prefetch before step t of layer l (also reported, pooled)."""
+    lists the experts to prefetch before step t of layer l (also reported, pooled);
+    ``weights`` (the trace's router weights) feed policies that read scores."""
     sets = step_sets(np.asarray(experts), np.asarray(step), per_token)
+    scored = None if weights is None else step_weights(np.asarray(experts), np.asarray(weights),
+                                                       np.asarray(step), per_token)
     num_layers = experts.shape[1]
     hits = np.zeros(num_layers, np.int64)
     counts: Counter = Counter()
@@ -743,7 +801,8 @@ def reference_replay(experts, step, policy, capacity, scope="layer", per_token=F
             cap = capacity if memory is None else memory // num_layers // expert_bytes[layer]
             batches = None if prefetch is None else [p[layer] for p in prefetch]
             layer_hits, layer_counts = simulate([s[layer] for s in sets], policy, cap, seed=seed,
-                                                params=params, prefetch=batches)
+                                                params=params, prefetch=batches,
+                                                scores=None if scored is None else [s[layer] for s in scored])
             hits[layer] = sum(layer_hits)
             counts += layer_counts
     else:
@@ -751,8 +810,10 @@ def reference_replay(experts, step, policy, capacity, scope="layer", per_token=F
         batches = None if prefetch is None else \
             [[(layer, e) for e in p[layer]] for p in prefetch for layer in range(num_layers)]
         size = (lambda key: 1) if memory is None else (lambda key: expert_bytes[key[0]])
+        pooled_scores = None if scored is None else \
+            [{(layer, e): w for e, w in s[layer].items()} for s in scored for layer in range(num_layers)]
         per_request, counts = simulate(pooled, policy, capacity if memory is None else memory, size=size,
-                                       seed=seed, params=params, prefetch=batches)
+                                       seed=seed, params=params, prefetch=batches, scores=pooled_scores)
         for r, h in enumerate(per_request):
             hits[r % num_layers] += h
     requests = np.array([sum(len(s[layer]) for s in sets) for layer in range(num_layers)])

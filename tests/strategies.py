@@ -28,5 +28,7 @@ def routings(draw, max_layers=3, max_experts=10, max_tokens=40, grouped=True):
 
 
 def make_trace(experts, step, num_experts, expert_bytes=None):
+    """A trace of the routing, with router weights from a few values (so that ranks tie)."""
+    weights = np.random.default_rng(experts.size).integers(1, 5, experts.shape) / 4
     return mc.Trace.from_arrays(experts, num_experts=num_experts, step=step,
-                                expert_bytes=expert_bytes)
+                                expert_bytes=expert_bytes, weights=weights.astype(np.float32))

@@ -56,7 +56,7 @@ def test_layer_scope_matches_reference(policy, data, extra, per_token, seed, arg
     capacity = reference_replay(experts, step, "lru", num_experts, per_token=per_token)["max_set"] + extra
     result = both_paths(trace, policy, capacity, per_token=per_token, seed=seed, policy_args=chosen)
     assert_matches(result, reference_replay(experts, step, policy, capacity, per_token=per_token,
-                                            seed=seed, params=chosen))
+                                            weights=trace.weights, seed=seed, params=chosen))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -69,7 +69,7 @@ def test_global_scope_matches_reference(policy, data, extra, seed, args):
     capacity = reference_replay(experts, step, "lru", num_experts)["max_set"] + extra
     result = both_paths(trace, policy, capacity, scope="global", seed=seed, policy_args=chosen)
     assert_matches(result, reference_replay(experts, step, policy, capacity, scope="global", seed=seed,
-                                            params=chosen))
+                                            weights=trace.weights, params=chosen))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -83,8 +83,8 @@ def test_memory_budget_with_mixed_expert_sizes_matches_reference(policy, data, s
     largest = max(reference_replay(experts, step, "lru", num_experts)["max_set"] * b for b in expert_bytes)
     memory = largest + 1000 * slack
     result = both_paths(trace, policy, memory=memory, scope="global")
-    expected = reference_replay(experts, step, policy, None, scope="global", expert_bytes=expert_bytes,
-                                memory=memory)
+    expected = reference_replay(experts, step, policy, None, scope="global", weights=trace.weights,
+                                expert_bytes=expert_bytes, memory=memory)
     assert_matches(result, expected)
     missed = (expected["requests"] - expected["hits"]) * np.array(expert_bytes)
     assert result.miss_bytes == int(missed.sum())
@@ -100,7 +100,8 @@ def test_more_than_64_experts_match_reference(policy, data, extra):
     capacity = reference_replay(experts, step, "lru", num_experts)["max_set"] + extra
     for scope in ("layer", "global"):
         result = both_paths(trace, policy, capacity, scope=scope)
-        assert_matches(result, reference_replay(experts, step, policy, capacity, scope=scope))
+        assert_matches(result, reference_replay(experts, step, policy, capacity, scope=scope,
+                                                weights=trace.weights))
 
 
 @st.composite
@@ -122,7 +123,8 @@ def test_prefetch_matches_reference(policy, scope, data, extra, seed, draw):
     capacity = probe["max_set"] + extra
     result = mc.replay(trace, policy, capacity, scope=scope, seed=seed, record_events=True,
                        prefetch=mc.Prefetch.from_lists(batches))
-    expected = reference_replay(experts, step, policy, capacity, scope=scope, seed=seed, prefetch=batches)
+    expected = reference_replay(experts, step, policy, capacity, scope=scope, seed=seed, prefetch=batches,
+                                weights=trace.weights)
     assert_matches(result, expected)
     for field in PREFETCH_FIELDS:
         assert getattr(result, field) == expected[field], field

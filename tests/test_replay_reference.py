@@ -21,7 +21,7 @@ def test_layer_scope_memory_budget_splits_evenly(policy, data, share):
     memory = num_layers * 100 * (top_k + share)
     trace = make_trace(experts, step, num_experts, expert_bytes=100)
     result = mc.replay(trace, policy, memory=memory)
-    assert_matches(result, reference_replay(experts, step, policy, top_k + share))
+    assert_matches(result, reference_replay(experts, step, policy, top_k + share, weights=trace.weights))
     assert result.capacity == top_k + share
 
 
