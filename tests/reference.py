@@ -300,6 +300,32 @@ class ScoreLRU(Reference):
         return min(candidates, key=lambda k: (self.key[k], k))
 
 
+@reference("least-stale")
+class LeastStale(Reference):
+    """Largest predicted next use: last use + max(smoothed reuse interval, 1)."""
+
+    def __init__(self, requests, params, seed):
+        super().__init__(requests, params, seed)
+        self.alpha = params.get("alpha", 0.25)
+        self.last: dict = {}
+        self.interval: dict = {}
+
+    def admit(self, key, now):
+        self.last.setdefault(key, now)
+
+    def access(self, key, now, hit):
+        gap = now - self.last[key]
+        if gap > 0:
+            old = self.interval.get(key, 0.0)
+            self.interval[key] = float(gap) if old == 0.0 else (1.0 - self.alpha) * old + self.alpha * gap
+        self.last[key] = now
+
+    def victim(self, candidates, now):
+        def farthest(k):
+            return (-(self.last[k] + max(self.interval.get(k, 0.0), 1.0)), -self.last[k], k)
+        return min(candidates, key=farthest)
+
+
 def size_unit(ref: Reference) -> int:
     """The greatest common divisor of the keys' sizes, the driver's unit of a memory budget
     (one expert when all sizes are equal)."""
