@@ -8,15 +8,145 @@ first expert with counter 0, decrementing the counters it passes. Under set step
 (docs/semantics.md) the hand passes the current request's experts without touching
 them.
 
-Hooks only (no fast kernel): state = (counter per key, ring as a linked list whose head
-side is the hand, [maximum counter]); passing an expert moves it to the ring's tail.
+Fast kernel (``simulate``, unit sizes): the ring is an array of ``min(capacity, keys)``
+slots. Until it is full, experts fill the slots in order and no victim is needed, so the
+hand rests on slot 0; once full, every miss evicts one expert and takes its slot, and the
+hand moves past it. Invariant: read from ``hand`` onwards, the slots are the hooks' ring
+from its head. The hand skips the current request's keys, so a hit may raise its counter
+before the request's admissions. Two exact implementations of it:
+
+* masks (``bits`` = 1, at most 64 keys): 64-bit masks over slots hold the counters
+  (``ref``) and the slots of the current request (``pin``); ``slot_bit[key]`` is the bit
+  of a resident key's slot, 0 for others. The victim is the first slot from the hand
+  outside ``pin`` and ``ref``, and the bits of ``ref`` outside ``pin`` that the hand
+  passes on the way are cleared; if there is none, a whole turn clears them all first.
+* ring (any ``bits``, any number of keys): the hand walks the slots one by one; the
+  request's keys carry the stamp ``current[key] == r``.
+
+Hooks: state = (counter per key, ring as a linked list whose head side is the hand,
+[maximum counter]); passing an expert moves it to the ring's tail.
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
 
-from ._state import list_append, list_new, list_unlink
+from ._state import bit_index, list_append, list_new, list_unlink, no_room, popcount
 from .registry import Hooks, Param, Policy, always_keep
+
+ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@njit(cache=True, nogil=True)
+def simulate(keys, offsets, sizes, capacity, params, seed):
+    num_keys = sizes.shape[0]
+    if params[0] == 1 and num_keys <= 64:
+        return simulate_masks(keys, offsets, min(capacity, num_keys), capacity)
+    return simulate_ring(keys, offsets, num_keys, capacity, 1 << (int(params[0]) - 1))
+
+
+@njit(cache=True, inline="always")
+def below(slot):
+    """The mask of slots 0..slot-1 (slot < 64)."""
+    return (uint64(1) << uint64(slot)) - uint64(1)
+
+
+@njit(cache=True, nogil=True)
+def simulate_masks(keys, offsets, slots, capacity):
+    key_of = np.zeros(slots, np.int64)
+    slot_bit = np.zeros(64, np.uint64)
+    full = ONES if slots == 64 else below(slots)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    resident = uint64(0)
+    ref = uint64(0)
+    count = 0
+    hand = 0
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        if hi - lo > capacity:
+            no_room()
+        step = uint64(0)
+        pin = uint64(0)
+        for j in range(lo, hi):
+            step |= uint64(1) << uint64(keys[j])
+            pin |= slot_bit[keys[j]]
+        hits[r] = popcount(step & resident)
+        ref |= pin
+        missing = step & ~resident
+        resident |= step
+        while missing:  # ascending ids
+            bit = missing & (~missing + uint64(1))
+            missing ^= bit
+            key = bit_index(bit)
+            if count < slots:
+                slot = count
+                count += 1
+            else:
+                free = full & ~pin
+                zero = free & ~ref
+                if zero == 0:  # a whole turn of the hand
+                    ref &= pin
+                    zero = free
+                ahead = zero & ~below(hand)
+                first = ahead if ahead else zero
+                slot = bit_index(first & (~first + uint64(1)))
+                passed = below(slot) ^ below(hand)  # [hand, slot) read cyclically
+                if slot < hand:
+                    passed = ~passed
+                ref &= ~passed | pin
+                out = key_of[slot]
+                resident ^= uint64(1) << uint64(out)
+                slot_bit[out] = 0
+                hand = slot + 1 if slot + 1 < slots else 0
+            key_of[slot] = key
+            slot_bit[key] = uint64(1) << uint64(slot)
+            pin |= slot_bit[key]
+    return hits
+
+
+@njit(cache=True, nogil=True)
+def simulate_ring(keys, offsets, num_keys, capacity, top):
+    ring = np.empty(min(capacity, num_keys), np.int32)
+    counter = np.zeros(num_keys, np.int32)
+    resident = np.zeros(num_keys, np.bool_)
+    current = np.full(num_keys, -1, np.int64)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    count = 0
+    hand = 0
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        if hi - lo > capacity:
+            no_room()
+        found = 0
+        for j in range(lo, hi):
+            key = keys[j]
+            current[key] = r
+            if resident[key]:
+                found += 1
+                counter[key] = min(counter[key] + 1, top)
+        hits[r] = found
+        if found == hi - lo:
+            continue
+        for j in range(lo, hi):
+            key = keys[j]
+            if resident[key]:
+                continue
+            if count < ring.shape[0]:
+                ring[count] = key
+                count += 1
+            else:
+                while True:
+                    out = ring[hand]
+                    if current[out] != r:
+                        if counter[out] == 0:
+                            break
+                        counter[out] -= 1
+                    hand = hand + 1 if hand + 1 < count else 0
+                resident[out] = False
+                ring[hand] = key
+                hand = hand + 1 if hand + 1 < count else 0
+            resident[key] = True
+            counter[key] = 0
+    return hits
 
 
 @njit(cache=True)
@@ -62,7 +192,7 @@ def evict(state, key):
 POLICY = Policy(
     name="clock", description="CLOCK (second chance): the hand evicts the first expert whose reference "
     "counter is 0, decrementing those it passes; hits raise the counter, new experts enter with 0",
-    hooks=Hooks(init, access, admit, victim, evict, always_keep),
+    hooks=Hooks(init, access, admit, victim, evict, always_keep), kernel=simulate, unit_kernel=True,
     params=(Param("bits", 1, 1, 8, "bits of the reference counter (1: second chance)", integer=True),),
     style={"linestyle": (0, (1, 1)), "marker": "v"}, rank=50,
     source="libCacheSim, cache/eviction/Clock.c (Clock, n-bit-counter=1)")
