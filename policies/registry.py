@@ -79,7 +79,8 @@ class Policy:
     """A registered policy.
 
     ``kernel`` is an optional specialised simulator ``(keys, offsets, sizes, capacity, params,
-    seed) -> hits`` for plain demand replays (with ``unit_kernel``, only of streams whose keys
+    seed[, scores]) -> hits`` for plain demand replays (``scores`` for a policy with
+    ``needs_scores``; with ``unit_kernel``, only of streams whose keys
     all have size 1); everything else (prefetch, events, byte budgets for a unit kernel) runs
     ``hooks`` through ``policies.driver.drive``. ``needs_scores`` marks a policy whose hooks read
     the router weight of each request (``init``'s ``scores``; a trace without weights is
@@ -108,8 +109,6 @@ class Policy:
             raise ValueError(f"policy {self.name}: admission must be one of {ADMISSIONS}")
         if self.stack is not None and self.stack not in STACKS:
             raise ValueError(f"policy {self.name}: stack must be None or one of {STACKS}")
-        if self.kernel is not None and self.needs_scores:
-            raise ValueError(f"policy {self.name}: a fast kernel sees no scores; use hooks only")
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
             raise ValueError(f"policy {self.name}: repeated parameter names {names}")
@@ -149,7 +148,9 @@ class Choice:
             raise MoecacheError(f"policy {p.name} needs the router weight of every request")
         if (p.kernel is not None and prefetch is None and not record
                 and not (p.unit_kernel and np.any(sizes != 1))):
-            return p.kernel(keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed)), None, None
+            extra = (scores.astype(np.float32, copy=False),) if p.needs_scores else ()
+            hits = p.kernel(keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed), *extra)
+            return hits, None, None
         batch, batch_offsets = prefetch or (np.zeros(0, keys.dtype), np.zeros(0, np.int64))
         args = (*p.hooks, keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed),
                 np.zeros(0, np.float32) if scores is None else scores.astype(np.float32, copy=False),

@@ -3,8 +3,11 @@ need for router weights, and Python policies that read the weights."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moecache as mc
+from moecache.policies import resolve
 from moecache.ranking import rank
 
 from .test_cli import run
@@ -78,3 +81,22 @@ def test_rank_leaves_score_lru_out_only_when_a_trace_has_no_weights():
     assert "score-lru" in set(rank([weighted], None, [4])[0]["policy"])
     with pytest.raises(mc.MoecacheError, match="needs router weights"):
         rank([plain], ["score-lru"], [4])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), top_k=st.integers(1, 8), extra=st.integers(0, 40),
+       boost=st.sampled_from([0.0, 3.0, 16.0, 1e6]), monotone=st.integers(0, 1))
+def test_kernel_equals_the_hooks_on_long_streams(seed, top_k, extra, boost, monotone):
+    """The unit-size kernel and the hooks through the driver, hit for hit, on 64 keys and
+    1,000 requests with few distinct weights (so ranks tie)."""
+    rng = np.random.default_rng(seed)
+    keys = np.concatenate([np.sort(rng.choice(64, top_k, replace=False)) for _ in range(1000)])
+    keys = keys.astype(np.int32)
+    offsets = np.arange(0, keys.shape[0] + 1, top_k, dtype=np.int64)
+    scores = (rng.integers(0, 4, keys.shape[0]) / 4).astype(np.float32)
+    choice = resolve("score-lru", {"boost": boost, "monotone": monotone})
+    sizes = np.ones(64, np.int64)
+    capacity = min(64, top_k + extra)
+    kernel = choice.run(keys, offsets, sizes, capacity, 0, scores=scores)[0]
+    driven = choice.run(keys, offsets, sizes, capacity, 0, record=True, scores=scores)[0]
+    np.testing.assert_array_equal(kernel, driven)
