@@ -183,3 +183,29 @@ for _i in range(64):
 def bit_index(one_bit):
     """i for the mask ``1 << i``."""
     return _BIT_INDEX[(one_bit * _DE_BRUIJN) >> np.uint64(58)]
+
+
+@njit(cache=True, inline="always")
+def below(i):
+    """The mask of bits 0..i-1 (i < 64)."""
+    return (np.uint64(1) << np.uint64(i)) - np.uint64(1)
+
+
+@njit(cache=True, inline="always")
+def hand_sweep(free, ref, hand):
+    """A CLOCK hand over a ring of 64-bit mask positions (clock, sieve): starting at bit
+    ``hand`` and going up, wrapping to bit 0, it passes the bits of ``free`` that are in
+    ``ref`` (a reference bit), clearing them, and stops at the first one that is not; if
+    every bit of ``free`` is in ``ref``, a whole turn clears them all first. Returns (the
+    bit it stops at, the new ``ref``); ``free`` must not be empty."""
+    zero = free & ~ref
+    if zero == 0:
+        ref &= ~free
+        zero = free
+    ahead = zero & ~below(hand)
+    first = ahead if ahead else zero
+    stop = bit_index(first & (~first + np.uint64(1)))
+    passed = below(stop) ^ below(hand)  # [hand, stop) read cyclically
+    if stop < hand:
+        passed = ~passed
+    return stop, ref & ~(passed & free)

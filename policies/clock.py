@@ -17,9 +17,9 @@ before the request's admissions. Two exact implementations of it:
 
 * masks (``bits`` = 1, at most 64 keys): 64-bit masks over slots hold the counters
   (``ref``) and the slots of the current request (``pin``); ``slot_bit[key]`` is the bit
-  of a resident key's slot, 0 for others. The victim is the first slot from the hand
-  outside ``pin`` and ``ref``, and the bits of ``ref`` outside ``pin`` that the hand
-  passes on the way are cleared; if there is none, a whole turn clears them all first.
+  of a resident key's slot, 0 for others. The hand (``_state.hand_sweep``) stops at the
+  first slot outside ``pin`` and ``ref``, clearing the bits of ``ref`` outside ``pin``
+  that it passes.
 * ring (any ``bits``, any number of keys): the hand walks the slots one by one; the
   request's keys carry the stamp ``current[key] == r``.
 
@@ -30,7 +30,7 @@ Hooks: state = (counter per key, ring as a linked list whose head side is the ha
 import numpy as np
 from numba import njit, uint64
 
-from ._state import bit_index, list_append, list_new, list_unlink, no_room, popcount
+from ._state import below, bit_index, hand_sweep, list_append, list_new, list_unlink, no_room, popcount
 from .registry import Hooks, Param, Policy, always_keep
 
 ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -42,12 +42,6 @@ def simulate(keys, offsets, sizes, capacity, params, seed):
     if params[0] == 1 and num_keys <= 64:
         return simulate_masks(keys, offsets, min(capacity, num_keys), capacity)
     return simulate_ring(keys, offsets, num_keys, capacity, 1 << (int(params[0]) - 1))
-
-
-@njit(cache=True, inline="always")
-def below(slot):
-    """The mask of slots 0..slot-1 (slot < 64)."""
-    return (uint64(1) << uint64(slot)) - uint64(1)
 
 
 @njit(cache=True, nogil=True)
@@ -81,18 +75,7 @@ def simulate_masks(keys, offsets, slots, capacity):
                 slot = count
                 count += 1
             else:
-                free = full & ~pin
-                zero = free & ~ref
-                if zero == 0:  # a whole turn of the hand
-                    ref &= pin
-                    zero = free
-                ahead = zero & ~below(hand)
-                first = ahead if ahead else zero
-                slot = bit_index(first & (~first + uint64(1)))
-                passed = below(slot) ^ below(hand)  # [hand, slot) read cyclically
-                if slot < hand:
-                    passed = ~passed
-                ref &= ~passed | pin
+                slot, ref = hand_sweep(full & ~pin, ref, hand)
                 out = key_of[slot]
                 resident ^= uint64(1) << uint64(out)
                 slot_bit[out] = 0
