@@ -19,16 +19,19 @@ whenever ``int(in x capacity)`` is at least 1. Below that libCacheSim's TwoQ adm
 object larger than A1in, so it never caches anything (capacity 3: ids 0 0 miss twice);
 here every miss is cached (demand admission), and the second 0 hits.
 
-Hooks only: state = (queue per key: -1 absent, 0 A1in, 1 Am, 2 A1out; the three queues
+Hooks: state = (queue per key: -1 absent, 0 A1in, 1 Am, 2 A1out; the three queues
 from policies/_queues.py, oldest or least recent first; sizes held per queue; [A1in
 threshold, A1out size]; sizes).
+
+Fast kernel (``simulate``, unit sizes): the same queues in flat arrays, without calls
+through the state tuple; a request's keys carry a stamp instead of the driver's marks.
 """
 
 import numpy as np
 from numba import njit
 
 from ._queues import move_to_tail, oldest_unpinned, queue_head, queues_new
-from ._state import list_unlink
+from ._state import list_unlink, no_room
 from .registry import Hooks, Param, Policy, always_keep
 
 AIN, AM, AOUT = 0, 1, 2
@@ -89,10 +92,73 @@ def evict(state, key):
         list_unlink(prev, nxt, key)
 
 
+@njit(cache=True, nogil=True)
+def simulate(keys, offsets, sizes, capacity, params, seed):
+    """The hooks over flat arrays: ``where`` and the queues as theirs, ``held`` counting the
+    keys on each queue (sizes are 1). Request r's keys carry ``current[key] == r`` (never
+    victims); a first pass lists its misses (``missed``, ascending) and its hits in Am
+    (``am_hits``, the keys ``access`` moves), without branches."""
+    num_keys = sizes.shape[0]
+    limit_in, limit_out = int(capacity * params[0]), int(capacity * params[1])
+    prev, nxt = queues_new(num_keys, 3)
+    am_head, out_head = queue_head(prev, 3, AM), queue_head(prev, 3, AOUT)
+    where = np.full(num_keys, -1, np.int64)
+    held = np.zeros(3, np.int64)
+    current = np.full(num_keys, -1, np.int64)
+    missed = np.empty(num_keys, np.int64)
+    am_hits = np.empty(num_keys, np.int64)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        if hi - lo > capacity:
+            no_room()
+        num_missed = 0
+        num_am = 0
+        for j in range(lo, hi):
+            key = keys[j]
+            current[key] = r
+            missed[num_missed] = key
+            num_missed += (where[key] < AIN) | (where[key] == AOUT)
+            am_hits[num_am] = key
+            num_am += where[key] == AM
+        hits[r] = hi - lo - num_missed
+        for i in range(num_missed):
+            key = missed[i]
+            if held[AIN] + held[AM] == capacity:  # victim and evict
+                first = AIN if held[AIN] > limit_in else AM
+                out = oldest_unpinned(prev, nxt, 3, first, current, r)
+                if out < 0:  # the other queue has one: the request fits the capacity
+                    first = AIN + AM - first
+                    out = oldest_unpinned(prev, nxt, 3, first, current, r)
+                held[first] -= 1
+                if first == AIN:
+                    move_to_tail(prev, nxt, out_head, out)
+                    where[out] = AOUT
+                    held[AOUT] += 1
+                else:
+                    list_unlink(prev, nxt, out)
+                    where[out] = -1
+            queue = AIN  # admit
+            if where[key] == AOUT:
+                queue = AM
+                held[AOUT] -= 1
+            move_to_tail(prev, nxt, queue_head(prev, 3, queue), key)
+            where[key] = queue
+            held[queue] += 1
+            while held[AOUT] > limit_out:
+                ghost = nxt[out_head]
+                list_unlink(prev, nxt, ghost)
+                where[ghost] = -1
+                held[AOUT] -= 1
+        for i in range(num_am):  # access
+            move_to_tail(prev, nxt, am_head, am_hits[i])
+    return hits
+
+
 POLICY = Policy(
     name="2q", description="2Q: new experts enter a FIFO (A1in); a miss remembered by its ghost list "
     "(A1out) enters an LRU (Am); evicts from A1in while it is over its share, else from Am",
-    hooks=Hooks(init, access, admit, victim, evict, always_keep),
+    hooks=Hooks(init, access, admit, victim, evict, always_keep), kernel=simulate, unit_kernel=True,
     params=(Param("in", 0.25, 0.0, 1.0, "A1in's share of the capacity"),
             Param("out", 0.5, 0.0, 10.0, "A1out's size (ghost ids) as a multiple of the capacity")),
     style={"linestyle": (0, (4, 2, 1, 2)), "marker": "p"}, rank=46,

@@ -1,0 +1,58 @@
+"""The fast kernels of s3fifo, 2q and lfuda give exactly the hits of their hooks run by the
+driver, on random unit-size request streams larger than the policy contract tests use:
+up to 130 keys, 1000 requests of 1..8 distinct ascending keys, skewed and sticky so that
+hits, misses and returns of forgotten keys are all common, capacities from the largest
+request up to the number of keys, random valid parameters."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moecache.policies import REGISTRY, resolve
+
+
+@st.composite
+def streams(draw):
+    """(keys, offsets, num_keys, capacity) of a random unit-size request stream."""
+    num_keys = draw(st.sampled_from([1, 3, 8, 16, 40, 64, 65, 130]))
+    top_k = draw(st.integers(1, min(8, num_keys)))
+    num_requests = draw(st.integers(1, 1000))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    popularity = rng.permutation(1.0 / np.arange(1, num_keys + 1) ** draw(st.floats(0.0, 2.0)))
+    popularity /= popularity.sum()
+    stickiness = draw(st.floats(0.0, 0.9))
+    sets, previous = [], []
+    for _ in range(num_requests):
+        k = int(rng.integers(1, top_k + 1))
+        kept = [key for key in previous if rng.random() < stickiness][:k]
+        fresh = [int(key) for key in rng.choice(num_keys, size=k, replace=False, p=popularity)]
+        chosen = list(dict.fromkeys(kept + fresh))[:k]
+        sets.append(sorted(chosen))
+        previous = chosen
+    keys = np.array([key for s in sets for key in s], np.int32)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sets])]).astype(np.int64)
+    return keys, offsets, num_keys, draw(st.integers(max(len(s) for s in sets), num_keys))
+
+
+@st.composite
+def choices(draw, name):
+    """``name`` with random valid values of its parameters, each the default half of the time."""
+    args = {p.name: draw(st.just(p.default) | (st.integers(int(p.low), int(p.high)) if p.integer
+                                               else st.floats(p.low, p.high)))
+            for p in REGISTRY[name].params}
+    return resolve(name, args)
+
+
+@pytest.mark.parametrize("name", ["s3fifo", "2q", "lfuda"])
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), stream=streams())
+def test_kernel_equals_driver(name, data, stream):
+    choice = data.draw(choices(name))
+    keys, offsets, num_keys, capacity = stream
+    sizes = np.ones(num_keys, np.int64)
+    assert choice.policy.kernel is not None and choice.policy.unit_kernel
+    kernel, _, _ = choice.run(keys, offsets, sizes, capacity, 0)
+    driven, _, _ = choice.run(keys, offsets, sizes, capacity, 0, record=True)
+    np.testing.assert_array_equal(kernel, driven)
+
