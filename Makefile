@@ -42,6 +42,7 @@ lint: $(FULL)
 	$(BIN)/ruff check moecache policies tests benchmarks experiments
 
 bench: $(FULL)
+	$(BIN)/pip install --quiet --no-deps bigrig==0.9.1  # compared with, for the benchmark only
 	$(BIN)/python benchmarks/bench_replay.py
 
 bench-capture: $(FULL)
