@@ -30,15 +30,22 @@ small queue's (S3FIFO_insert), so with S <= 1 (C < 20 at the default share) it c
 nothing but ghost hits, i.e. nothing; here the small queue may then hold one expert or
 none: the request 0, 0 at C = 10 is one hit here and none in libCacheSim.
 
-Hooks only: state = (queue of each key, counters, the three queues as linked lists, used
+Hooks: state = (queue of each key, counters, the three queues as linked lists, used
 size and share of each queue, the request at which each key left the ghost on arrival,
 [evicted yet, the last request arrived, threshold], the request stream, sizes).
+
+Fast kernel (``simulate``, unit sizes), two exact implementations of the hooks:
+
+* masks (at most 64 keys): each queue in a window of 64 cells with 64-bit masks, so that
+  a sweep of the main queue finds its victim at once and moves only the keys it passes;
+* list (any number of keys): the hooks' linked queues in flat arrays.
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
 
 from ._queues import move_to_tail, oldest_unpinned, queue_head, queues_new, sized_move, sized_remove
+from ._state import bit_index, list_append, list_unlink, no_room, popcount
 from .registry import Hooks, Param, Policy, always_keep
 
 SMALL, MAIN, GHOST, QUEUES = 0, 1, 2, 3
@@ -171,11 +178,263 @@ def evict(state, key):
         enqueue(state, key, GHOST)
 
 
+@njit(cache=True, nogil=True)
+def simulate(keys, offsets, sizes, capacity, params, seed):
+    small_share, ghost_share = np.int64(capacity * params[0]), np.int64(capacity * params[1])
+    threshold = np.int64(params[2])
+    if sizes.shape[0] <= 64:
+        return simulate_masks(keys, offsets, capacity, small_share, ghost_share, threshold)
+    return simulate_list(keys, offsets, sizes.shape[0], capacity, small_share, ghost_share, threshold)
+
+
+# Both kernels serve request r as the driver runs the hooks, sizes being 1. A first pass
+# raises the counters of its hits (nothing reads them before ``access``), lists its misses
+# and counts (``held``) or marks (``pin``) its keys on each queue: those are never victims
+# and the sweeps pass them without moving them. The ghost forgets the request's keys
+# before any eviction (``arrive``); they keep ``where == GHOST`` until admitted, which
+# sends them to the main queue. ``where`` is ABSENT for a key on no queue.
+
+ABSENT = 3
+
+
+@njit(cache=True, nogil=True)
+def simulate_list(keys, offsets, num_keys, capacity, small_share, ghost_share, threshold):
+    """The hooks' linked queues; request r's keys carry ``current[key] == r``."""
+    main_share = capacity - small_share
+    prev, nxt = queues_new(num_keys, QUEUES)
+    small_head = queue_head(prev, QUEUES, SMALL)
+    main_head = queue_head(prev, QUEUES, MAIN)
+    ghost_head = queue_head(prev, QUEUES, GHOST)
+    where = np.full(num_keys, ABSENT, np.int64)
+    counter = np.zeros(num_keys, np.int64)
+    used = np.zeros(QUEUES, np.int64)
+    held = np.zeros(QUEUES + 1, np.int64)  # the request's keys per queue (held[ABSENT]: scratch)
+    current = np.full(num_keys, -1, np.int64)
+    missed = np.empty(num_keys, np.int64)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    evicted = False
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        if hi - lo > capacity:
+            no_room()
+        held[SMALL] = 0
+        held[MAIN] = 0
+        num_missed = 0
+        for j in range(lo, hi):
+            key = keys[j]
+            current[key] = r
+            held[where[key]] += 1
+            hit = where[key] <= MAIN
+            counter[key] += hit
+            missed[num_missed] = key
+            num_missed += 1 - hit
+        hits[r] = hi - lo - num_missed
+        for i in range(num_missed):  # arrive
+            if where[missed[i]] == GHOST:
+                list_unlink(prev, nxt, missed[i])
+                used[GHOST] -= 1
+        for i in range(num_missed):
+            key = missed[i]
+            if used[SMALL] + used[MAIN] == capacity:  # victim and evict
+                evicted = True
+                out = -1
+                while out < 0:
+                    if (used[MAIN] > main_share or used[SMALL] == held[SMALL]) and used[MAIN] > held[MAIN]:
+                        out = nxt[main_head]  # sweep the main queue, round and round
+                        while current[out] == r or counter[out] > 0:
+                            after = nxt[out]
+                            if current[out] != r:
+                                counter[out] = min(counter[out], 3) - 1
+                                move_to_tail(prev, nxt, main_head, out)
+                            out = nxt[main_head] if after == main_head else after
+                    else:
+                        first = nxt[small_head]  # sweep the small queue
+                        while first != small_head and out < 0:
+                            after = nxt[first]
+                            if current[first] != r:
+                                if counter[first] < threshold:
+                                    out = first
+                                else:
+                                    counter[first] = 0
+                                    move_to_tail(prev, nxt, main_head, first)
+                                    where[first] = MAIN
+                                    used[SMALL] -= 1
+                                    used[MAIN] += 1
+                            first = after
+                list_unlink(prev, nxt, out)
+                used[where[out]] -= 1
+                if where[out] == SMALL and ghost_share >= 1:
+                    if used[GHOST] == ghost_share:  # forget the oldest
+                        where[nxt[ghost_head]] = ABSENT
+                        list_unlink(prev, nxt, nxt[ghost_head])
+                        used[GHOST] -= 1
+                    list_append(prev, nxt, ghost_head, out)
+                    where[out] = GHOST
+                    used[GHOST] += 1
+                else:
+                    where[out] = ABSENT
+            counter[key] = 0  # admit
+            queue = SMALL
+            if where[key] == GHOST or (not evicted and used[SMALL] >= small_share):
+                queue = MAIN
+            move_to_tail(prev, nxt, queue_head(prev, QUEUES, queue), key)
+            where[key] = queue
+            used[queue] += 1
+            held[queue] += 1
+    return hits
+
+
+# The mask kernel keeps each queue in a window of 64 cells, in queue order: the oldest
+# key in the lowest occupied cell, a new one in cell ``end[q]``; when the window is used
+# up its keys move down to cells 0..n-1 in order (n < 64: the request's miss is on no
+# queue). 64-bit masks over a queue's cells hold the occupied ones (``occ``), those of
+# the request's keys (``pin``) and, in the main queue, those whose key's counter is 0
+# (``zero``); ``key_of[q, c]`` is the key in cell c of queue q and ``cell[key]`` its cell.
+# The helpers are branch-free, which keeps numba's reference counts out of the loops.
+
+
+@njit(cache=True)
+def compact(cell, key_of, occ, pin, zero, end, q):
+    """Move queue ``q``'s keys down to cells 0..n-1 in order, with their bits."""
+    old_occ, old_pin, old_zero = occ[q], pin[q], zero[q]
+    occ[q], pin[q], zero[q] = uint64(0), uint64(0), uint64(0)
+    n = 0
+    while old_occ:
+        low = old_occ & (~old_occ + uint64(1))
+        old_occ ^= low
+        key = key_of[q, bit_index(low)]
+        key_of[q, n] = key
+        cell[key] = n
+        bit = uint64(1) << uint64(n)
+        occ[q] |= bit
+        pin[q] |= bit * uint64(old_pin & low != 0)
+        zero[q] |= bit * uint64(old_zero & low != 0)
+        n += 1
+    end[q] = n
+
+
+@njit(cache=True, inline="always")
+def cell_remove(where, cell, occ, zero, used, q, key):
+    bit = uint64(1) << uint64(cell[key])
+    occ[q] &= ~bit
+    zero[q] &= ~bit
+    used[q] -= 1
+    where[key] = ABSENT
+
+
+@njit(cache=True, inline="always")
+def cell_append(where, cell, key_of, occ, zero, end, used, q, key, zero_counter):
+    """Put ``key`` in cell ``end[q]`` (< 64) of queue ``q``; returns the cell's bit."""
+    c = end[q]
+    end[q] = c + 1
+    key_of[q, c] = key
+    cell[key] = c
+    bit = uint64(1) << uint64(c)
+    occ[q] |= bit
+    zero[q] |= bit * uint64(zero_counter)
+    used[q] += 1
+    where[key] = q
+    return bit
+
+
+@njit(cache=True, nogil=True)
+def simulate_masks(keys, offsets, capacity, small_share, ghost_share, threshold):
+    """At most 64 keys. The main queue's victim is its first unpinned cell with counter 0:
+    its sweep moves the unpinned keys of the cells below to the newest end at once (all
+    of them when there is none, then looks again)."""
+    main_share = capacity - small_share
+    where = np.full(64, ABSENT, np.int64)
+    cell = np.zeros(64, np.int64)
+    key_of = np.zeros((QUEUES, 64), np.int64)
+    occ = np.zeros(QUEUES, np.uint64)
+    pin = np.zeros(QUEUES + 1, np.uint64)  # pin[ABSENT]: scratch
+    zero = np.zeros(QUEUES, np.uint64)
+    end = np.zeros(QUEUES, np.int64)
+    used = np.zeros(QUEUES, np.int64)
+    counter = np.zeros(64, np.int64)
+    missed = np.empty(64, np.int64)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    evicted = False
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        if hi - lo > capacity:
+            no_room()
+        pin[SMALL] = uint64(0)
+        pin[MAIN] = uint64(0)
+        pin[GHOST] = uint64(0)
+        num_missed = 0
+        for j in range(lo, hi):
+            key = keys[j]
+            pin[where[key]] |= uint64(1) << uint64(cell[key])
+            hit = where[key] <= MAIN
+            counter[key] += hit
+            missed[num_missed] = key
+            num_missed += 1 - hit
+        hits[r] = hi - lo - num_missed
+        zero[MAIN] &= ~pin[MAIN]  # the hits' counters are positive
+        occ[GHOST] &= ~pin[GHOST]  # arrive
+        used[GHOST] -= popcount(pin[GHOST])
+        for i in range(num_missed):
+            key = missed[i]
+            if used[SMALL] + used[MAIN] == capacity:  # victim and evict
+                evicted = True
+                out = -1
+                while out < 0:
+                    if (used[MAIN] > main_share or occ[SMALL] & ~pin[SMALL] == 0) and occ[MAIN] & ~pin[MAIN]:
+                        free = occ[MAIN] & ~pin[MAIN]  # sweep the main queue
+                        stop = free & zero[MAIN]
+                        stop &= ~stop + uint64(1)
+                        passed = free & (stop - uint64(1))  # all of them if stop is 0
+                        while passed and end[MAIN] < 64:
+                            low = passed & (~passed + uint64(1))
+                            passed ^= low
+                            moved = key_of[MAIN, bit_index(low)]
+                            counter[moved] = min(counter[moved], 3) - 1
+                            cell_remove(where, cell, occ, zero, used, MAIN, moved)
+                            cell_append(where, cell, key_of, occ, zero, end, used, MAIN, moved,
+                                        counter[moved] == 0)
+                        if passed:  # the window is used up: compact, look again
+                            compact(cell, key_of, occ, pin, zero, end, MAIN)
+                        elif stop:
+                            out = key_of[MAIN, bit_index(stop)]
+                    else:
+                        free = occ[SMALL] & ~pin[SMALL]  # sweep the small queue
+                        while free and out < 0:
+                            low = free & (~free + uint64(1))
+                            free ^= low
+                            first = key_of[SMALL, bit_index(low)]
+                            if counter[first] < threshold:
+                                out = first
+                            else:
+                                counter[first] = 0
+                                cell_remove(where, cell, occ, zero, used, SMALL, first)
+                                if end[MAIN] == 64:
+                                    compact(cell, key_of, occ, pin, zero, end, MAIN)
+                                cell_append(where, cell, key_of, occ, zero, end, used, MAIN, first, True)
+                queue = where[out]
+                cell_remove(where, cell, occ, zero, used, queue, out)
+                if queue == SMALL and ghost_share >= 1:
+                    if used[GHOST] == ghost_share:  # forget the oldest
+                        oldest = occ[GHOST] & (~occ[GHOST] + uint64(1))
+                        cell_remove(where, cell, occ, zero, used, GHOST, key_of[GHOST, bit_index(oldest)])
+                    if end[GHOST] == 64:
+                        compact(cell, key_of, occ, pin, zero, end, GHOST)
+                    cell_append(where, cell, key_of, occ, zero, end, used, GHOST, out, False)
+            counter[key] = 0  # admit
+            queue = SMALL
+            if where[key] == GHOST or (not evicted and used[SMALL] >= small_share):
+                queue = MAIN
+            if end[queue] == 64:
+                compact(cell, key_of, occ, pin, zero, end, queue)
+            pin[queue] |= cell_append(where, cell, key_of, occ, zero, end, used, queue, key, queue == MAIN)
+    return hits
+
+
 POLICY = Policy(
     name="s3fifo", description="S3-FIFO: new experts wait in a small FIFO; those hit there move to a "
     "main FIFO with reinsertion (2-bit counter); a ghost of the small queue's evictions admits "
     "returning experts to the main queue",
-    hooks=Hooks(init, access, admit, victim, evict, always_keep),
+    hooks=Hooks(init, access, admit, victim, evict, always_keep), kernel=simulate, unit_kernel=True,
     params=(Param("small", 0.1, 0.0, 1.0, "the small queue's share of the capacity"),
             Param("ghost", 0.9, 0.0, 4.0, "the ghost's size as a share of the capacity (ids only)"),
             Param("threshold", 2, 1, 16, "hits in the small queue that move an expert to the main queue",
