@@ -29,15 +29,22 @@ front, which is that expert, yet keeps it in S as resident without occupying cap
 libCacheSim also caches nothing at C = 1 (its LIR limit is 0) and bounds S to 2C by
 dropping its oldest non-resident entries; S is unbounded here (as in the paper).
 
-Hooks only: state = (status of each key, whether in S, S and Q as linked lists, [LIR used,
-LIR limit], sizes).
+Fast kernel (``simulate``, unit sizes): the hooks' steps in one function over the same
+arrays (S and Q as linked lists, ``lir`` the LIR count, ``count`` the residents').
+``current[key] == r`` marks request r's keys, which the victim search skips; per request
+the misses are admitted in ascending id, each evicting one expert first when the cache is
+full, then the hits are used in ascending id. Invariant: S's bottom is LIR whenever S
+holds an LIR expert (every operation that can change the bottom prunes).
+
+Hooks: state = (status of each key, whether in S, S and Q as linked lists, [LIR used, LIR
+limit], sizes).
 """
 
 import numpy as np
 from numba import njit
 
 from ._queues import move_to_tail, oldest_unpinned, queue_head, queues_new
-from ._state import list_unlink
+from ._state import list_unlink, no_room
 from .registry import Hooks, Param, Policy, always_keep
 
 NONE, LIR, HIR, GONE = range(4)  # GONE: non-resident HIR, remembered in S
@@ -52,6 +59,89 @@ def init(keys, offsets, sizes, capacity, params, seed, scores):
     hir_limit = max(1, np.int64(capacity * params[0]))
     return (np.full(num_keys, NONE, np.int64), np.zeros(num_keys, np.bool_), s_prev, s_next, q_prev, q_next,
             np.array([0, capacity - hir_limit], np.int64), sizes)
+
+
+@njit(cache=True, nogil=True)
+def simulate(keys, offsets, sizes, capacity, params, seed):
+    num_keys = sizes.shape[0]
+    lir_limit = capacity - max(1, np.int64(capacity * params[0]))
+    status = np.full(num_keys, NONE, np.int64)
+    in_s = np.zeros(num_keys, np.bool_)
+    s_prev, s_next = queues_new(num_keys, 1)
+    q_prev, q_next = queues_new(num_keys, 1)
+    head = num_keys  # the sentinel of S and of Q
+    current = np.full(num_keys, -1, np.int64)
+    missed = np.empty(num_keys, np.int64)
+    found_keys = np.empty(num_keys, np.int64)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    lir = 0
+    count = 0
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        if hi - lo > capacity:
+            no_room()
+        found = 0
+        missing = 0
+        for j in range(lo, hi):
+            key = keys[j]
+            current[key] = r
+            if status[key] == LIR or status[key] == HIR:
+                found_keys[found] = key
+                found += 1
+            else:
+                missed[missing] = key
+                missing += 1
+        hits[r] = found
+        for i in range(missing + found):  # the misses' admissions, then the hits
+            if i < missing:
+                key = missed[i]
+                if count == capacity:
+                    out = q_next[head]  # Q's front outside the request, else S's lowest LIR outside it
+                    while out != head and current[out] == r:
+                        out = q_next[out]
+                    if out == head:
+                        out = s_next[head]
+                        while status[out] != LIR or current[out] == r:
+                            out = s_next[out]
+                    if status[out] == HIR:
+                        list_unlink(q_prev, q_next, out)
+                        status[out] = GONE if in_s[out] else NONE
+                    else:
+                        lir -= 1
+                        list_unlink(s_prev, s_next, out)
+                        in_s[out] = False
+                        status[out] = NONE
+                        prune_s(status, in_s, s_prev, s_next)
+                else:
+                    count += 1
+                to_lir = status[key] == GONE or lir < lir_limit
+            else:
+                key = found_keys[i - missing]
+                if status[key] == LIR:
+                    move_to_tail(s_prev, s_next, head, key)
+                    prune_s(status, in_s, s_prev, s_next)
+                    continue
+                to_lir = in_s[key]
+            if not to_lir:  # a resident HIR on top of S and at Q's end
+                move_to_tail(s_prev, s_next, head, key)
+                in_s[key] = True
+                move_to_tail(q_prev, q_next, head, key)
+                status[key] = HIR
+                continue
+            if status[key] == HIR:  # make_lir
+                list_unlink(q_prev, q_next, key)
+            move_to_tail(s_prev, s_next, head, key)
+            in_s[key] = True
+            status[key] = LIR
+            lir += 1
+            while lir > lir_limit:
+                prune_s(status, in_s, s_prev, s_next)
+                lowest = s_next[head]
+                lir -= 1
+                move_to_tail(q_prev, q_next, head, lowest)
+                status[lowest] = HIR
+            prune_s(status, in_s, s_prev, s_next)
+    return hits
 
 
 @njit(cache=True)
@@ -72,8 +162,12 @@ def enqueue(state, key):
 
 @njit(cache=True)
 def prune(state):
+    prune_s(state[0], state[1], state[2], state[3])
+
+
+@njit(cache=True)
+def prune_s(status, in_s, s_prev, s_next):
     """Drop S's HIR entries below its lowest LIR expert."""
-    status, in_s, s_prev, s_next = state[0], state[1], state[2], state[3]
     head = queue_head(s_prev, 1, 0)
     key = s_next[head]
     while key != head and status[key] != LIR:
@@ -157,7 +251,7 @@ def evict(state, key):
 POLICY = Policy(
     name="lirs", description="LIRS: experts whose reuse distance is short (LIR) stay; the others (HIR) "
     "pass through a small FIFO and become LIR when hit again while still in the recency stack",
-    hooks=Hooks(init, access, admit, victim, evict, always_keep),
+    hooks=Hooks(init, access, admit, victim, evict, always_keep), kernel=simulate, unit_kernel=True,
     params=(Param("hirs", 0.01, 0.0, 1.0, "the HIR set's share of the capacity (at least one expert)"),),
     style={"linestyle": (0, (2, 1, 2, 3)), "marker": ">"}, rank=57,
     source="Jiang and Zhang, LIRS: An Efficient Low Inter-reference Recency Set Replacement Policy to "
