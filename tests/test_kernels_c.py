@@ -1,4 +1,4 @@
-"""The fast kernels of lirs and lru-k give exactly the hits of their hooks run by the
+"""The fast kernels of arc, lirs and lru-k give exactly the hits of their hooks run by the
 driver, on random unit-size request streams larger than the policy contract tests use: up
 to 130 keys, up to 1000 requests of 1..8 distinct ascending keys, skewed and sticky so that
 hits, misses and ghost hits are all common, capacities from the largest request up to the
@@ -44,6 +44,12 @@ def assert_kernel_equals_driver(name, data, stream):
     kernel, _, _ = choice.run(keys, offsets, sizes, capacity, 0)
     driven, _, _ = choice.run(keys, offsets, sizes, capacity, 0, record=True)
     np.testing.assert_array_equal(kernel, driven)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), stream=streams())
+def test_arc_kernel_equals_driver(data, stream):
+    assert_kernel_equals_driver("arc", data, stream)
 
 
 @settings(max_examples=200, deadline=None)
