@@ -59,6 +59,7 @@ T1, T2, B1, B2, LISTS = 0, 1, 2, 3, 4
 NONE = -1
 LEFT_B1, LEFT_B2 = 5, 6  # the kernel's keys that left B1 or B2 at the current request
 ARRIVED, CAPACITY, GHOSTLESS = range(3)
+WINDOW = 4  # groups the masks kernel tests at once for a list's oldest member
 
 
 @njit(cache=True, inline="always")
@@ -85,10 +86,17 @@ def lowest_bit(mask):
 @njit(cache=True)  # not inline="always": numba would count references to the arrays at each call
 def oldest_of(groups, oldest, which, members):
     """The oldest of ``members`` (list ``which``, or its part outside the request; not
-    empty) as a one-bit mask; ``oldest[which]`` moves to its group."""
+    empty) as a one-bit mask; ``oldest[which]`` moves to its group. The groups are read
+    ``WINDOW`` at a time (``groups`` has as many more at its end), without a branch per group."""
     g = oldest[which]
-    while groups[g] & members == 0:
-        g += uint64(1)
+    while True:
+        near = uint64(0)  # bit i: groups[g + i] holds one of members
+        for i in range(WINDOW):
+            near |= uint64(groups[g + uint64(i)] & members != 0) << uint64(i)
+        if near:
+            break
+        g += uint64(WINDOW)
+    g += trailing_zeros(near)
     oldest[which] = g
     return lowest_bit(groups[g] & members)
 
@@ -96,7 +104,7 @@ def oldest_of(groups, oldest, which, members):
 @njit(cache=True, nogil=True)
 def simulate_masks(keys, offsets, capacity):
     num_requests = offsets.shape[0] - 1
-    groups = np.zeros(2 * num_requests, np.uint64)
+    groups = np.zeros(2 * num_requests + WINDOW, np.uint64)
     # group indices are uint64: numba leaves out the wraparound of negative indices
     group = np.zeros(64, np.uint64)  # the group of each key in a list
     oldest = np.zeros(LISTS, np.uint64)
