@@ -61,18 +61,25 @@ def init(keys, offsets, sizes, capacity, params, seed, scores):
             np.array([0, capacity - hir_limit], np.int64), sizes)
 
 
+@njit(cache=True)
+def unsigned(links):
+    """A list's (prev, next) as uint32 views."""
+    return links[0].view(np.uint32), links[1].view(np.uint32)
+
+
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, params, seed):
     num_keys = sizes.shape[0]
     lir_limit = capacity - max(1, np.int64(capacity * params[0]))
     status = np.full(num_keys, NONE, np.int64)
     in_s = np.zeros(num_keys, np.bool_)
-    s_prev, s_next = queues_new(num_keys, 1)
-    q_prev, q_next = queues_new(num_keys, 1)
+    # keys and links are unsigned: numba leaves out the wraparound of negative indices
+    s_prev, s_next = unsigned(queues_new(num_keys, 1))
+    q_prev, q_next = unsigned(queues_new(num_keys, 1))
     head = num_keys  # the sentinel of S and of Q
     current = np.full(num_keys, -1, np.int64)
-    missed = np.empty(num_keys, np.int64)
-    found_keys = np.empty(num_keys, np.int64)
+    missed = np.empty(num_keys, np.uint32)
+    found_keys = np.empty(num_keys, np.uint32)
     hits = np.zeros(offsets.shape[0] - 1, np.int32)
     lir = 0
     count = 0
@@ -83,7 +90,7 @@ def simulate(keys, offsets, sizes, capacity, params, seed):
         found = 0
         missing = 0
         for j in range(lo, hi):
-            key = keys[j]
+            key = np.uint32(keys[j])
             current[key] = r
             if status[key] == LIR or status[key] == HIR:
                 found_keys[found] = key
