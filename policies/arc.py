@@ -62,15 +62,6 @@ ARRIVED, CAPACITY, GHOSTLESS = range(3)
 WINDOW = 4  # groups the masks kernel tests at once for a list's oldest member
 
 
-@njit(cache=True, inline="always")
-def oldest_outside(prev, nxt, head, current, r):
-    """The oldest key of the list with sentinel ``head`` not of request r; -1 if none."""
-    key = nxt[head]
-    while key != head and current[key] == r:
-        key = nxt[key]
-    return key if key != head else -1
-
-
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, params, seed):
     if fits_masks(sizes):
@@ -195,6 +186,15 @@ def drop_oldest(prev, nxt, where, size, ghost):
     list_unlink(prev, nxt, key)
     where[key] = NONE
     size[ghost] -= 1
+
+
+@njit(cache=True, inline="always")
+def oldest_outside(prev, nxt, head, current, r):
+    """The oldest key of the list with sentinel ``head`` not of request r; -1 if none."""
+    key = nxt[head]
+    while key != head and current[key] == r:
+        key = nxt[key]
+    return key if key != head else -1
 
 
 @njit(cache=True, nogil=True)

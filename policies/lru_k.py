@@ -79,8 +79,8 @@ def take_oldest(groups, g, end, step, n):
 @njit(cache=True, nogil=True)
 def simulate_masks(keys, offsets, capacity, k):
     num_requests = offsets.shape[0] - 1
-    young = np.zeros(num_requests + 1, np.uint64)
-    old = np.zeros(num_requests + 1, np.uint64)
+    young = np.zeros(num_requests, np.uint64)
+    old = np.zeros(num_requests, np.uint64)
     group = np.zeros(64, np.int64)  # the request indexing each resident's group
     history = np.zeros((64, k), np.int64)
     uses = np.zeros(64, np.int64)
