@@ -10,28 +10,12 @@ from hypothesis import strategies as st
 
 from moecache.policies import REGISTRY, resolve
 
+from .strategies import unit_streams
 
-@st.composite
-def streams(draw):
+
+def streams():
     """(keys, offsets, num_keys, capacity) of a random unit-size request stream."""
-    num_keys = draw(st.sampled_from([1, 2, 5, 16, 64, 130]))
-    top_k = draw(st.integers(1, min(8, num_keys)))
-    num_requests = draw(st.integers(1, 1000))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    weights = rng.permutation(1.0 / np.arange(1, num_keys + 1) ** draw(st.floats(0.0, 2.0)))
-    stickiness = draw(st.floats(0.0, 0.9))
-    sets, previous = [], []
-    for _ in range(num_requests):
-        k = int(rng.integers(1, top_k + 1))
-        kept = [key for key in previous if rng.random() < stickiness]
-        fresh = rng.choice(num_keys, size=k, replace=False, p=weights / weights.sum())
-        chosen = list(dict.fromkeys(kept + [int(key) for key in fresh]))[:k]
-        sets.append(sorted(chosen))
-        previous = chosen
-    keys = np.array([key for s in sets for key in s], np.int32)
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sets])]).astype(np.int64)
-    capacity = draw(st.integers(max(len(s) for s in sets), num_keys + 4))
-    return keys, offsets, num_keys, capacity
+    return unit_streams(key_counts=(1, 2, 5, 16, 64, 130), beyond=4)
 
 
 def assert_kernel_equals_driver(name, data, stream):
