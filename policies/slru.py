@@ -19,15 +19,85 @@ segment 0 keeps it (no expert leaves without a miss). Shortest case, capacity 3 
 segments: ids 0 1 2 0 2 (0 and 2 in segment 0, 1 in segment 1); the hit on 0 moves it
 up and 1 down, and libCacheSim evicts 2, which misses next; here it hits.
 
-Hooks only: state = (segment per key, -1 when absent; the segments' LRU queues from
+Fast kernel (``simulate``, unit sizes): the hooks' queues over flat arrays, queue ``s``'s
+sentinel being node ``keys + s``. ``mark[key]`` is 2r + 1 for a hit of request r and 2r
+for its other keys (so ``mark >= 2r`` pins a key). Invariant (of the hooks too): every
+segment above 0 holds at most its share between requests, so a hit's overflow passes at
+most one expert down per segment and stops at the first segment within its share.
+
+Hooks: state = (segment per key, -1 when absent; the segments' LRU queues from
 policies/_queues.py, oldest first; used and share per segment; sizes).
 """
 
 import numpy as np
 from numba import njit
 
-from ._queues import oldest_unpinned, queue_head, queues_new, sized_move, sized_remove
+from ._queues import move_to_tail, oldest_unpinned, queue_head, queues_new, sized_move, sized_remove
+from ._state import list_unlink, no_room
 from .registry import Hooks, Param, Policy, always_keep
+
+
+@njit(cache=True, nogil=True)
+def simulate(keys, offsets, sizes, capacity, params, seed):
+    num_keys = sizes.shape[0]
+    count = int(params[0])
+    share = capacity // count
+    prev, nxt = queues_new(num_keys, count)
+    segment = np.full(num_keys, -1, np.int64)
+    used = np.zeros(count, np.int64)
+    mark = np.full(num_keys, -1, np.int64)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    total = 0
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        if hi - lo > capacity:
+            no_room()
+        found = 0
+        for j in range(lo, hi):
+            key = keys[j]
+            hit = segment[key] >= 0
+            mark[key] = 2 * r + hit
+            found += hit
+        hits[r] = found
+        if found < hi - lo:
+            for j in range(lo, hi):  # admissions
+                key = keys[j]
+                if segment[key] >= 0:
+                    continue
+                if total == capacity:  # the oldest unpinned, from segment 0 up
+                    out = nxt[num_keys]
+                    while out >= num_keys or mark[out] >= 2 * r:
+                        out = nxt[out + 1] if out >= num_keys else nxt[out]
+                    list_unlink(prev, nxt, out)
+                    used[segment[out]] -= 1
+                    segment[out] = -1
+                else:
+                    total += 1
+                s = 0
+                while s < count and used[s] >= share:
+                    s += 1
+                s = s if s < count else 0
+                move_to_tail(prev, nxt, num_keys + s, key)
+                used[s] += 1
+                segment[key] = s
+        if found:
+            for j in range(lo, hi):  # accesses
+                key = keys[j]
+                if mark[key] != 2 * r + 1:
+                    continue
+                s = min(segment[key] + 1, count - 1)
+                used[segment[key]] -= 1
+                used[s] += 1
+                segment[key] = s
+                move_to_tail(prev, nxt, num_keys + s, key)
+                while s > 0 and used[s] > share:
+                    down = nxt[num_keys + s]
+                    used[s] -= 1
+                    used[s - 1] += 1
+                    segment[down] = s - 1
+                    move_to_tail(prev, nxt, num_keys + s - 1, down)
+                    s -= 1
+    return hits
 
 
 @njit(cache=True)
@@ -90,7 +160,7 @@ def evict(state, key):
 POLICY = Policy(
     name="slru", description="segmented LRU: new experts enter the lowest segment, a hit moves an expert up "
     "one segment and overflow moves down; evicts the least recent of the lowest segment",
-    hooks=Hooks(init, access, admit, victim, evict, always_keep),
+    hooks=Hooks(init, access, admit, victim, evict, always_keep), kernel=simulate, unit_kernel=True,
     params=(Param("segments", 4, 1, 16, "LRU segments, each capacity // segments", integer=True),),
     style={"linestyle": (0, (5, 1, 1, 1)), "marker": "*"}, rank=47,
     source="Karedla, Love, Wherry, IEEE Computer 1994; libCacheSim, cache/eviction/SLRU.c (SLRU, n-seg=4)")

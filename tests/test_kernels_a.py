@@ -1,4 +1,4 @@
-"""The fast kernels of clock and sieve give exactly the hits of their hooks run by the
+"""The fast kernels of clock, sieve and slru give exactly the hits of their hooks run by the
 driver, on random unit-size request streams larger than the policy contract tests use:
 up to 130 keys (past the 64 of a mask), 1000 requests of 1..8 distinct ascending keys,
 skewed and sticky so that both hits and misses are common, capacities from the largest
@@ -62,3 +62,9 @@ def test_clock_kernel_equals_driver(data, stream):
 @given(data=st.data(), stream=streams())
 def test_sieve_kernel_equals_driver(data, stream):
     assert_kernel_equals_driver(data.draw(choices("sieve")), stream)
+
+
+@settings(max_examples=200)
+@given(data=st.data(), stream=streams())
+def test_slru_kernel_equals_driver(data, stream):
+    assert_kernel_equals_driver(data.draw(choices("slru")), stream)
