@@ -442,6 +442,15 @@ def policies_command() -> None:
     click.echo(policy_table())
 
 
+@cli.command("profiles")
+@json_option("Print one JSON object with every figure and its source.")
+def profiles_command(as_json: bool) -> None:
+    """List the shipped hardware and model profiles with their key figures."""
+    from .profiles import profiles_dict, profiles_table
+
+    click.echo(json.dumps(profiles_dict()) if as_json else profiles_table())
+
+
 @cli.command("synth")
 @out_option("Trace to write.", required=True)
 @click.option("--layers", type=click.IntRange(1, MAX_IDS), default=8, show_default=True, help="MoE layers.")
