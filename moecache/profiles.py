@@ -10,6 +10,7 @@ naming the file and the offending key.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
@@ -211,6 +212,7 @@ _MODEL_OPTIONAL = {"expert_bias": 0, "attention_flops": 0, "context_length": 0,
 _SOURCE_EXTRA = {"config", "profile"}  # sources that cover several figures
 
 
+@functools.cache
 def _shipped() -> tuple[str, dict[str, Any]]:
     text = resources.files("moecache").joinpath("data", _SHIPPED).read_text(encoding="utf-8")
     label = f"moecache/data/{_SHIPPED}"
