@@ -47,6 +47,8 @@ class ReplayResult:
     prefetch_bytes: int | None = None
     wasted_bytes: int | None = None
     events: pd.DataFrame | None = field(default=None, repr=False)
+    outcomes: np.ndarray | None = field(default=None, repr=False)  # with record_outcomes: see replay
+    prefetch_outcomes: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def hit_rate(self) -> float:
@@ -123,11 +125,15 @@ class Prefetch:
 
     def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """The batches of one layer as (keys, offsets), one batch per step."""
+        picks, offsets = self.layer_entries(layer)
+        return self.experts[picks], offsets
+
+    def layer_entries(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in ``experts`` of one layer's batches, their offsets per step)."""
         index = np.arange(self.steps, dtype=np.int64) * self.layers + layer
         starts, lengths = self.offsets[index], self.offsets[index + 1] - self.offsets[index]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        picks = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return self.experts[picks], offsets
+        return np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1]), offsets
 
     def pooled(self, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
         """The batches as (keys, offsets) of global scope: key = layer x E + expert."""
@@ -151,6 +157,7 @@ def replay(
     policy_args: dict[str, Any] | None = None,
     prefetch: Prefetch | None = None,
     record_events: bool = False,
+    record_outcomes: bool = False,
 ) -> ReplayResult:
     """Simulate an expert cache over ``trace``.
 
@@ -162,7 +169,10 @@ def replay(
     ``bandwidth`` ("4GB/s") and ``latency`` (per fetch, "80us") turn misses into I/O
     time. ``requests`` lets a caller reuse the sets built for an earlier replay.
     ``prefetch`` inserts experts ahead of demand (the result's prefetch fields count
-    them); ``record_events`` fills ``events``, one row per step and layer.
+    them); ``record_events`` fills ``events``, one row per step and layer;
+    ``record_outcomes`` fills ``outcomes`` (int8 per entry of ``requests.ids``: 0 miss, 1 hit,
+    2 the first use of a prefetched expert) and ``prefetch_outcomes`` (per entry of
+    ``prefetch.experts``: 1 if the cache inserted it).
     """
     checked = plan(trace, resolve(policy, policy_args), scope, capacity=capacity, memory=memory,
                    per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed, requests=requests)
@@ -174,14 +184,23 @@ def replay(
     hits = np.zeros((req.num_steps, num_layers), np.int64)
     events = np.zeros((req.num_steps, num_layers, len(EVENT_COLUMNS)), np.int64)
     counts = np.zeros((len(PREFETCH_KEYS), num_layers), np.int64)
+    batch_size = 0 if prefetch is None else len(prefetch.experts)
+    outcomes = np.zeros(len(req.ids) + batch_size, np.int8) if record_outcomes else None
     if scope == "layer":
         sizes = np.ones(num_experts, np.int64)
         for layer, cap in enumerate(checked.layer_capacities):
             keys, offsets = req.layer(layer)
+            batch = None if prefetch is None else prefetch.layer(layer)
+            layer_outcomes = None
+            if record_outcomes:
+                layer_outcomes = np.zeros(len(keys) + (0 if batch is None else len(batch[0])), np.int8)
             hits[:, layer], layer_events, layer_counts = choice.run(
-                keys, offsets, sizes, cap, checked.seed,
-                None if prefetch is None else prefetch.layer(layer), record_events,
-                None if scores is None else req.layer_scores(scores, layer))
+                keys, offsets, sizes, cap, checked.seed, batch, record_events,
+                None if scores is None else req.layer_scores(scores, layer), layer_outcomes)
+            if record_outcomes:
+                outcomes[req.layer_entries(layer)] = layer_outcomes[:len(keys)]
+                if prefetch is not None:
+                    outcomes[len(req.ids) + prefetch.layer_entries(layer)[0]] = layer_outcomes[len(keys):]
             if record_events:
                 events[:, layer] = layer_events
             if prefetch is not None:
@@ -191,7 +210,7 @@ def replay(
         sizes = np.repeat(np.asarray(checked.units, np.int64), num_experts)
         pooled_hits, pooled_events, pooled_counts = choice.run(
             keys, offsets, sizes, checked.pool, checked.seed,
-            None if prefetch is None else prefetch.pooled(num_experts), record_events, scores)
+            None if prefetch is None else prefetch.pooled(num_experts), record_events, scores, outcomes)
         hits[:] = pooled_hits.reshape(-1, num_layers)
         if record_events:
             events[:] = pooled_events.reshape(-1, num_layers, len(EVENT_COLUMNS))
@@ -206,6 +225,8 @@ def replay(
         frame.insert(0, "step", np.repeat(np.arange(req.num_steps), num_layers))
         frame.insert(1, "layer", np.tile(trace.layers, req.num_steps))
         result.events = frame
+    if record_outcomes:
+        result.outcomes, result.prefetch_outcomes = outcomes[:len(req.ids)], outcomes[len(req.ids):]
     return result
 
 

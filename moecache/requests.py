@@ -100,6 +100,25 @@ def _step_scores(experts, weights, step_starts, ids, offsets, num_experts):
 
 
 @njit(cache=True)
+def _step_token_counts(experts, step_starts, ids, offsets, num_experts):
+    """Per entry of the step-major CSR: how many of the step's tokens chose its expert in
+    that layer."""
+    num_layers, top_k = experts.shape[1], experts.shape[2]
+    counts = np.zeros(ids.shape[0], np.int32)
+    tally = np.zeros(num_experts, np.int32)
+    for t in range(step_starts.shape[0] - 1):
+        for layer in range(num_layers):
+            for token in range(step_starts[t], step_starts[t + 1]):
+                for k in range(top_k):
+                    tally[experts[token, layer, k]] += 1
+            r = t * num_layers + layer
+            for j in range(offsets[r], offsets[r + 1]):
+                counts[j] = tally[ids[j]]
+                tally[ids[j]] = 0
+    return counts
+
+
+@njit(cache=True)
 def _global_keys(ids, offsets, num_layers, num_experts):
     """Keys ``layer * E + expert`` for every entry, so (layer, expert) order is key order."""
     keys = np.empty(ids.shape[0], np.int32)
@@ -168,6 +187,26 @@ class Requests:
             trace.cache[key] = _step_scores(trace.experts, trace.weights, _starts(trace, per_token),
                                             self.ids, self.offsets, self.num_experts)
         return trace.cache[key]
+
+    def token_counts(self, trace: Trace, *, per_token: bool = False) -> np.ndarray:
+        """Tokens of the step that chose each entry's expert in its layer (int32, one per
+        entry of ``ids``); cached on the trace."""
+        key = ("token_counts", per_token)
+        if key not in trace.cache:
+            trace.cache[key] = _step_token_counts(trace.experts, _starts(trace, per_token), self.ids,
+                                                  self.offsets, self.num_experts)
+        return trace.cache[key]
+
+    def step_tokens(self, trace: Trace, *, per_token: bool = False) -> np.ndarray:
+        """Tokens per step (int64)."""
+        return np.diff(_starts(trace, per_token))
+
+    def layer_entries(self, index: int) -> np.ndarray:
+        """Positions in ``ids`` of the l-th MoE layer's entries, in the order of ``layer(index)``."""
+        everything = np.arange(len(self.ids), dtype=np.int64)
+        if self.num_layers == 1:
+            return everything
+        return _layer_column(everything, self.offsets, self.num_layers, index, np.int64)[0]
 
     def layer_scores(self, scores: np.ndarray, index: int) -> np.ndarray:
         """The l-th MoE layer's entries of ``scores`` (aligned with ``layer(index)``'s keys)."""

@@ -19,6 +19,8 @@ EVENT_COLUMNS = ("hits", "misses", "evictions", "prefetched", "prefetch_eviction
 HITS, MISSES, EVICTIONS, PREFETCHED, PREFETCH_EVICTIONS = range(len(EVENT_COLUMNS))
 # rows of the per-key prefetch counts
 PREFETCHED_KEYS, USED, WASTED, DROPPED = range(4)
+# ``outcomes`` of a demand entry (a prefetch entry's is 1 when the batch inserted it, else 0)
+MISS, HIT, PREFETCH_HIT = range(3)
 
 
 @njit(cache=True)
@@ -28,8 +30,11 @@ def bad_victim():
 
 @njit(nogil=True)
 def drive(init, access, admit, victim, evict, keep, keys, offsets, sizes, capacity, params, seed,
-          scores, prefetch_keys, prefetch_offsets, record):
+          scores, prefetch_keys, prefetch_offsets, record, outcomes):
     """Serve every request; returns (hits per request, events, per-key prefetch counts).
+    A non-empty ``outcomes`` (int8, zeros, one per entry of ``keys`` then of
+    ``prefetch_keys``) receives each entry's outcome: MISS, HIT or PREFETCH_HIT (the first
+    demand use of a prefetched key) for a demand entry, 1 for a prefetch entry inserted.
 
     Invariants: ``used`` is the size of the residents; before request r's prefetch batch
     (phase 0, mark 2r) and its demand set (phase 1, mark 2r + 1), every key of the batch
@@ -48,6 +53,8 @@ def drive(init, access, admit, victim, evict, keep, keys, offsets, sizes, capaci
     hits = np.zeros(num_requests, np.int32)
     events = np.zeros((num_requests if record else 0, 5), np.int32)
     prefetching = prefetch_offsets.shape[0] > 0
+    tracing = outcomes.shape[0] > 0
+    batch_base = keys.shape[0]  # where the prefetch entries' outcomes start
     count = 0
     used = 0
     for r in range(num_requests):
@@ -69,6 +76,8 @@ def drive(init, access, admit, victim, evict, keep, keys, offsets, sizes, capaci
                     if phase == 1:
                         hits[r] += 1
                         found[key] = True
+                        if tracing:
+                            outcomes[j] = PREFETCH_HIT if pending[key] else HIT
                         if pending[key]:
                             counts[USED, key] += 1
                             pending[key] = False
@@ -108,6 +117,8 @@ def drive(init, access, admit, victim, evict, keep, keys, offsets, sizes, capaci
                 if phase == 0:
                     pending[key] = True
                     counts[PREFETCHED_KEYS, key] += 1
+                    if tracing:
+                        outcomes[batch_base + j] = 1
                     if record:
                         events[r, PREFETCHED] += 1
         lo, hi = offsets[r], offsets[r + 1]

@@ -138,15 +138,18 @@ class Choice:
 
     def run(self, keys: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, capacity: int, seed: int,
             prefetch: tuple[np.ndarray, np.ndarray] | None = None, record: bool = False,
-            scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+            scores: np.ndarray | None = None, outcomes: np.ndarray | None = None,
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(hits per request, events, per-key prefetch counts) of one request stream: the
         fast kernel for a plain demand replay (events and counts None), otherwise the hooks
         through ``drive`` (its Python source ``drive.py_func`` for Python hooks). ``scores``
-        (float32, one per entry of ``keys``) is required by a policy with ``needs_scores``."""
+        (float32, one per entry of ``keys``) is required by a policy with ``needs_scores``;
+        ``outcomes`` (int8 zeros, one per entry of ``keys`` and then of the prefetch keys)
+        receives each entry's outcome (``driver.MISS``, ``HIT``, ``PREFETCH_HIT``)."""
         p = self.policy
         if p.needs_scores and (scores is None or scores.shape != keys.shape):
             raise MoecacheError(f"policy {p.name} needs the router weight of every request")
-        if (p.kernel is not None and prefetch is None and not record
+        if (p.kernel is not None and prefetch is None and not record and outcomes is None
                 and not (p.unit_kernel and np.any(sizes != 1))):
             extra = (scores.astype(np.float32, copy=False),) if p.needs_scores else ()
             hits = p.kernel(keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed), *extra)
@@ -154,7 +157,8 @@ class Choice:
         batch, batch_offsets = prefetch or (np.zeros(0, keys.dtype), np.zeros(0, np.int64))
         args = (*p.hooks, keys, offsets, sizes, np.int64(capacity), self.params, np.int64(seed),
                 np.zeros(0, np.float32) if scores is None else scores.astype(np.float32, copy=False),
-                batch.astype(keys.dtype), batch_offsets, record)
+                batch.astype(keys.dtype), batch_offsets, record,
+                np.zeros(0, np.int8) if outcomes is None else outcomes)
         if p.compiled:
             return drive(*args)
         try:  # a user's Python policy: its bugs are reported in one line naming it
