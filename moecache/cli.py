@@ -36,12 +36,21 @@ from .cli_options import (
 from .compare import compare
 from .curve import curve
 from .errors import MoecacheError
+from .prefetchers import REGISTRY as PREFETCHERS
 from .replay import replay
-from .report import comparison_table, curve_table, per_layer_table, result_summary, trace_summary
+from .report import (
+    comparison_table,
+    curve_table,
+    per_layer_table,
+    result_summary,
+    timeline_summary,
+    trace_summary,
+)
 from .reroute import reroute
 from .sweep import results_paths, sweep
 from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, synth
 from .tables import write_table
+from .timeline import timeline
 from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
 from .units import INT64_MAX, parse_int_list
@@ -440,6 +449,57 @@ def compare_command(base: str, remoe: str, capacities: str, policies: str, scope
 def policies_command() -> None:
     """List the registered cache policies, their parameters and what they evict."""
     click.echo(policy_table())
+
+
+@cli.command("timeline")
+@click.argument("trace", type=click.Path(dir_okay=True))
+@click.option("--hardware", required=True,
+              help="Hardware profile name (moecache profiles) or a TOML file describing your own.")
+@click.option("--policy", "-p", default="lru", show_default=True, help=POLICY_HELP)
+@capacity_option()
+@memory_option
+@scope_option
+@click.option("--model", help="Model profile (name or TOML file) for the expert sizes and the compute; "
+              "default: the trace's expert bytes and dtype, with --dense-ms.")
+@click.option("--dtype", help="Stored type of the model profile's experts (bf16, q8_0, q4_k, ...; "
+              "default: the model's native type).")
+@click.option("--dense-ms", type=FiniteFloat(), help="Non-expert compute per token in ms (instead of the "
+              "model profile's figures).")
+@click.option("--prefetch", type=click.Choice(list(PREFETCHERS)), help="Prefetcher (default: none).")
+@click.option("--depth", type=COUNT, default=1, show_default=True, help="Prefetch lookahead in MoE layers.")
+@click.option("--budget", type=COUNT, help="Experts per prefetch batch [default: top_k].")
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="Overlap I/O with compute, or wait for every transfer.")
+@click.option("--miss", type=click.Choice(["fetch", "host"]), default="fetch", show_default=True,
+              help="Fetch a miss into fast memory, or compute it on the host CPU.")
+@click.option("--tiers", is_flag=True, help="Misses look in the hardware's memory tiers in turn "
+              "(each a cache of its capacity) instead of coming over its first link.")
+@click.option("--tier-policy", default="lru", show_default=True, help="Policy of the lower tiers.")
+@click.option("--train-fraction", type=FiniteFloat(), help="Split by sequence: prefetchers learn on this "
+              "share, figures come from the rest [default for co-activation: 0.5].")
+@seed_option()
+@click.option("--per-layer", is_flag=True, help="Also print the stall per MoE layer.")
+@json_option("Print one JSON object (tpot_s, tokens_per_s, stall_s, ...).")
+def timeline_command(trace: str, hardware: str, policy: str, capacity: int | None, memory: int | None,
+                     scope: str, model: str | None, dtype: str | None, dense_ms: float | None,
+                     prefetch: str | None, depth: int, budget: int | None, overlap: bool, miss: str,
+                     tiers: bool, tier_policy: str, train_fraction: float | None, seed: int,
+                     per_layer: bool, as_json: bool) -> None:
+    """Predict decode time (TPOT, tokens/s, stalls) of an expert cache over TRACE on a hardware
+    profile: compute and I/O on one timeline, with prefetching and memory tiers."""
+    if capacity is None and memory is None:
+        raise MoecacheError("give --capacity N (experts) or --memory SIZE (bytes)")
+    result = timeline(Trace.load(trace), hardware, policy, capacity, scope, memory=memory, model=model,
+                      dtype=dtype, dense_ms=dense_ms, prefetch=prefetch, depth=depth, budget=budget,
+                      overlap=overlap, miss=miss, tiers=tiers, tier_policy=tier_policy,
+                      train_fraction=train_fraction, seed=seed)
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "trace": trace}))
+        return
+    click.echo(timeline_summary(result, trace))
+    if per_layer:
+        click.echo("")
+        click.echo(result.per_layer.to_string(index=False))
 
 
 @cli.command("profiles")

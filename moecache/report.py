@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .replay import ReplayResult
+from .timeline import TimelineResult
 from .trace import Trace
 from .trace_format import DECODE, PREFILL
 from .units import format_bytes
@@ -156,3 +157,32 @@ def comparison_table(frame: pd.DataFrame) -> str:
     widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(4)]
     return "\n".join(f"{r[0]:<{widths[0]}}  " + "  ".join(f"{r[i]:>{widths[i]}}" for i in (1, 2, 3))
                      for r in [header, *lines])
+
+
+def timeline_summary(result: TimelineResult, source: str | None = None) -> str:
+    """What `moecache timeline` prints."""
+    budget = (f"{format_bytes(result.memory_bytes)}" if result.memory_bytes is not None
+              else f"{result.capacity} experts") + (" per layer" if result.scope == "layer" else " pooled")
+    prefetch = "none" if result.prefetch is None else (
+        f"{result.prefetch} (depth {result.depth}, budget {result.budget}; accuracy "
+        f"{_pct(result.prefetch_accuracy)}, wasted {format_bytes(result.wasted_bytes)})")
+    pairs: list[tuple[str, object]] = []
+    if source:
+        pairs.append(("trace", source))
+    pairs += [
+        ("hardware / model", f"{result.hardware} / {result.model or 'the trace metadata'}"),
+        ("cache", f"{result.policy}, {budget}, {'overlap' if result.overlap else 'no overlap'}, "
+                  f"misses {'computed on the host' if result.miss == 'host' else 'fetched'}"),
+        ("prefetch", prefetch),
+        ("steps / tokens", f"{result.steps} / {result.tokens} ({result.decode_steps} single-token steps)"),
+        ("TPOT mean / p50 / p95", f"{1e3 * result.tpot_s:.3f} / {1e3 * result.tpot_p50_s:.3f} / "
+                                  f"{1e3 * result.tpot_p95_s:.3f} ms"),
+        ("tokens/s", f"{result.tokens_per_s:.2f}"),
+        ("stall", f"{result.stall_s:.3f} s ({_pct(result.stall_share)} of {result.total_s:.3f} s)"),
+        ("I/O busy", _pct(result.io_busy_share) + " (the busiest link)"),
+        ("hit rate", _pct(result.hit_rate)),
+        ("hits per tier", ", ".join(f"{name} {count}" for name, count in result.tier_hits.items())),
+        ("bytes per token", f"{format_bytes(result.demand_bytes_per_token)} demand, "
+                            f"{format_bytes(result.prefetch_bytes_per_token)} prefetch"),
+    ]
+    return _rows(pairs)

@@ -258,3 +258,49 @@ def test_model_profile_sizes():
     size = profiles.model("deepseek-v2-lite").expert_bytes("q4_k")
     assert r.demand_bytes_per_token * r.tokens == r.misses * size
     assert math.isfinite(r.tpot_s) and r.tpot_p50_s <= r.tpot_p95_s
+
+
+# -- the command --------------------------------------------------------------------------------
+
+def test_cli_json_and_errors(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from moecache.cli import cli
+
+    experts = np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]], [[0, 1], [2, 3]]], np.int16)
+    path = trace_of(experts, np.arange(3), 4).save(tmp_path / "t.parquet")
+    hardware = tmp_path / "box.toml"
+    hardware.write_text(BOX_TOML)
+    out = CliRunner().invoke(cli, ["timeline", str(path), "--hardware", str(hardware), "--capacity", "2",
+                                   "--dense-ms", "0.5", "--prefetch", "oracle", "--json"])
+    assert out.exit_code == 0, out.output
+    record = json.loads(out.output)
+    assert {"tpot_s", "tokens_per_s", "stall_s", "prefetch_accuracy", "per_layer_stall_s"} <= set(record)
+    assert record["tpot_s"] > 0
+    bad = CliRunner().invoke(cli, ["timeline", str(path), "--hardware", "abacus", "--capacity", "2"])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+    small = CliRunner().invoke(cli, ["timeline", str(path), "--hardware", str(hardware), "--capacity", "1",
+                                     "--dense-ms", "0.5"])
+    assert small.exit_code == 2 and "capacity 1 is below the largest step set" in small.output
+
+
+BOX_TOML = """
+[hardware.box]
+description = "a test box"
+flops = "1TFLOPS"
+memory_bandwidth = "100GB/s"
+memory_capacity = "16GiB"
+host_flops = "100GFLOPS"
+host_memory_bandwidth = "20GB/s"
+sources = { profile = "test" }
+
+[[hardware.box.tiers]]
+name = "ssd"
+capacity = "1TB"
+bandwidth = "2GB/s"
+latency = "80us"
+queue_depth = 8
+source = "test"
+"""
