@@ -14,6 +14,7 @@ from .python_policy import PythonPolicy
 from .replay import Prefetch, ReplayResult, replay
 from .requests import Requests
 from .synth import synth
+from .timeline import TimelineResult, timeline
 from .trace import Trace
 
 __all__ = [
@@ -22,10 +23,12 @@ __all__ = [
     "PythonPolicy",
     "ReplayResult",
     "Requests",
+    "TimelineResult",
     "Trace",
     "TraceError",
     "__version__",
     "curve",
     "replay",
     "synth",
+    "timeline",
 ]

@@ -427,19 +427,26 @@ def plot_command(results: str, out: str, traces: tuple[str, ...], window: int, b
 @bandwidths_option
 @latency_option
 @click.option("--compute-ms", type=FiniteFloat(min=0, min_open=True),
-              help="Compute time per token without I/O, for the speedup.")
+              help="Non-expert compute per token in ms, for predicted TPOT with the traces' own expert "
+              "sizes (or give --model).")
+@click.option("--model", help="Model profile (name or TOML file) for expert sizes and compute: adds "
+              "predicted TPOT, tokens/s and speedup rows.")
+@click.option("--dtype", help="Stored type of the model profile's experts (bf16, q4_k, ...).")
+@click.option("--hardware", default="jetson-orin-nx-16gb", show_default=True,
+              help="Comma list of hardware profiles for the TPOT rows.")
 @per_token_option
 @out_option("Also write the table (.csv/.parquet).")
 @force_option()
 @json_option("Print JSON records.")
 def compare_command(base: str, remoe: str, capacities: str, policies: str, scope: str, bandwidths: str,
-                    latency: float, compute_ms: float | None, per_token: bool, out: str | None,
-                    force: bool, as_json: bool) -> None:
-    """Baseline router against a ReMoE router: reuse, hit rates, bytes and I/O per token."""
+                    latency: float, compute_ms: float | None, model: str | None, dtype: str | None,
+                    hardware: str, per_token: bool, out: str | None, force: bool, as_json: bool) -> None:
+    """Baseline router against a ReMoE router: reuse, hit rates, bytes and I/O per token, and
+    predicted decode time per hardware profile."""
     frame = compare(Trace.load(base, weights=False), Trace.load(remoe, weights=False),
                     capacities=capacities, policies=_names(policies), scope=scope,
                     bandwidths=_names(bandwidths), compute_ms=compute_ms, per_token=per_token,
-                    latency=latency)
+                    latency=latency, hardware=_names(hardware), model=model, dtype=dtype)
     if out:
         write_table(frame, out, overwrite=force)
     click.echo(frame.to_json(orient="records") if as_json else comparison_table(frame))

@@ -9,6 +9,7 @@ import pandas as pd
 
 from .curve import curve
 from .errors import MoecacheError
+from .timeline import timeline
 from .trace import Trace
 from .units import bandwidth_profile
 from .validate import check_policy, plan_range
@@ -26,20 +27,29 @@ def compare(
     compute_ms: float | None = None,
     per_token: bool = False,
     latency: str | float = 0.0,
+    hardware: Iterable[str] = ("jetson-orin-nx-16gb",),
+    model: str | None = None,
+    dtype: str | None = None,
 ) -> pd.DataFrame:
-    """One row per figure: ``metric``, ``policy``, ``capacity``, ``bandwidth``, both values, changes.
+    """One row per figure: ``metric``, ``policy``, ``capacity``, ``profile``, both values, changes.
 
     Figures: reuse rate; hit rate per policy and capacity; miss bytes per token; I/O
     time per token per bandwidth profile (under ``io_policy``: the replay's
     ``io_seconds``, miss bytes over the bandwidth plus ``latency`` per fetched expert);
-    and, given the compute time of a token without I/O, the decode speedup (base time /
-    ReMoE time, each ``compute + I/O`` with no overlap). ``capacities`` are integers or
-    a text such as ``"16:64:16"`` (ranges stop where every expert fits), checked on both
-    traces by :func:`moecache.validate.plan_range` before anything runs.
+    and, when the compute is known (a ``model`` profile, or ``compute_ms``, the
+    non-expert time per token, with the traces' own expert sizes), the predicted TPOT,
+    tokens/s and decode speedup (base TPOT / ReMoE TPOT) on each ``hardware`` profile,
+    from :func:`moecache.timeline` (overlapped I/O, no prefetch). ``capacities`` are
+    integers or a text such as ``"16:64:16"`` (ranges stop where every expert fits),
+    checked on both traces by :func:`moecache.validate.plan_range` before anything runs.
     """
     if compute_ms is not None and not (math.isfinite(compute_ms) and compute_ms > 0):
         raise MoecacheError(f"compute time per token (--compute-ms) must be a finite number > 0, "
                             f"got {compute_ms}")
+    timed = model is not None or compute_ms is not None
+    if timed and per_token:
+        raise MoecacheError("decode time follows the traces' own steps: drop --per-token, or give neither "
+                            "--model nor --compute-ms")
     _check_compatible(base, remoe)
     policies = list(dict.fromkeys([*policies, io_policy]))
     for policy in policies:
@@ -50,10 +60,10 @@ def compare(
     profiles = [bandwidth_profile(b) for b in bandwidths]
     rows: list[dict] = []
 
-    def add(metric, before, after, policy=None, capacity=None, bandwidth=None, pp=False):
+    def add(metric, before, after, policy=None, capacity=None, profile=None, pp=False):
         # a rate with no denominator (the reuse of a one-step trace) is NaN, never None
         before, after = (float("nan") if value is None else value for value in (before, after))
-        rows.append({"metric": metric, "policy": policy, "capacity": capacity, "bandwidth": bandwidth,
+        rows.append({"metric": metric, "policy": policy, "capacity": capacity, "profile": profile,
                      base_label: before, remoe_label: after,
                      "change": (after - before) / before if before else float("nan"),
                      "change_pp": 100 * (after - before) if pp else float("nan")})
@@ -79,9 +89,13 @@ def compare(
         for label, _ in profiles:
             io_before, io_after = (1e3 * c.loc[capacity, "io_seconds_per_token"] for c in io[label])
             add("I/O ms per token", io_before, io_after, io_policy, capacity, label)
-            if compute_ms is not None:
-                add("decode speedup", 1.0, (compute_ms + io_before) / (compute_ms + io_after),
-                    io_policy, capacity, label)
+    for box in hardware if timed else ():
+        for capacity in capacities:
+            before, after = (timeline(p.trace, box, io_policy, capacity, scope, model=model, dtype=dtype,
+                                      dense_ms=compute_ms) for p in plans)
+            add("TPOT ms", 1e3 * before.tpot_s, 1e3 * after.tpot_s, io_policy, capacity, box)
+            add("tokens/s", before.tokens_per_s, after.tokens_per_s, io_policy, capacity, box)
+            add("decode speedup", 1.0, before.tpot_s / after.tpot_s, io_policy, capacity, box)
     return pd.DataFrame(rows)
 
 

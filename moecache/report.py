@@ -136,14 +136,14 @@ def comparison_table(frame: pd.DataFrame) -> str:
     base, remoe = frame.columns[4], frame.columns[5]
     lines = []
     for row in frame.itertuples(index=False):
-        metric, policy, capacity, bandwidth, before, after, change, change_pp = row
+        metric, policy, capacity, profile, before, after, change, change_pp = row
         what = metric
         if policy is not None and metric != "reuse rate":
             what += f" {policy}"
         if capacity is not None and not pd.isna(capacity):
             what += f" @C={int(capacity)}"
-        if bandwidth is not None and not pd.isna(bandwidth):
-            what += f", {bandwidth}"
+        if profile is not None and not pd.isna(profile):
+            what += f", {profile}"
         relative = "-" if math.isnan(change) else f"{100 * change:+.1f}%"
         if metric in ("reuse rate", "hit rate"):
             cells = (_pct(before), _pct(after),

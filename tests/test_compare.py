@@ -32,13 +32,14 @@ def test_figures_equal_single_replays(pair):
     assert reuse["remoe"] == mc.replay(remoe, "lru", 8).reuse_rate
     assert reuse["change"] == pytest.approx(reuse["remoe"] / reuse["synthetic"] - 1)
     io = frame[(frame.metric == "I/O ms per token") & (frame.capacity == 8)
-               & (frame.bandwidth == "2GB/s")].iloc[0]
+               & (frame.profile == "2GB/s")].iloc[0]
     single = mc.replay(base, "lru", 8, bandwidth="2GB/s")
     assert io["synthetic"] == pytest.approx(single.io_seconds_per_token * 1e3)
-    speedup = frame[(frame.metric == "decode speedup") & (frame.capacity == 8)
-                    & (frame.bandwidth == "2GB/s")].iloc[0]
-    io_remoe = mc.replay(remoe, "lru", 8, bandwidth="2GB/s").io_seconds_per_token * 1e3
-    assert speedup["remoe"] == pytest.approx((10 + io["synthetic"]) / (10 + io_remoe))
+    timed = frame[(frame.capacity == 8) & (frame.profile == "jetson-orin-nx-16gb")].set_index("metric")
+    before, after = (mc.timeline(t, "jetson-orin-nx-16gb", "lru", 8, dense_ms=10.0) for t in (base, remoe))
+    assert timed.loc["TPOT ms", "synthetic"] == 1e3 * before.tpot_s
+    assert timed.loc["tokens/s", "remoe"] == after.tokens_per_s
+    assert timed.loc["decode speedup", "remoe"] == pytest.approx(before.tpot_s / after.tpot_s)
 
 
 def test_presets_and_errors(pair):
@@ -62,7 +63,7 @@ def test_cli_reroute_then_compare(tmp_path, pair):
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)
     assert {r["metric"] for r in rows} == {"reuse rate", "hit rate", "MiB per token",
-                                            "I/O ms per token", "decode speedup"}
+                                            "I/O ms per token", "TPOT ms", "tokens/s", "decode speedup"}
     result = runner.invoke(cli, ["compare", str(base), str(tmp_path / "r.parquet")])
     assert result.exit_code == 0 and "decode speedup" not in result.stdout
     plain = mc.synth(layers=3, experts=32, top_k=4, tokens=50).save(tmp_path / "plain.parquet")
