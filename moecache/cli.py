@@ -51,6 +51,7 @@ from .sweep import results_paths, sweep
 from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, synth
 from .tables import write_table
 from .timeline import timeline
+from .timeline_plot import timeline_figure
 from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
 from .units import INT64_MAX, parse_int_list
@@ -486,12 +487,18 @@ def policies_command() -> None:
               "share, figures come from the rest [default for co-activation: 0.5].")
 @seed_option()
 @click.option("--per-layer", is_flag=True, help="Also print the stall per MoE layer.")
+@click.option("--figure", type=click.Path(dir_okay=False), help="Also draw a Gantt chart of the first "
+              "scored steps (.png, .pdf or .svg).")
+@click.option("--figure-steps", type=COUNT, default=3, show_default=True, help="Steps the chart shows.")
+@click.option("--figure-from", type=click.IntRange(0), default=0, show_default=True,
+              help="First step the chart shows, counted from the first scored step.")
 @json_option("Print one JSON object (tpot_s, tokens_per_s, stall_s, ...).")
 def timeline_command(trace: str, hardware: str, policy: str, capacity: int | None, memory: int | None,
                      scope: str, model: str | None, dtype: str | None, dense_ms: float | None,
                      prefetch: str | None, depth: int, budget: int | None, overlap: bool, miss: str,
                      tiers: bool, tier_policy: str, train_fraction: float | None, seed: int,
-                     per_layer: bool, as_json: bool) -> None:
+                     per_layer: bool, figure: str | None, figure_steps: int, figure_from: int,
+                     as_json: bool) -> None:
     """Predict decode time (TPOT, tokens/s, stalls) of an expert cache over TRACE on a hardware
     profile: compute and I/O on one timeline, with prefetching and memory tiers."""
     if capacity is None and memory is None:
@@ -499,7 +506,11 @@ def timeline_command(trace: str, hardware: str, policy: str, capacity: int | Non
     result = timeline(Trace.load(trace), hardware, policy, capacity, scope, memory=memory, model=model,
                       dtype=dtype, dense_ms=dense_ms, prefetch=prefetch, depth=depth, budget=budget,
                       overlap=overlap, miss=miss, tiers=tiers, tier_policy=tier_policy,
-                      train_fraction=train_fraction, seed=seed)
+                      train_fraction=train_fraction, seed=seed, record=figure is not None)
+    if figure is not None:
+        scored = int(result.events["step"].max()) + 1 - result.steps  # the first test step
+        for path in timeline_figure(result, figure, figure_steps, scored + figure_from):
+            click.echo(f"wrote {path}", err=as_json)
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "trace": trace}))
         return

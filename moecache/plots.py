@@ -186,7 +186,7 @@ def _plot(results: str | os.PathLike | pd.DataFrame, out: Path, traces: Iterable
     for name, make in figures.items():
         fig = make()
         if fig is not None:
-            written += _save(fig, out / name, formats)
+            written += save_figure(fig, out / name, formats)
     return written
 
 
@@ -637,7 +637,7 @@ def _layer_figure(series: list[_Series], bootstrap: int, level: float,
 
 # -- output ----------------------------------------------------------------------------------
 
-def _save(fig: Figure, stem: Path, formats: list[str]) -> list[Path]:
+def save_figure(fig: Figure, stem: Path, formats: list[str]) -> list[Path]:
     """Each format through a temporary file and a rename: never a half-written figure."""
     written = []
     for fmt in formats:

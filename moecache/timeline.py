@@ -84,6 +84,7 @@ class TimelineResult:
     per_layer: pd.DataFrame = field(repr=False)
     step_seconds: np.ndarray = field(repr=False)
     ends: np.ndarray = field(repr=False)  # end time of every (step, layer) position, step-major
+    events: pd.DataFrame | None = field(default=None, repr=False)  # with record=True: every span
 
     @property
     def hit_rate(self) -> float:
@@ -152,6 +153,7 @@ def timeline(
     tier_policy: str = "lru",
     train_fraction: float | None = None,
     seed: int = 0,
+    record: bool = False,
 ) -> TimelineResult:
     """Predict decode time on ``hardware`` (a profile name, a TOML path or a Hardware).
 
@@ -164,7 +166,9 @@ def timeline(
     ``prefetch`` names a prefetcher (``moecache.prefetchers.REGISTRY``) issuing ``budget``
     experts (default: top_k) ``depth`` MoE layers ahead. ``miss="host"`` computes misses
     on the host CPU. ``train_fraction`` splits the trace by sequence: prefetchers learn on
-    the training part and every figure comes from the test part (caches warm).
+    the training part and every figure comes from the test part (caches warm). ``record``
+    fills ``events``: every span of compute and transfer (for :func:`moecache.plots.
+    timeline_figure`).
     """
     box = hardware if isinstance(hardware, profiles.Hardware) else profiles.hardware(hardware)
     spec = model if isinstance(model, profiles.Model) or model is None else profiles.model(model)
@@ -220,12 +224,12 @@ def timeline(
     else:
         batch_offsets = _kept_offsets(result.prefetch_outcomes == 1, batches.offsets)
         batch_bytes = costs.expert_bytes[batch_layer]
-    ends, stalls, busy = simulate(
+    ends, stalls, busy, spans, batch_spans = simulate(
         dense, req.offsets, keys, compute, host, entry_bytes, demand_source,
         batch_offsets, batch_keys, batch_bytes, batch_source, depth if batches is not None else 0,
         np.array([link.bandwidth for link in links]), np.array([link.latency for link in links]),
         np.array([link.queue_depth for link in links], np.int64), overlap, miss == "host",
-        num_layers * trace.num_experts, train_steps * num_layers)
+        num_layers * trace.num_experts, train_steps * num_layers, record)
     first = train_steps * num_layers  # the first scored position
     position_of_batch = np.repeat(np.arange(len(req.offsets) - 1), np.diff(batch_offsets))
     position_of_entry = np.repeat(np.arange(len(req.offsets) - 1), np.diff(req.offsets))
@@ -254,6 +258,11 @@ def timeline(
     total = float(step_end[-1] - start)
     test_tokens = int(step_tokens.sum())
     stall = float(stalls[first:].sum())
+    events = None
+    if record:
+        batch_entries = (batch_keys, batch_source, position_of_batch)
+        events = _events(trace, req, keys, dense, ends, spans, demand_source, miss, batch_entries,
+                         batch_spans, names)
     return TimelineResult(
         policy=result.policy, scope=scope, capacity=result.capacity, memory_bytes=result.memory_bytes,
         hardware=box.name, model=None if spec is None else spec.name, prefetch=prefetch,
@@ -269,7 +278,39 @@ def timeline(
         prefetched=prefetched, prefetch_used=used,
         wasted_bytes=int(batch_bytes[scored_batch].sum()) - _used_bytes(outcomes, entry_bytes[scored_entry]),
         tier_hits={"fast memory": int((outcomes != MISS).sum()), **tier_hits},
-        links=link_table, per_layer=per_layer, step_seconds=step_seconds, ends=ends)
+        links=link_table, per_layer=per_layer, step_seconds=step_seconds, ends=ends, events=events)
+
+
+def _events(trace: Trace, req: Requests, keys: np.ndarray, dense: np.ndarray, ends: np.ndarray,
+            spans: np.ndarray, source: np.ndarray, miss: str, batch_entries: tuple[np.ndarray, ...],
+            batch_spans: np.ndarray, names: list[str]) -> pd.DataFrame:
+    """Every span of the walk: resource (device, host or a link), kind, step, layer, expert,
+    start, end (seconds)."""
+    num_layers, num_experts = trace.num_layers, trace.num_experts
+    positions = np.arange(len(ends))
+    starts = np.concatenate([[0.0], ends[:-1]])
+    entry_position = np.repeat(positions, np.diff(req.offsets))
+    on_host = (source >= 0) & (miss == "host")
+    fetched = source >= 0
+    batch_keys, batch_source, batch_position = batch_entries
+    parts = [
+        pd.DataFrame({"resource": "device", "kind": "dense", "position": positions, "expert": -1,
+                      "start": starts, "end": starts + dense}),
+        pd.DataFrame({"resource": np.where(on_host, "host", "device"), "kind": "expert",
+                      "position": entry_position, "expert": keys % num_experts,
+                      "start": spans[:, 0], "end": spans[:, 1]}),
+        pd.DataFrame({"resource": np.array(names, dtype=object)[source[fetched]], "kind": "demand fetch",
+                      "position": entry_position[fetched], "expert": keys[fetched] % num_experts,
+                      "start": spans[fetched, 2], "end": spans[fetched, 3]}),
+        pd.DataFrame({"resource": np.array(names, dtype=object)[batch_source], "kind": "prefetch",
+                      "position": batch_position, "expert": batch_keys % num_experts,
+                      "start": batch_spans[:, 0], "end": batch_spans[:, 1]}),
+    ]
+    frame = pd.concat(parts, ignore_index=True)
+    position = frame.pop("position").to_numpy()
+    frame.insert(2, "step", position // num_layers)
+    frame.insert(3, "layer", trace.layers[position % num_layers])
+    return frame.sort_values(["start", "resource"], kind="stable", ignore_index=True)
 
 
 def _used_bytes(outcomes: np.ndarray, sizes: np.ndarray) -> int:

@@ -27,9 +27,10 @@ CHANNEL_FREE, LAST_END, BUSY = range(3)
 @njit(cache=True)
 def _serve(link, arrival, size, bandwidth, latency, slots, state):
     """Put a request of ``size`` bytes into service on ``link`` no earlier than ``arrival``;
-    returns its completion. Invariant: requests enter service in call order, so the data
-    channel serves them in that order and completions never decrease; BUSY sums the union
-    of service intervals after LAST_END (set to the scored window's start)."""
+    returns (when its bytes start moving, its completion). Invariant: requests enter service in
+    call order, so the data channel serves them in that order and completions never
+    decrease; BUSY sums the union of service intervals after LAST_END (set to the scored
+    window's start)."""
     free = slots[link]
     slot = np.argmin(free)
     start = max(arrival, free[slot])
@@ -39,15 +40,17 @@ def _serve(link, arrival, size, bandwidth, latency, slots, state):
     if end > state[link, LAST_END]:
         state[link, BUSY] += end - max(start, state[link, LAST_END])
         state[link, LAST_END] = end
-    return end
+    return end - size / bandwidth[link], end
 
 
 @njit(cache=True)
 def simulate(dense, entry_offsets, entry_key, entry_compute, entry_host, entry_bytes, entry_source,
              batch_offsets, batch_key, batch_bytes, batch_source, depth,
-             bandwidth, latency, queue_depth, overlap, host_misses, num_keys, scored_from):
+             bandwidth, latency, queue_depth, overlap, host_misses, num_keys, scored_from, record):
     """Walk every position; returns (end time of each position, device stall per position,
-    seconds each link is busy from the start of position ``scored_from`` on).
+    seconds each link is busy from the start of position ``scored_from`` on, and with
+    ``record`` the spans [start, end] of each entry's compute, of its fetch's bytes on the
+    link and of each batch entry's, NaN where none; empty otherwise).
 
     Entries (the positions' experts, CSR ``entry_offsets``): key, device compute seconds,
     host compute seconds, bytes, source (RESIDENT or the link a miss is fetched over). With
@@ -66,6 +69,8 @@ def simulate(dense, entry_offsets, entry_key, entry_compute, entry_host, entry_b
     ready = np.zeros(num_keys)
     ends = np.zeros(num_positions)
     stalls = np.zeros(num_positions)
+    spans = np.full((entry_key.shape[0] if record else 0, 4), np.nan)  # compute, then fetch
+    batch_spans = np.full((batch_key.shape[0] if record else 0, 2), np.nan)
     order = np.empty(entry_key.shape[0], np.int64)
     entry_ready = np.empty(entry_key.shape[0])
     now = 0.0
@@ -80,8 +85,10 @@ def simulate(dense, entry_offsets, entry_key, entry_compute, entry_host, entry_b
         issue = p + depth  # the batch issued at this position
         if 0 <= issue < num_positions:
             for j in range(batch_offsets[issue], batch_offsets[issue + 1]):
-                end = _serve(batch_source[j], now, batch_bytes[j], bandwidth, latency, slots, state)
+                start, end = _serve(batch_source[j], now, batch_bytes[j], bandwidth, latency, slots, state)
                 ready[batch_key[j]] = end
+                if record:
+                    batch_spans[j, 0], batch_spans[j, 1] = start, end
                 if not overlap:  # the device waits for the transfer
                     stall += end - now
                     now = end
@@ -98,12 +105,16 @@ def simulate(dense, entry_offsets, entry_key, entry_compute, entry_host, entry_b
             if host_misses:
                 host_free = max(now, host_free) + entry_host[j]
                 host_done = max(host_done, host_free)
+                if record:
+                    spans[j, 0], spans[j, 1] = host_free - entry_host[j], host_free
                 entry_ready[j] = -1.0  # not computed on the device
                 if not overlap:
                     stall += host_free - now
                     now = host_free
-            end = _serve(link, now, entry_bytes[j], bandwidth, latency, slots, state)
+            start, end = _serve(link, now, entry_bytes[j], bandwidth, latency, slots, state)
             ready[key] = end
+            if record:
+                spans[j, 2], spans[j, 3] = start, end
             if not host_misses:
                 entry_ready[j] = end
             if not overlap:
@@ -125,10 +136,12 @@ def simulate(dense, entry_offsets, entry_key, entry_compute, entry_host, entry_b
             if entry_ready[j] > now:
                 stall += entry_ready[j] - now
                 now = entry_ready[j]
+            if record:
+                spans[j, 0], spans[j, 1] = now, now + entry_compute[j]
             now += entry_compute[j]
         if host_done > now:  # the layer's output waits for the host's experts
             stall += host_done - now
             now = host_done
         stalls[p] += stall
         ends[p] = now
-    return ends, stalls, state[:, BUSY].copy()
+    return ends, stalls, state[:, BUSY].copy(), spans, batch_spans

@@ -304,3 +304,24 @@ latency = "80us"
 queue_depth = 8
 source = "test"
 """
+
+
+def test_recorded_events_and_figure(tmp_path):
+    from moecache.timeline_plot import timeline_figure
+
+    experts = np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]], [[0, 1], [2, 3]]], np.int16)
+    trace = trace_of(experts, np.arange(3), 4)
+    r = timeline(trace, machine(1e9, 1e-5, 2), "lru", 2, dense_ms=0.5, prefetch="previous-token", record=True)
+    events = r.events
+    device = events[events.resource == "device"]
+    assert device["end"].max() == pytest.approx(r.total_s)
+    assert (device.sort_values("start")["start"].diff().dropna() >= 0).all()
+    spans = device.sort_values("start")
+    assert (spans["start"].to_numpy()[1:] >= spans["end"].to_numpy()[:-1] - 1e-15).all()  # one at a time
+    fetches = events[events.kind == "demand fetch"]
+    assert len(fetches) == r.misses
+    assert np.allclose(fetches["end"] - fetches["start"], EXPERT_BYTES / 1e9, rtol=1e-9)
+    written = timeline_figure(r, tmp_path / "g.png", steps=2)
+    assert written == [tmp_path / "g.png"] and (tmp_path / "g.png").stat().st_size > 1000
+    with pytest.raises(MoecacheError, match="by its suffix"):
+        timeline_figure(r, tmp_path / "g.bmp")
