@@ -9,7 +9,7 @@ import pandas as pd
 
 from .curve import curve
 from .errors import MoecacheError
-from .timeline import timeline
+from .timeline import timeline, with_model_sizes
 from .trace import Trace
 from .units import bandwidth_profile
 from .validate import check_policy, plan_range
@@ -36,7 +36,8 @@ def compare(
     Figures: reuse rate; hit rate per policy and capacity; miss bytes per token; I/O
     time per token per bandwidth profile (under ``io_policy``: the replay's
     ``io_seconds``, miss bytes over the bandwidth plus ``latency`` per fetched expert);
-    and, when the compute is known (a ``model`` profile, or ``compute_ms``, the
+    and, when the compute is known (a ``model`` profile, whose expert sizes then apply to
+    every figure, or ``compute_ms``, the
     non-expert time per token, with the traces' own expert sizes), the predicted TPOT,
     tokens/s and decode speedup (base TPOT / ReMoE TPOT) on each ``hardware`` profile,
     from :func:`moecache.timeline` (overlapped I/O, no prefetch). ``capacities`` are
@@ -51,6 +52,8 @@ def compare(
         raise MoecacheError("decode time follows the traces' own steps: drop --per-token, or give neither "
                             "--model nor --compute-ms")
     _check_compatible(base, remoe)
+    if model is not None:  # every byte figure in the model's sizes
+        base, remoe = (with_model_sizes(trace, model, dtype) for trace in (base, remoe))
     policies = list(dict.fromkeys([*policies, io_policy]))
     for policy in policies:
         check_policy(policy)

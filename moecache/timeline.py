@@ -133,6 +133,14 @@ def costs_for(trace: Trace, hardware: profiles.Hardware, model: profiles.Model |
     return Costs(0.0, 0.0, 2.0 * int(sizes[0]) / width, sizes.astype(np.int64), dense_seconds)
 
 
+def with_model_sizes(trace: Trace, model: str | profiles.Model, dtype: str | None = None) -> Trace:
+    """``trace`` with every layer's ``expert_bytes`` set to one expert of ``model`` (a profile
+    or its name) stored as ``dtype`` (default: the model's native type)."""
+    spec = model if isinstance(model, profiles.Model) else profiles.model(model)
+    size = spec.expert_bytes(dtype or spec.native_dtype)
+    return replace(trace, meta={**trace.meta, "expert_bytes": [size] * trace.num_layers})
+
+
 def timeline(
     trace: Trace,
     hardware: str | profiles.Hardware,
@@ -180,7 +188,7 @@ def timeline(
     dense_seconds = None if dense_ms is None else dense_ms / 1e3
     costs = costs_for(trace, box, spec, dtype, dense_seconds)
     if spec is not None:  # the model's sizes for memory budgets too
-        trace = replace(trace, meta={**trace.meta, "expert_bytes": costs.expert_bytes.tolist()})
+        trace = with_model_sizes(trace, spec, dtype)
     train_steps = 0
     learns = prefetch is not None and prefetchers.resolve(prefetch).needs_training
     if train_fraction is not None or learns:

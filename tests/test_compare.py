@@ -9,6 +9,7 @@ import moecache as mc
 from moecache.cli import cli
 from moecache.compare import compare
 from moecache.reroute import reroute
+from moecache.timeline import with_model_sizes
 from moecache.units import bandwidth_profile
 
 
@@ -69,3 +70,17 @@ def test_cli_reroute_then_compare(tmp_path, pair):
     plain = mc.synth(layers=3, experts=32, top_k=4, tokens=50).save(tmp_path / "plain.parquet")
     result = runner.invoke(cli, ["reroute", str(plain), "--out", str(tmp_path / "x.parquet")])
     assert result.exit_code == 2 and "--save-logits" in result.stderr
+
+
+def test_model_profile_sizes_every_figure(pair):
+    base, remoe = pair
+    frame = compare(base, remoe, capacities=[8], policies=["lru"], bandwidths=["2GB/s"],
+                    model="olmoe-1b-7b", dtype="q8_0", hardware=["phone-ufs4"])
+    sized = mc.replay(with_model_sizes(base, "olmoe-1b-7b", "q8_0"), "lru", 8)
+    mib = frame[frame.metric == "MiB per token"].iloc[0]
+    assert mib["synthetic"] == pytest.approx(sized.bytes_per_token / 2**20)
+    tpot = frame[frame.metric == "TPOT ms"].iloc[0]
+    direct = mc.timeline(base, "phone-ufs4", "lru", 8, model="olmoe-1b-7b", dtype="q8_0")
+    assert tpot["synthetic"] == 1e3 * direct.tpot_s and tpot["profile"] == "phone-ufs4"
+    with pytest.raises(mc.MoecacheError, match="drop --per-token"):
+        compare(base, remoe, capacities=[8], model="olmoe-1b-7b", per_token=True)
