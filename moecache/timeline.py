@@ -202,7 +202,8 @@ def timeline(
         if isinstance(depth, bool) or not isinstance(depth, int) or isinstance(budget, bool) \
                 or not isinstance(budget, int):
             raise MoecacheError("prefetch depth and budget must be whole numbers")
-        batches = prefetchers.plan(prefetch, prefetchers.Lookahead(req, scores, depth, budget, train_steps))
+        view = prefetchers.Lookahead(req, scores, depth, budget, train_steps, trace)
+        batches = prefetchers.plan(prefetch, view)
     result = replay(trace, policy, capacity, scope, memory=memory, seed=seed, requests=req,
                     prefetch=batches, record_outcomes=True)
     links, names, capacities = _links(box, tiers, trace)

@@ -9,20 +9,22 @@ import numpy as np
 
 from moecache.replay import Prefetch
 from moecache.requests import Requests
+from moecache.trace import Trace
 
 
 @dataclass(frozen=True, eq=False)
 class Lookahead:
     """A prefetcher's input: the replay's requests (step-major positions p = t L + l), the
     router weight of each entry (None without weights), the depth in positions at which
-    batches are issued, the budget in experts per batch, and how many leading steps are
-    training steps (0: none)."""
+    batches are issued, the budget in experts per batch, how many leading steps are
+    training steps (0: none), and the trace (for signals recorded beside the routing)."""
 
     requests: Requests
     scores: np.ndarray | None
     depth: int
     budget: int
     train_steps: int = 0
+    trace: Trace | None = None
 
 
 @dataclass(frozen=True)
