@@ -10,6 +10,7 @@ import moecache as mc
 from moecache.policies import resolve
 from moecache.ranking import rank
 
+from .strategies import unit_streams
 from .test_cli import run
 
 
@@ -83,20 +84,36 @@ def test_rank_leaves_score_lru_out_only_when_a_trace_has_no_weights():
         rank([plain], ["score-lru"], [4])
 
 
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), top_k=st.integers(1, 8), extra=st.integers(0, 40),
+@settings(max_examples=60, deadline=None)
+@given(stream=unit_streams(beyond=3), weights=st.integers(1, 4), nan=st.booleans(),
        boost=st.sampled_from([0.0, 3.0, 16.0, 1e6]), monotone=st.integers(0, 1))
-def test_kernel_equals_the_hooks_on_long_streams(seed, top_k, extra, boost, monotone):
-    """The unit-size kernel and the hooks through the driver, hit for hit, on 64 keys and
-    1,000 requests with few distinct weights (so ranks tie)."""
-    rng = np.random.default_rng(seed)
-    keys = np.concatenate([np.sort(rng.choice(64, top_k, replace=False)) for _ in range(1000)])
-    keys = keys.astype(np.int32)
-    offsets = np.arange(0, keys.shape[0] + 1, top_k, dtype=np.int64)
-    scores = (rng.integers(0, 4, keys.shape[0]) / 4).astype(np.float32)
+def test_kernel_equals_the_hooks(stream, weights, nan, boost, monotone):
+    """The unit-size kernel (its masks variant up to 64 keys, its scan variant beyond) and
+    the hooks through the driver, hit for hit, with few distinct weights (so ranks tie)
+    and, with ``nan``, some weights missing."""
+    keys, offsets, num_keys, capacity = stream
+    rng = np.random.default_rng(keys.shape[0])
+    scores = (rng.integers(0, weights, keys.shape[0]) / 4).astype(np.float32)
+    if nan:
+        scores[rng.random(keys.shape[0]) < 0.2] = np.nan
     choice = resolve("score-lru", {"boost": boost, "monotone": monotone})
-    sizes = np.ones(64, np.int64)
-    capacity = min(64, top_k + extra)
+    sizes = np.ones(num_keys, np.int64)
     kernel = choice.run(keys, offsets, sizes, capacity, 0, scores=scores)[0]
     driven = choice.run(keys, offsets, sizes, capacity, 0, record=True, scores=scores)[0]
     np.testing.assert_array_equal(kernel, driven)
+
+
+@pytest.mark.parametrize("num_keys", [64, 130])
+def test_kernel_equals_the_hooks_on_wide_requests(num_keys):
+    """Requests of up to 40 keys: ranks over several blocks of 8."""
+    rng = np.random.default_rng(num_keys)
+    sets = [np.sort(rng.choice(num_keys, rng.integers(1, 41), replace=False)) for _ in range(300)]
+    keys = np.concatenate(sets).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sets])]).astype(np.int64)
+    scores = (rng.integers(0, 6, keys.shape[0]) / 4).astype(np.float32)
+    choice = resolve("score-lru")
+    sizes = np.ones(num_keys, np.int64)
+    for capacity in (40, 50, num_keys):
+        kernel = choice.run(keys, offsets, sizes, capacity, 0, scores=scores)[0]
+        driven = choice.run(keys, offsets, sizes, capacity, 0, record=True, scores=scores)[0]
+        np.testing.assert_array_equal(kernel, driven)
