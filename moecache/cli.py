@@ -562,6 +562,59 @@ def synth_command(out: str, layers: int, experts: int, top_k: int, tokens: int, 
                f"{layers} layers, E={experts}, K={top_k}")
 
 
+
+@cli.command("testbed")
+@click.argument("trace", type=click.Path(dir_okay=True))
+@click.option("--policy", "-p", default="lru", show_default=True, help=POLICY_HELP)
+@capacity_option()
+@scope_option
+@click.option("--prefetch", type=click.Choice(list(PREFETCHERS)), help="Prefetcher (default: none).")
+@click.option("--depth", type=COUNT, default=1, show_default=True, help="Prefetch lookahead in MoE layers.")
+@click.option("--budget", type=COUNT, help="Experts per prefetch batch [default: top_k].")
+@click.option("--expert-bytes", type=SIZE, help="Bytes of one expert in the file, rounded up to 4 KiB "
+              "[default: the trace's, capped to keep the file within 256 MiB].")
+@click.option("--compute-us", type=FiniteFloat(min=0), default=400.0, show_default=True,
+              help="Busy-wait per expert computed (the emulated device).")
+@click.option("--dense-us", type=FiniteFloat(min=0), default=200.0, show_default=True,
+              help="Busy-wait per position (MoE layer of a step) for the non-expert work.")
+@click.option("--queue-depth", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Reader threads (reads in flight).")
+@click.option("--directory", type=click.Path(file_okay=False), help="Where the expert file goes (a local "
+              "disk that takes O_DIRECT) [default: the current directory].")
+@click.option("--calibrate/--link", "measure", default=True, show_default=True,
+              help="Measure the disk's bandwidth and latency first, or use --bandwidth and --latency.")
+@io_options
+@click.option("--max-steps", type=COUNT, help="Replay only the first N steps.")
+@seed_option()
+@json_option("Print one JSON object (measured_tpot_s, predicted_tpot_s, relative_error, link, ...).")
+def testbed_command(trace: str, policy: str, capacity: int | None, scope: str, prefetch: str | None,
+                    depth: int, budget: int | None, expert_bytes: int | None, compute_us: float,
+                    dense_us: float, queue_depth: int, directory: str | None, measure: bool,
+                    bandwidth: float | None, latency: float, max_steps: int | None, seed: int,
+                    as_json: bool) -> None:
+    """Replay TRACE for real on this machine's disk (O_DIRECT reads, busy-wait compute) and
+    print the measured TPOT beside the timeline's prediction (docs/testbed.md)."""
+    from .profiles import Link
+    from .testbed import testbed
+
+    if capacity is None:
+        raise MoecacheError("give --capacity N (experts)")
+    if not measure and bandwidth is None:
+        raise MoecacheError("--link needs --bandwidth (and --latency)")
+    link = True if measure else Link(bandwidth, latency, queue_depth)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        result = testbed(Trace.load(trace), policy, capacity, scope=scope, prefetch=prefetch, depth=depth,
+                         budget=budget, expert_bytes=expert_bytes, compute_us=compute_us, dense_us=dense_us,
+                         queue_depth=queue_depth, directory=directory, calibrate=link, seed=seed,
+                         max_steps=max_steps, progress=not as_json)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "trace": trace}))
+        return
+    click.echo(result.summary())
+
 def main() -> None:
     """Console entry point."""
     sys.exit(cli.main(prog_name="moecache"))

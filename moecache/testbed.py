@@ -51,6 +51,7 @@ ALIGN = 4096  # O_DIRECT offsets, sizes and buffers are multiples of this
 MAX_FILE_BYTES = 256 * 2**20  # the default expert size keeps the file at most this large
 # how often the spinning main thread hands the GIL over (the default 5 ms would delay the I/O threads)
 SWITCH_INTERVAL_S = 5e-5
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # they take O_DIRECT (Linux >= 6.6) but hold files in RAM
 CALIBRATION_S = 0.4  # seconds of reads per calibration phase
 
 
@@ -183,6 +184,10 @@ def expert_file(keys: int, expert_bytes: int, directory: str | os.PathLike | Non
     where = Path(directory) if directory is not None else _default_directory()
     if not where.is_dir():
         raise MoecacheError(f"{where}: not a directory (the testbed's expert file goes there)")
+    kind = filesystem(where)
+    if kind in MEMORY_FILESYSTEMS:
+        raise MoecacheError(f"{where}: a {kind} filesystem lives in memory, its O_DIRECT reads touch no "
+                            "disk: give a directory on a local disk")
     try:
         handle, name = tempfile.mkstemp(prefix="moecache-testbed-", suffix=".bin", dir=where)
     except OSError as err:
@@ -203,6 +208,18 @@ def expert_file(keys: int, expert_bytes: int, directory: str | os.PathLike | Non
         if fd >= 0:
             os.close(fd)
         path.unlink(missing_ok=True)
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (from /proc/mounts; '' if unknown)."""
+    target, best, kind = path.resolve(), -1, ""
+    with contextlib.suppress(OSError), open("/proc/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            mount = Path(fields[1].replace("\\040", " "))
+            if (target == mount or mount in target.parents) and len(mount.parts) > best:
+                best, kind = len(mount.parts), fields[2]
+    return kind
 
 
 def _default_directory() -> Path:
@@ -394,8 +411,8 @@ def walk(schedule: Schedule, store: ExpertFile, compute_ns: int, queue_depth: in
     stalled = computed = 0
     previous = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    bar = tqdm(total=schedule.positions // layers, desc="testbed", unit="step", disable=not progress,
-               mininterval=0.5, leave=False)
+    bar = tqdm(total=schedule.positions // layers, desc="testbed", unit="step",
+               disable=None if progress else True, mininterval=0.5, leave=False)
     try:
         start = time.perf_counter_ns()
         for p in range(-depth, schedule.positions):
@@ -492,7 +509,7 @@ def testbed(
             raise MoecacheError(f"prefetcher {prefetch} is fitted on training sequences: the testbed runs "
                                 "prefetchers that need no training")
         scores = req.scores(trace) if trace.weights is not None else None
-        batches = prefetchers.plan(prefetch, prefetchers.Lookahead(req, scores, depth, budget))
+        batches = prefetchers.plan(prefetch, prefetchers.Lookahead(req, scores, depth, budget, 0, trace))
     outcome = replay(trace, policy, capacity, scope, seed=seed, requests=req, prefetch=batches,
                      record_outcomes=True)
     positions = len(req.offsets) - 1
