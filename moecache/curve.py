@@ -14,6 +14,7 @@ import pandas as pd
 from moecache.policies import REGISTRY, Choice, resolve
 from moecache.policies.stack import LFU, LRU, OPT, depth_histogram
 
+from .parallel import map_layers
 from .replay import ReplayResult, replay, summarize
 from .requests import Requests
 from .trace import Trace
@@ -34,8 +35,9 @@ def one_pass(req: Requests, choice: Choice) -> bool:
 
 
 def stack_hits(req: Requests, policy: str, scope: str,
-               expert_bytes: list[int] | None = None) -> np.ndarray:
-    """Hits at every capacity: array (max capacity + 1, layers or 1), row C = capacity C.
+               expert_bytes: list[int] | None = None, workers: int | None = None) -> np.ndarray:
+    """Hits at every capacity: array (max capacity + 1, layers or 1), row C = capacity C;
+    in layer scope the layers run ``workers`` at a time (default: every core).
 
     In global scope the layers share one column unless their experts differ in size
     (``expert_bytes``, per layer): a depth histogram per layer of L x E rows no longer
@@ -45,10 +47,9 @@ def stack_hits(req: Requests, policy: str, scope: str,
     num_layers, num_experts = req.num_layers, req.num_experts
     code = _METHODS[STACK_POLICIES[policy]]
     if scope == "layer":
-        hist = np.zeros((num_experts + 1, num_layers), np.int64)
-        for layer in range(num_layers):
-            keys, offsets = req.layer(layer)
-            hist[:, layer] = depth_histogram(keys, offsets, num_experts, code, 1)[:, 0]
+        columns = map_layers(lambda layer: depth_histogram(*req.layer(layer), num_experts, code, 1)[:, 0],
+                             num_layers, workers)
+        hist = np.stack(columns, axis=1) if columns else np.zeros((num_experts + 1, 0), np.int64)
     else:
         keys, offsets = req.pooled()
         by_layer = expert_bytes is not None and len(set(expert_bytes)) > 1
@@ -95,7 +96,7 @@ def curve(
     choice, req, capacities = checked.policy, checked.requests, list(checked.capacities)
     bytes_per_second, fetch_latency = checked.bandwidth, checked.latency
     if one_pass(req, choice):
-        cumulative = stack_hits(req, choice.policy.name, scope, trace.expert_bytes)
+        cumulative = stack_hits(req, choice.policy.name, scope, trace.expert_bytes, workers)
         # the routing-only figures; once every expert fits, every reuse hits
         all_reuses = req.layer_totals["requests"] - req.layer_totals["cold_misses"]
         base = summarize(trace, req, all_reuses, choice.label, scope, None, None, bytes_per_second,
@@ -109,7 +110,7 @@ def curve(
 
         def one(capacity: int) -> ReplayResult:
             return replay(trace, choice, capacity, scope, bandwidth=bytes_per_second,
-                          latency=fetch_latency, seed=seed, requests=req)
+                          latency=fetch_latency, seed=seed, requests=req, workers=1)
 
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
             rows = list(pool.map(one, capacities))

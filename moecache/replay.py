@@ -15,6 +15,7 @@ from moecache.policies import resolve
 from moecache.policies.driver import EVENT_COLUMNS
 
 from .errors import MoecacheError
+from .parallel import map_layers
 from .requests import Requests
 from .trace import Trace
 from .units import INT64_MAX, format_bytes
@@ -158,6 +159,7 @@ def replay(
     prefetch: Prefetch | None = None,
     record_events: bool = False,
     record_outcomes: bool = False,
+    workers: int | None = None,
 ) -> ReplayResult:
     """Simulate an expert cache over ``trace``.
 
@@ -172,7 +174,8 @@ def replay(
     them); ``record_events`` fills ``events``, one row per step and layer;
     ``record_outcomes`` fills ``outcomes`` (int8 per entry of ``requests.ids``: 0 miss, 1 hit,
     2 the first use of a prefetched expert) and ``prefetch_outcomes`` (per entry of
-    ``prefetch.experts``: 1 if the cache inserted it).
+    ``prefetch.experts``: 1 if the cache inserted it). In layer scope the layers run
+    ``workers`` at a time (default: every core), with the same result.
     """
     checked = plan(trace, resolve(policy, policy_args), scope, capacity=capacity, memory=memory,
                    per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed, requests=requests)
@@ -188,19 +191,26 @@ def replay(
     outcomes = np.zeros(len(req.ids) + batch_size, np.int8) if record_outcomes else None
     if scope == "layer":
         sizes = np.ones(num_experts, np.int64)
-        for layer, cap in enumerate(checked.layer_capacities):
+
+        def one_layer(layer: int):
             keys, offsets = req.layer(layer)
             batch = None if prefetch is None else prefetch.layer(layer)
             layer_outcomes = None
             if record_outcomes:
                 layer_outcomes = np.zeros(len(keys) + (0 if batch is None else len(batch[0])), np.int8)
-            hits[:, layer], layer_events, layer_counts = choice.run(
-                keys, offsets, sizes, cap, checked.seed, batch, record_events,
-                None if scores is None else req.layer_scores(scores, layer), layer_outcomes)
+            return (len(keys), layer_outcomes, *choice.run(
+                keys, offsets, sizes, checked.layer_capacities[layer], checked.seed, batch, record_events,
+                None if scores is None else req.layer_scores(scores, layer), layer_outcomes))
+
+        # a Python policy holds the GIL: threads would only add their overhead
+        parallel = workers if choice.policy.compiled else 1
+        for layer, (demand, layer_outcomes, layer_hits, layer_events, layer_counts) in enumerate(
+                map_layers(one_layer, num_layers, parallel)):
+            hits[:, layer] = layer_hits
             if record_outcomes:
-                outcomes[req.layer_entries(layer)] = layer_outcomes[:len(keys)]
+                outcomes[req.layer_entries(layer)] = layer_outcomes[:demand]
                 if prefetch is not None:
-                    outcomes[len(req.ids) + prefetch.layer_entries(layer)[0]] = layer_outcomes[len(keys):]
+                    outcomes[len(req.ids) + prefetch.layer_entries(layer)[0]] = layer_outcomes[demand:]
             if record_events:
                 events[:, layer] = layer_events
             if prefetch is not None:

@@ -181,14 +181,14 @@ def use_values(offsets, scores, boost):
     return value
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, params, seed, scores):
     if fits_masks(sizes):
         return simulate_masks(keys, offsets, sizes.shape[0], capacity, params, scores)
     return simulate_scan(keys, offsets, sizes.shape[0], capacity, params, scores)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def simulate_masks(keys, offsets, num_keys, capacity, params, scores):
     """At most 64 keys. Invariant: ``resident`` holds the residents; resident k sits in
     slot ``where[k]`` (``owner`` its inverse) with its key in ``key[where[k]]``; ``free``
@@ -252,7 +252,7 @@ def simulate_masks(keys, offsets, num_keys, capacity, params, scores):
     return hits
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def simulate_scan(keys, offsets, num_keys, capacity, params, scores):
     """Invariant: ``slots[:count]`` holds the residents and ``key[s]`` the key of the
     resident in slot s, except that during request r the slots of its keys hold +inf
