@@ -260,7 +260,8 @@ def calibrate(path: str | os.PathLike, expert_bytes: int, queue_depth: int, *,
     the ``queue_depth`` slots), then its bytes over one channel at ``bandwidth``.
 
     ``t_small``: mean time of one 4 KiB read at a time (latency + 4096 / bandwidth); ``T``:
-    mean time per read of ``expert_bytes`` with ``queue_depth`` threads reading back to back,
+    mean time per read of ``expert_bytes`` with ``queue_depth`` threads reading back to back
+    (timed after as long a warm-up: a throttled disk serves a burst faster than it sustains),
     which the model gives as max(s/B, (latency + s/B) / queue_depth). Solving the two:
     s/B = min(T, queue_depth x T - latency).
     """
@@ -273,7 +274,8 @@ def calibrate(path: str | os.PathLike, expert_bytes: int, queue_depth: int, *,
         if size < expert_bytes:
             raise MoecacheError(f"{path}: the file ({size} B) is smaller than one expert ({expert_bytes} B)")
         t_small = _mean_read_time(fd, ALIGN, size, 1, seconds, seed)
-        per_read = _mean_read_time(fd, expert_bytes, size, queue_depth, seconds, seed + 1)
+        _mean_read_time(fd, expert_bytes, size, queue_depth, seconds, seed + 1)  # to the steady state
+        per_read = _mean_read_time(fd, expert_bytes, size, queue_depth, seconds, seed + 2)
     finally:
         os.close(fd)
     transfer = min(per_read, queue_depth * per_read - t_small)
