@@ -19,28 +19,163 @@ segment 0 keeps it (no expert leaves without a miss). Shortest case, capacity 3 
 segments: ids 0 1 2 0 2 (0 and 2 in segment 0, 1 in segment 1); the hit on 0 moves it
 up and 1 down, and libCacheSim evicts 2, which misses next; here it hits.
 
-Fast kernel (``simulate``, unit sizes): the hooks' queues over flat arrays, queue ``s``'s
-sentinel being node ``keys + s``. ``mark[key]`` is 2r + 1 for a hit of request r and 2r
-for its other keys (so ``mark >= 2r`` pins a key). Invariant (of the hooks too): every
-segment above 0 holds at most its share between requests, so a hit's overflow passes at
-most one expert down per segment and stops at the first segment within its share.
+Fast kernels (``simulate``, unit sizes), exact to the hooks:
+
+* slots (at most 64 keys): segment ``s`` owns a fixed window of ``stride`` cells of
+  ``stamp``, each the placement time of its key shifted left 6 bits plus the key (an
+  empty cell holds NONE), so the oldest of a segment is the minimum of its window and
+  names its key; ``slot[key]`` is a resident's cell. Until every segment above 0 holds
+  its share and the cache is full (``steady``), entries move between windows like the
+  hooks' queues. Invariant once steady: it stays so, for a miss evicts the oldest
+  unpinned of the lowest segment having one and the new key takes its cell (the
+  segments below are full, so that segment is where libCacheSim admits it), a hit on
+  the top segment restamps its cell, and a hit below trades cells with the oldest of
+  the segment above (that one goes down, the hit up). Per request: a few 4-wide
+  minimum scans of one window, no list walks.
+* lists (more keys): the hooks' queues over flat arrays, queue ``s``'s sentinel being
+  node ``keys + s``. ``mark[key]`` is 2r + 1 for a hit of request r and 2r for its other
+  keys (so ``mark >= 2r`` pins a key). Invariant (of the hooks too): every segment above
+  0 holds at most its share between requests, so a hit's overflow passes at most one
+  expert down per segment and stops at the first segment within its share.
 
 Hooks: state = (segment per key, -1 when absent; the segments' LRU queues from
 policies/_queues.py, oldest first; used and share per segment; sizes).
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ._queues import move_to_tail, oldest_unpinned, queue_head, queues_new, sized_move, sized_remove
-from ._state import list_unlink, no_room
+from ._state import fits_masks, list_unlink, no_room, popcount, request_mask
 from .registry import Hooks, Param, Policy, always_keep
+
+ONE = uint64(1)
+PIN = np.int64(1) << np.int64(62)  # added to the stamp of a key of the request: never the oldest
+NONE = np.iinfo(np.int64).max  # an empty cell
 
 
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, params, seed):
+    if fits_masks(sizes):
+        return simulate_slots(keys, offsets, capacity, int(params[0]))
+    return simulate_lists(keys, offsets, sizes, capacity, int(params[0]))
+
+
+@njit(cache=True, inline="always")
+def cell(i):
+    """``i`` as an index numba needs not wrap around (it is never negative)."""
+    return uint64(i)
+
+
+@njit(cache=True, inline="always")
+def pinned(stamp, step):
+    """``stamp`` plus PIN when its key is in ``step``."""
+    return stamp | np.int64((step >> uint64(stamp & 63)) & ONE) << 62
+
+
+@njit(cache=True, inline="always")
+def window_oldest(stamp, first, width, step):
+    """The smallest of ``stamp[first:first + width]`` (width a multiple of 4), keys of ``step``
+    pinned: four running minimums."""
+    a = b = c = d = NONE
+    for i in range(first, first + width, 4):
+        a = min(a, pinned(stamp[cell(i)], step))
+        b = min(b, pinned(stamp[cell(i + 1)], step))
+        c = min(c, pinned(stamp[cell(i + 2)], step))
+        d = min(d, pinned(stamp[cell(i + 3)], step))
+    return min(min(a, b), min(c, d))
+
+
+@njit(cache=True, inline="always")
+def put(stamp, slot, at, value):
+    """Put the stamp ``value`` into cell ``at``."""
+    stamp[cell(at)] = value
+    slot[cell(value & 63)] = at
+
+
+@njit(cache=True, nogil=True)
+def simulate_slots(keys, offsets, capacity, count):
+    share = capacity // count
+    top = count - 1 if share > 0 else 0  # without a share every expert stays in segment 0
+    full0 = capacity - top * share  # segment 0 once steady, the largest a segment holds
+    shift = 2
+    while (1 << shift) < full0:
+        shift += 1
+    stride = 1 << shift
+    stamp = np.full(count * stride, NONE, np.int64)
+    slot = np.zeros(64, np.int64)
+    n = np.zeros(count, np.int64)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    resident = uint64(0)
+    total = 0
+    clock = 0
+    steady = False
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        if hi - lo > capacity:
+            no_room()
+        step = request_mask(keys, lo, hi)
+        hitm = step & resident
+        hits[r] = popcount(hitm)
+        m = step & ~resident
+        resident |= m
+        while m:  # admissions, ascending
+            key = int(trailing_zeros(m))
+            m &= m - ONE
+            clock += 1
+            if total == capacity:  # the oldest unpinned, from segment 0 up
+                s = 0
+                low = window_oldest(stamp, 0, stride, step)
+                while low >= PIN:
+                    s += 1
+                    low = window_oldest(stamp, s * stride, stride, step)
+                resident ^= ONE << uint64(low & 63)
+                f = slot[cell(low & 63)]
+                if steady:  # the segments below s are full: the new key takes the cell
+                    put(stamp, slot, f, (clock << 6) | key)
+                    continue
+                n[cell(s)] -= 1
+                last = s * stride + n[cell(s)]
+                put(stamp, slot, f, stamp[cell(last)])  # the segment's last cell fills the hole
+                stamp[cell(last)] = NONE
+            else:
+                total += 1
+            s = 0
+            while s < top and n[cell(s)] >= share:
+                s += 1
+            s = s if n[cell(s)] < share else 0
+            put(stamp, slot, s * stride + n[cell(s)], (clock << 6) | key)
+            n[cell(s)] += 1
+            steady = total == capacity and n[0] == full0
+        m = hitm
+        while m:  # accesses, ascending
+            key = int(trailing_zeros(m))
+            m &= m - ONE
+            clock += 1
+            f = slot[cell(key)]
+            s = f >> shift
+            if s == top:
+                stamp[cell(f)] = (clock << 6) | key
+            elif steady or n[cell(s + 1)] >= share:  # trade cells with the oldest of s + 1
+                down = window_oldest(stamp, (s + 1) * stride, stride, uint64(0)) & 63
+                put(stamp, slot, slot[cell(down)], (clock << 6) | key)
+                clock += 1
+                put(stamp, slot, f, (clock << 6) | down)
+            else:
+                n[cell(s)] -= 1
+                last = s * stride + n[cell(s)]
+                put(stamp, slot, f, stamp[cell(last)])
+                stamp[cell(last)] = NONE
+                put(stamp, slot, (s + 1) * stride + n[cell(s + 1)], (clock << 6) | key)
+                n[cell(s + 1)] += 1
+                steady = total == capacity and n[0] == full0
+    return hits
+
+
+@njit(cache=True, nogil=True)
+def simulate_lists(keys, offsets, sizes, capacity, count):
     num_keys = sizes.shape[0]
-    count = int(params[0])
     share = capacity // count
     prev, nxt = queues_new(num_keys, count)
     segment = np.full(num_keys, -1, np.int64)
