@@ -6,7 +6,8 @@ Two exact implementations of the same order, chosen by ``simulate``:
   residents whose last use is request ``t`` (a key leaves its group when it is used
   again). Invariant: the groups partition the residents by last use, so victims are
   whole oldest groups and then the lowest bits (smallest ids) of the next; keys of the
-  current request are only in the newest group, never reached by eviction.
+  current request are only in the newest group, never reached by eviction. Its indices
+  are unsigned (``_index.cell``): numba then skips its negative-index wraparound.
 * stream (any size): the request stream itself is the recency list, its entries being
   in (request, ascending id) order, which is LRU's eviction order. Invariant: entry
   ``j`` is a live resident iff ``latest[keys[j]] == j`` and it lies at or after the
@@ -17,6 +18,7 @@ Two exact implementations of the same order, chosen by ``simulate``:
 import numpy as np
 from numba import njit, uint64
 
+from ._index import cell
 from ._state import fits_masks, lowest_bits, lowest_rank_victim, no_room, popcount
 from .registry import Hooks, Policy, always_keep, no_evict
 
@@ -38,16 +40,16 @@ def simulate_masks(keys, offsets, capacity):
     count = 0
     oldest = 0
     for r in range(num_requests):
-        lo, hi = offsets[r], offsets[r + 1]
+        lo, hi = offsets[cell(r)], offsets[cell(r + 1)]
         step = uint64(0)
         for j in range(lo, hi):
-            key = keys[j]
-            bit = uint64(1) << uint64(key)
+            key = cell(keys[cell(j)])
+            bit = uint64(1) << key
             step |= bit
-            groups[latest[key]] &= ~bit  # the key leaves the group of its last use
+            groups[cell(latest[key])] &= ~bit  # the key leaves the group of its last use
             latest[key] = r
         found = popcount(step & resident)
-        hits[r] = found
+        hits[cell(r)] = found
         misses = hi - lo - found
         evict = count + misses - capacity
         if evict > 0:
@@ -55,16 +57,16 @@ def simulate_masks(keys, offsets, capacity):
                 no_room()
             count -= evict
             while evict > 0:  # whole groups at once, then the lowest bits of the last
-                group = groups[oldest]
+                group = groups[cell(oldest)]
                 take = lowest_bits(group, evict)
                 evict -= popcount(take)
-                groups[oldest] = group ^ take
+                groups[cell(oldest)] = group ^ take
                 resident ^= take
                 if group == take:
                     oldest += 1
         count += misses
         resident |= step
-        groups[r] = step
+        groups[cell(r)] = step
     return hits
 
 
