@@ -31,7 +31,7 @@ Fast kernels (``simulate``, unit sizes), exact to the hooks:
   segments below are full, so that segment is where libCacheSim admits it), a hit on
   the top segment restamps its cell, and a hit below trades cells with the oldest of
   the segment above (that one goes down, the hit up). Per request: a few 4-wide
-  minimum scans of one window, no list walks.
+  minimum scans of one window, no list walks; unsigned indices (``_index.cell``).
 * lists (more keys): the hooks' queues over flat arrays, queue ``s``'s sentinel being
   node ``keys + s``. ``mark[key]`` is 2r + 1 for a hit of request r and 2r for its other
   keys (so ``mark >= 2r`` pins a key). Invariant (of the hooks too): every segment above
@@ -46,6 +46,7 @@ import numpy as np
 from numba import njit, uint64
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from ._index import cell
 from ._queues import move_to_tail, oldest_unpinned, queue_head, queues_new, sized_move, sized_remove
 from ._state import fits_masks, list_unlink, no_room, popcount, request_mask
 from .registry import Hooks, Param, Policy, always_keep
@@ -60,12 +61,6 @@ def simulate(keys, offsets, sizes, capacity, params, seed):
     if fits_masks(sizes):
         return simulate_slots(keys, offsets, capacity, int(params[0]))
     return simulate_lists(keys, offsets, sizes, capacity, int(params[0]))
-
-
-@njit(cache=True, inline="always")
-def cell(i):
-    """``i`` as an index numba needs not wrap around (it is never negative)."""
-    return uint64(i)
 
 
 @njit(cache=True, inline="always")
