@@ -32,6 +32,7 @@ from .replay import replay
 from .requests import Requests
 from .tables import write_table
 from .trace import Trace
+from .trace_format import OPTIONAL_COLUMNS
 from .trace_io import has_weights
 from .validate import check_scope, chosen_capacities, top_capacity
 
@@ -69,7 +70,7 @@ def split_by_sequence(trace: Trace, train_fraction: float = 0.5, seed: int = 0) 
     part, step = is_test[order], trace.step[order]
     new_step = np.concatenate([[0], np.cumsum((np.diff(part) != 0) | (np.diff(step) != 0))]).astype(np.int64)
     arrays = {name: getattr(trace, name)[order] for name in ("experts", "seq", "pos", "token_id", "phase")}
-    for name in ("weights", "logits"):
+    for name in OPTIONAL_COLUMNS:
         if getattr(trace, name) is not None:
             arrays[name] = getattr(trace, name)[order]
     reordered = replace(trace, step=new_step, meta=dict(trace.meta), **arrays)

@@ -11,7 +11,7 @@ import pandas as pd
 from .replay import ReplayResult
 from .timeline import TimelineResult
 from .trace import Trace
-from .trace_format import DECODE, PREFILL
+from .trace_format import DECODE, OPTIONAL_COLUMNS, PREFILL
 from .units import format_bytes
 
 
@@ -47,7 +47,7 @@ def trace_summary(trace: Trace, path: str | Path | None = None, size: int | None
         *_import_steps(meta.get("capture")),
         ("tokens", f"{trace.num_tokens} ({phases[PREFILL]} prefill, {phases[DECODE]} decode)"),
         ("optional columns", ", ".join(
-            c for c in ("weights", "logits")
+            c for c in OPTIONAL_COLUMNS
             if c in (columns or []) or getattr(trace, c) is not None) or "none"),
     ]
     if size is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import TraceError
-from .trace_format import DECODE, MAX_EXPERTS, PREFILL, build_meta, check_meta
+from .trace_format import DECODE, MAX_EXPERTS, NO_NEXT_LAYER, PREFILL, build_meta, check_meta
 from .trace_io import read_columns, save_trace
 
 
@@ -30,6 +30,11 @@ class Trace:
     layer (model layer ``layers[l]``), in the router's rank order. Tokens sharing a
     ``step`` value are served together (a prefill chunk or a batch). Treat a trace as
     immutable: the step sets built for replay are cached on it.
+
+    Optional, same shape as ``experts``: ``weights`` (the gate weights), ``lookahead``
+    (the experts the NEXT MoE layer's router picks from this layer's router input, rank
+    order; -1 throughout the last MoE layer) and ``lookahead_weights``. ``logits``:
+    (tokens, layers, E) router scores.
     """
 
     experts: np.ndarray
@@ -41,6 +46,8 @@ class Trace:
     meta: dict[str, Any]
     weights: np.ndarray | None = None
     logits: np.ndarray | None = None
+    lookahead: np.ndarray | None = None
+    lookahead_weights: np.ndarray | None = None
     source: str = field(default="<memory>")
     cache: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -63,6 +70,8 @@ class Trace:
         phase: np.ndarray | None = None,
         token_id: np.ndarray | None = None,
         logits: np.ndarray | None = None,
+        lookahead: np.ndarray | None = None,
+        lookahead_weights: np.ndarray | None = None,
     ) -> Trace:
         """A trace from an int array (tokens, layers, K); by default one decode step per token.
 
@@ -87,6 +96,9 @@ class Trace:
             meta=build_meta(num_experts, top_k, layers, expert_bytes, meta),
             weights=None if weights is None else np.asarray(weights, np.float32),
             logits=None if logits is None else np.asarray(logits, np.float16),
+            lookahead=None if lookahead is None else _as_ids(np.asarray(lookahead), "<memory>"),
+            lookahead_weights=(None if lookahead_weights is None
+                               else np.asarray(lookahead_weights, np.float32)),
         )
 
     # -- shape and metadata -------------------------------------------------------
@@ -147,13 +159,15 @@ class Trace:
         return save_trace(self, path, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, weights: bool = True, logits: bool = False) -> Trace:
+    def load(cls, path: str | os.PathLike, *, weights: bool = True, logits: bool = False,
+             lookahead: bool = True) -> Trace:
         """Read and validate a trace file (or the part folder of an interrupted capture).
 
-        ``weights=False`` and ``logits=False`` skip those columns, so replaying a large
-        trace only reads the expert ids.
+        ``weights=False``, ``logits=False`` and ``lookahead=False`` skip those columns
+        (``weights=False`` also skips ``lookahead_weights``), so replaying a large trace
+        only reads the expert ids. ``lookahead`` is read when the file has it.
         """
-        return cls(**read_columns(path, weights=weights, logits=logits))
+        return cls(**read_columns(path, weights=weights, logits=logits, lookahead=lookahead))
 
 
 def _as_ids(experts: np.ndarray, source: str) -> np.ndarray:
@@ -214,13 +228,7 @@ def _validate(trace: Trace) -> None:
         where = np.argwhere(ex == high)[0]
         raise TraceError(f"{src}: expert id {high} >= num_experts {num_experts} "
                          f"(token {where[0]}, layer {layers[where[1]]})")
-    if top_k > 1:
-        ordered = np.sort(ex, axis=2)
-        dup = np.argwhere((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2))
-        if len(dup):
-            t, li = dup[0]
-            raise TraceError(f"{src}: duplicate expert id in one row "
-                             f"(token {t}, layer {layers[li]}: {ex[t, li].tolist()})")
+    _check_distinct(ex, "", layers, src)
     back = np.flatnonzero(np.diff(trace.step) < 0)
     if len(back):
         at = back[0] + 1
@@ -234,3 +242,44 @@ def _validate(trace: Trace) -> None:
     if trace.logits is not None and trace.logits.shape != (n, num_layers, num_experts):
         expected = (n, num_layers, num_experts)
         raise TraceError(f"{src}: logits have shape {trace.logits.shape}, expected {expected}")
+    _validate_lookahead(trace, layers)
+
+
+def _check_distinct(ids: np.ndarray, column: str, layers: list[int], src: str) -> None:
+    """TraceError at the first row of ``ids`` (tokens, layers, K) holding an id twice."""
+    if ids.shape[2] < 2:
+        return
+    ordered = np.sort(ids, axis=2)
+    dup = np.argwhere((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2))
+    if len(dup):
+        t, li = dup[0]
+        raise TraceError(f"{src}: duplicate expert id in one {column}row "
+                         f"(token {t}, layer {layers[li]}: {ids[t, li].tolist()})")
+
+
+def _validate_lookahead(trace: Trace, layers: list[int]) -> None:
+    """``lookahead``: the experts' shape, ids in [0, E) but -1 throughout the last MoE layer."""
+    src, ahead, shape = trace.source, trace.lookahead, trace.experts.shape
+    if ahead is None:
+        if trace.lookahead_weights is not None:
+            raise TraceError(f"{src}: lookahead_weights without a lookahead column")
+        return
+    for name, values in (("lookahead", ahead), ("lookahead_weights", trace.lookahead_weights)):
+        if values is not None and values.shape != shape:
+            raise TraceError(f"{src}: {name} has shape {values.shape}, experts {shape}")
+    if not shape[0]:
+        return
+    last = ahead[:, -1]
+    if np.any(last != NO_NEXT_LAYER):
+        t = int(np.argwhere(last != NO_NEXT_LAYER)[0][0])
+        raise TraceError(f"{src}: lookahead of the last MoE layer (layer {layers[-1]}) must be "
+                         f"{NO_NEXT_LAYER} (no next layer), got {last[t].tolist()} (token {t})")
+    known = ahead[:, :-1]
+    bad = np.argwhere((known < 0) | (known >= trace.num_experts))
+    if len(bad):
+        t, li, k = bad[0]
+        value = int(known[t, li, k])
+        why = (f"{NO_NEXT_LAYER} (no next layer) before the last MoE layer" if value == NO_NEXT_LAYER
+               else f"outside [0, num_experts {trace.num_experts})")
+        raise TraceError(f"{src}: lookahead id {value} is {why} (token {t}, layer {layers[li]})")
+    _check_distinct(known, "lookahead ", layers, src)

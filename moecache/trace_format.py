@@ -24,7 +24,12 @@ PHASES = ("prefill", "decode")
 PREFILL, DECODE = 0, 1
 """Codes of the phases in memory: indices into :data:`PHASES`."""
 REQUIRED_COLUMNS = ("seq", "step", "token", "pos", "token_id", "phase", "layer", "experts")
-"""Columns every trace file has, in file order; ``weights`` and ``logits`` are optional."""
+"""Columns every trace file has, in file order; :data:`OPTIONAL_COLUMNS` may follow."""
+OPTIONAL_COLUMNS = ("weights", "logits", "lookahead", "lookahead_weights")
+"""Optional columns, in file order. ``lookahead``: the experts the next MoE layer's router
+picks from this layer's router input (-1 in the last MoE layer: no next layer)."""
+NO_NEXT_LAYER = -1
+"""``lookahead`` id of the last MoE layer."""
 PARQUET_MAGIC = b"PAR1"
 """First and last four bytes of a complete Parquet file."""
 MAX_EXPERTS = 2**15  # ids are int16
@@ -32,7 +37,8 @@ MAX_BYTES = 2**63 - 1  # sizes are summed as int64
 PHASE_TYPE = pa.dictionary(pa.int8(), pa.string())
 
 
-def schema(meta: dict[str, Any], *, with_weights: bool, with_logits: bool) -> pa.Schema:
+def schema(meta: dict[str, Any], *, with_weights: bool, with_logits: bool, with_lookahead: bool = False,
+           with_lookahead_weights: bool = False) -> pa.Schema:
     """Arrow schema of trace format v1 for the given metadata."""
     fields = [
         pa.field("seq", pa.int32(), nullable=False),
@@ -48,6 +54,10 @@ def schema(meta: dict[str, Any], *, with_weights: bool, with_logits: bool) -> pa
         fields.append(pa.field("weights", pa.list_(pa.float32(), int(meta["top_k"]))))
     if with_logits:
         fields.append(pa.field("logits", pa.list_(pa.float16(), int(meta["num_experts"]))))
+    if with_lookahead:
+        fields.append(pa.field("lookahead", pa.list_(pa.int16(), int(meta["top_k"]))))
+    if with_lookahead_weights:
+        fields.append(pa.field("lookahead_weights", pa.list_(pa.float32(), int(meta["top_k"]))))
     return pa.schema(fields, metadata={META_KEY: meta_json(meta)})
 
 

@@ -36,6 +36,7 @@ from .trace_format import (
     DECODE,
     FORMAT_VERSION,
     META_KEY,
+    OPTIONAL_COLUMNS,
     PARQUET_MAGIC,
     PHASES,
     REQUIRED_COLUMNS,
@@ -102,11 +103,11 @@ def save_trace(trace: Trace, path: str | os.PathLike, *, overwrite: bool = True)
     path = Path(path)
     with output_lock(path):
         check_output(path, overwrite=overwrite)
+        optional = {name: getattr(trace, name) for name in OPTIONAL_COLUMNS}
         table = _arrow_table(
-            schema(trace.meta, with_weights=trace.weights is not None, with_logits=trace.logits is not None),
+            _schema(trace.meta, [name for name, values in optional.items() if values is not None]),
             trace.layers.astype(np.int16), experts=trace.experts, step=trace.step, seq=trace.seq,
-            pos=trace.pos, phase=trace.phase, token_id=trace.token_id, weights=trace.weights,
-            logits=trace.logits)
+            pos=trace.pos, phase=trace.phase, token_id=trace.token_id, **optional)
         with atomic_write(path) as tmp:
             pq.write_table(table, tmp, **_WRITE_OPTIONS)
     return path
@@ -127,6 +128,7 @@ class TraceWriter:
         *,
         with_weights: bool = False,
         with_logits: bool = False,
+        with_lookahead: bool = False,
         overwrite: bool = False,
         flush_tokens: int = 65536,
         flush_seconds: float = 2.0,
@@ -134,11 +136,12 @@ class TraceWriter:
         self.path = Path(path)
         self.meta = dict(meta)
         self.layers = np.asarray(meta["moe_layers"], dtype=np.int16)
-        self.with_weights, self.with_logits = with_weights, with_logits
+        self.optional = [name for name, wanted in zip(
+            OPTIONAL_COLUMNS, (with_weights, with_logits, with_lookahead, with_lookahead), strict=True)
+            if wanted]
         self.flush_tokens, self.flush_seconds = flush_tokens, flush_seconds
         self.parts = parts_dir(self.path)
-        self._schema = schema({**self.meta, "partial": True}, with_weights=with_weights,
-                              with_logits=with_logits)
+        self._schema = _schema({**self.meta, "partial": True}, self.optional)
         self._lock = contextlib.ExitStack()
         with contextlib.ExitStack() as failed:
             failed.callback(self._lock.close)
@@ -175,6 +178,8 @@ class TraceWriter:
         token_id: np.ndarray | None = None,
         weights: np.ndarray | None = None,
         logits: np.ndarray | None = None,
+        lookahead: np.ndarray | None = None,
+        lookahead_weights: np.ndarray | None = None,
     ) -> None:
         """Append tokens: ``experts`` (n, layers, K) and per-token columns of length n."""
         n = len(experts)
@@ -183,7 +188,9 @@ class TraceWriter:
         step = np.asarray(step, np.int64)
         if step[0] < self.last_step or np.any(np.diff(step) < 0):
             raise TraceError(f"{self.path}: steps must be written in ascending order")
-        if (weights is not None) != self.with_weights or (logits is not None) != self.with_logits:
+        optional = {"weights": weights, "logits": logits, "lookahead": lookahead,
+                    "lookahead_weights": lookahead_weights}
+        if [name for name in OPTIONAL_COLUMNS if optional[name] is not None] != self.optional:
             raise TraceError(f"{self.path}: every block must carry the same optional columns")
         if np.shape(experts)[1] != len(self.layers):
             raise TraceError(f"{self.path}: block has {np.shape(experts)[1]} layers, "
@@ -193,8 +200,8 @@ class TraceWriter:
             "seq": np.asarray(seq, np.int32), "pos": np.asarray(pos, np.int32),
             "phase": np.asarray(phase, np.int8),
             "token_id": None if token_id is None else np.asarray(token_id, np.int32),
-            "weights": None if weights is None else np.asarray(weights, np.float32),
-            "logits": None if logits is None else np.asarray(logits, np.float16),
+            **{name: None if values is None else np.asarray(values, _OPTIONAL_TYPES[name])
+               for name, values in optional.items()},
         })
         self._buffered += n
         self.last_step = int(step[-1])
@@ -249,10 +256,20 @@ class TraceWriter:
         return self.path
 
 
+_OPTIONAL_TYPES = {"weights": np.float32, "logits": np.float16, "lookahead": np.int16,
+                   "lookahead_weights": np.float32}
+
+
+def _schema(meta: dict[str, Any], optional: list[str]) -> pa.Schema:
+    """The format's schema with the ``optional`` columns."""
+    return schema(meta, **{f"with_{name}": name in optional for name in OPTIONAL_COLUMNS})
+
+
 def _arrow_table(table_schema: pa.Schema, layers: np.ndarray, *, experts: np.ndarray, step: np.ndarray,
                  seq: np.ndarray, pos: np.ndarray, phase: np.ndarray, token_id: np.ndarray | None,
-                 weights: np.ndarray | None, logits: np.ndarray | None, first_token: int = 0) -> pa.Table:
-    """Rows of format v1 for dense per-token arrays (tokens numbered from ``first_token``)."""
+                 first_token: int = 0, **optional: np.ndarray | None) -> pa.Table:
+    """Rows of format v1 for dense per-token arrays (tokens numbered from ``first_token``);
+    ``optional`` maps the names of :data:`OPTIONAL_COLUMNS` to arrays (n, layers, width) or None."""
     n, num_layers, top_k = experts.shape
     rows = n * num_layers
 
@@ -273,12 +290,10 @@ def _arrow_table(table_schema: pa.Schema, layers: np.ndarray, *, experts: np.nda
         "experts": pa.FixedSizeListArray.from_arrays(
             pa.array(np.asarray(experts, np.int16).reshape(-1)), top_k),
     }
-    if weights is not None:
-        columns["weights"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(np.asarray(weights, np.float32).reshape(-1)), top_k)
-    if logits is not None:
-        columns["logits"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(np.asarray(logits, np.float16).reshape(-1)), logits.shape[2])
+    for name, values in optional.items():
+        if values is not None:
+            columns[name] = pa.FixedSizeListArray.from_arrays(
+                pa.array(np.asarray(values, _OPTIONAL_TYPES[name]).reshape(-1)), values.shape[2])
     return pa.Table.from_pydict(columns, schema=table_schema)
 
 
@@ -356,14 +371,15 @@ def _read_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
 def _check_columns(pf: pq.ParquetFile, columns: list[str], meta: dict[str, Any], source: str) -> None:
     """Each column read must have its format v1 type: ids of another type (int64, float)
     would otherwise be cast without a word. Phase is checked by value."""
-    wanted = schema(meta, with_weights=True, with_logits=True)
+    wanted = _schema(meta, list(OPTIONAL_COLUMNS))
     for name in columns:
         if name == "phase":
             continue
         actual, expected = pf.schema_arrow.field(name).type, wanted.field(name).type
         if actual == expected:
             continue
-        if (name in ("experts", "weights") and pa.types.is_fixed_size_list(actual)
+        if (name in ("experts", "weights", "lookahead", "lookahead_weights")
+                and pa.types.is_fixed_size_list(actual)
                 and actual.value_type == expected.value_type):
             raise TraceError(f"{source}: inconsistent K: {name} column is {actual}, "
                              f"metadata top_k={meta['top_k']}")
@@ -377,9 +393,11 @@ def _type_name(kind: pa.DataType) -> str:
     return str(kind)
 
 
-def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool = False) -> dict[str, Any]:
+def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool = False,
+                 lookahead: bool = True) -> dict[str, Any]:
     """The fields of a :class:`~moecache.trace.Trace` read from a trace file (or part folder):
-    only the columns asked for, one row group at a time. ``Trace.load`` validates them."""
+    only the columns asked for, one row group at a time (``lookahead``: that column if the
+    file has it, and its weights too with ``weights``). ``Trace.load`` validates them."""
     files, meta, source = open_parquet_files(path)
     names = set(files[0].schema_arrow.names)
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
@@ -391,6 +409,8 @@ def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool 
     num_layers = len(meta["moe_layers"])
     columns = list(REQUIRED_COLUMNS)
     columns += ["weights"] * (weights and "weights" in names) + ["logits"] * logits
+    columns += ["lookahead"] * (lookahead and "lookahead" in names)
+    columns += ["lookahead_weights"] * (lookahead and weights and "lookahead_weights" in names)
     chunks: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     try:
         for pf in files:
@@ -436,6 +456,8 @@ def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool 
         meta=meta,
         weights=grid("weights", top_k),
         logits=grid("logits", int(meta["num_experts"])),
+        lookahead=grid("lookahead", top_k),
+        lookahead_weights=grid("lookahead_weights", top_k),
         source=source,
     )
 
@@ -454,8 +476,9 @@ def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
     if name == "token_id":
         return col.fill_null(-1).to_numpy(zero_copy_only=False)
     if pa.types.is_fixed_size_list(col.type):
-        if name == "experts" and (col.null_count or col.flatten().null_count):
-            raise TraceError(f"{source}: null expert id in some row")
+        if name in ("experts", "lookahead") and (col.null_count or col.flatten().null_count):
+            where = "" if name == "experts" else f" of {name}"
+            raise TraceError(f"{source}: null expert id in some row{where}")
         if col.null_count:
             col = col.fill_null(pa.scalar([float("nan")] * col.type.list_size, col.type))
         return col.flatten().to_numpy(zero_copy_only=False)
