@@ -170,6 +170,8 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16 or bfloat16.")
 @click.option("--save-logits", is_flag=True, help="Also store full router scores (for rerouting).")
+@click.option("--lookahead", is_flag=True, help="Also record the experts the next MoE layer's router "
+              "picks from each MoE layer's input (for --prefetch lookahead-gate).")
 @click.option("--router-label", help="Router name in the metadata [default: remoe for a folder from "
               "`remoe finetune`, else baseline].")
 @click.option("--limit", type=COUNT, help="Use only the first N prompts.")
@@ -177,8 +179,8 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
 @force_option("Overwrite an existing trace.")
 def capture_command(model: str, prompts: str, out: str | None, mode: str, max_new_tokens: int,
                     batch_size: int, sample: bool, seed: int, device: str, dtype: str,
-                    save_logits: bool, router_label: str | None, limit: int | None, chat_template: bool,
-                    force: bool) -> None:
+                    save_logits: bool, lookahead: bool, router_label: str | None, limit: int | None,
+                    chat_template: bool, force: bool) -> None:
     """Run a local Hugging Face MoE MODEL over prompts and record its routing as a trace.
 
     Ctrl-C or SIGTERM stops cleanly: the trace then holds every completed step and is
@@ -191,7 +193,8 @@ def capture_command(model: str, prompts: str, out: str | None, mode: str, max_ne
     try:
         written = capture(model, prompts, target, mode=mode, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, do_sample=sample, seed=seed, device=device,
-                          dtype=dtype, save_logits=save_logits, router_label=router_label,
+                          dtype=dtype, save_logits=save_logits, lookahead=lookahead,
+                          router_label=router_label,
                           limit=limit, chat_template=chat_template, overwrite=force)
     except KeyboardInterrupt:
         if target.exists():

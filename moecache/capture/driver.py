@@ -20,7 +20,8 @@ Two modes:
 Rows: ``seq`` is the prompt's index (after ``limit``), ``pos`` the token's position in
 its sequence (prompt tokens first, BOS included), ``token_id`` the token fed to the
 model. Experts are what each layer's router returned (see :mod:`.routers`), ordered by
-descending gate weight.
+descending gate weight. With ``lookahead`` the ``lookahead`` columns hold what the next
+MoE layer's router returns for this layer's router input (see :mod:`.recorder`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def capture(
     device: str = "auto",
     dtype: str = "auto",
     save_logits: bool = False,
+    lookahead: bool = False,
     router_label: str | None = None,
     limit: int | None = None,
     chat_template: bool = False,
@@ -80,7 +82,9 @@ def capture(
     Options map to ``moecache capture``: MODEL, --prompts, --out, --mode,
     --max-new-tokens, --batch-size, --sample/--greedy (``do_sample``), --seed,
     --device auto|cpu|cuda, --dtype auto|float32|float16|bfloat16, --save-logits
-    (store each router's full scores, float16), --router-label (default: "remoe" for a
+    (store each router's full scores, float16), --lookahead (also record the experts,
+    and their weights, that the next MoE layer's router picks from each MoE layer's
+    router input: the signal of gate-lookahead prefetchers), --router-label (default: "remoe" for a
     folder written by ``moecache remoe finetune``, i.e. holding remoe.json, else
     "baseline"), --limit,
     --chat-template (wrap each prompt as a user message of the tokenizer's chat
@@ -100,7 +104,7 @@ def capture(
     return capture_model(
         model, tokenizer, prompt_set, out, mode=mode, max_new_tokens=max_new_tokens,
         batch_size=batch_size, do_sample=do_sample, seed=seed, save_logits=save_logits,
-        router_label=router_label, chat_template=chat_template, overwrite=overwrite,
+        lookahead=lookahead, router_label=router_label, chat_template=chat_template, overwrite=overwrite,
         progress=progress, model_name=str(model_path))
 
 
@@ -116,6 +120,7 @@ def capture_model(
     do_sample: bool = False,
     seed: int = 0,
     save_logits: bool = False,
+    lookahead: bool = False,
     router_label: str = "baseline",
     limit: int | None = None,
     chat_template: bool = False,
@@ -141,15 +146,15 @@ def capture_model(
     meta = _meta(model, info, prompt_set, mode=mode, max_new_tokens=max_new_tokens,
                  batch_size=batch_size, do_sample=do_sample, seed=seed,
                  chat_template=chat_template, router_label=router_label,
-                 model_name=model_name, eos=eos)
+                 model_name=model_name, eos=eos, lookahead=lookahead)
     seed_torch(seed)
     session_type = _GenerateSession if mode == "generate" else _ForwardSession
     total = None if mode == "generate" else sum(len(t) for t in token_lists)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"capture {mode}",
                disable=not progress, dynamic_ncols=True)
     with (bar, TraceWriter(out, meta, with_weights=True, with_logits=save_logits,
-                           overwrite=overwrite) as writer,
-          RoutingRecorder(info.sites, with_logits=save_logits) as recorder):
+                           with_lookahead=lookahead, overwrite=overwrite) as writer,
+          RoutingRecorder(info.sites, with_logits=save_logits, lookahead=lookahead) as recorder):
         session = session_type(model, tokenizer, recorder, writer, bar, eos=eos,
                                max_new_tokens=max_new_tokens, do_sample=do_sample)
         try:
@@ -269,10 +274,11 @@ class _Session:
                token_id, phase) -> None:
         if not len(keep):
             return
+        optional = {name: arrays[name][keep] if name in arrays else None
+                    for name in ("logits", "lookahead", "lookahead_weights")}
         self.writer.write(
             arrays["experts"][keep], step=step, seq=seq, pos=pos, token_id=token_id,
-            phase=phase, weights=arrays["weights"][keep],
-            logits=arrays["logits"][keep] if "logits" in arrays else None)
+            phase=phase, weights=arrays["weights"][keep], **optional)
         self.bar.update(len(keep))
 
     def _process(self, count: int) -> None:
@@ -503,7 +509,7 @@ def _pad_id(model, tokenizer) -> int:
 
 
 def _meta(model, info, prompts: Prompts, *, mode, max_new_tokens, batch_size, do_sample, seed,
-          chat_template, router_label, model_name, eos) -> dict[str, Any]:
+          chat_template, router_label, model_name, eos, lookahead) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -531,6 +537,7 @@ def _meta(model, info, prompts: Prompts, *, mode, max_new_tokens, batch_size, do
             "do_sample": bool(do_sample),
             "seed": seed,
             "chat_template": bool(chat_template),
+            "lookahead": bool(lookahead),
             "eos_token_id": [int(e) for e in eos],
             "device": str(input_device(model)),
             "router_module": info.router_class,
