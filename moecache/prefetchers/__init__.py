@@ -45,6 +45,9 @@ def plan(name: str, view: Lookahead) -> Prefetch:
         raise MoecacheError(f"prefetch depth must be at least 1 MoE layer, got {view.depth}")
     if view.budget < 1:
         raise MoecacheError(f"prefetch budget must be at least 1 expert per layer, got {view.budget}")
+    if record.fixed_depth is not None and view.depth != record.fixed_depth:
+        raise MoecacheError(f"prefetcher {name} runs at depth {record.fixed_depth} only (its signal "
+                            f"exists that far ahead), got depth {view.depth}")
     if record.max_depth_layers and view.depth > view.requests.num_layers:
         raise MoecacheError(f"prefetcher {name}: depth {view.depth} is more than the trace's "
                             f"{view.requests.num_layers} MoE layers (its signal is not known that early)")

@@ -32,7 +32,8 @@ class Prefetcher:
     """A registered prefetcher: ``batches(view)`` gives one batch per position (at most
     ``view.budget`` experts, most wanted first), from what is known ``view.depth``
     positions earlier. ``max_depth_layers``: its signal is known at most one step ahead;
-    ``needs_training``: it is fitted on the training steps."""
+    ``needs_training``: it is fitted on the training steps; ``fixed_depth``: the only depth
+    it runs at (its signal exists exactly that many positions ahead)."""
 
     name: str
     description: str
@@ -40,3 +41,4 @@ class Prefetcher:
     source: str
     needs_training: bool = False
     max_depth_layers: bool = False
+    fixed_depth: int | None = None
