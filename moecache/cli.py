@@ -55,6 +55,7 @@ from .timeline_plot import timeline_figure
 from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
 from .units import INT64_MAX, parse_int_list
+from .validate import check_policy
 
 POLICY_HELP = (f"Replacement policy, NAME or NAME:PARAM=VALUE,... ({', '.join(POLICIES)}), or a "
                "PythonPolicy in a file, FILE.py:CLASS[:PARAM=VALUE,...].")
@@ -87,7 +88,7 @@ def cli() -> None:
 @click.argument("trace", type=click.Path(dir_okay=True))
 def info(trace: str) -> None:
     """Describe a trace: model, layers, experts, K, steps, tokens, size on disk."""
-    loaded = Trace.load(trace, weights=False)
+    loaded = Trace.load(trace, weights=False, lookahead=False)
     files, _, _ = open_parquet_files(trace)
     size, id_bytes = storage_stats(trace)
     click.echo(trace_summary(loaded, trace, size, id_bytes, files[0].schema_arrow.names))
@@ -110,7 +111,7 @@ def replay_command(trace: str, policy: str, capacity: int | None, memory: int | 
     """Simulate an expert cache over TRACE and report hit rate, reuse and miss I/O."""
     if capacity is None and memory is None:
         raise MoecacheError("give --capacity N (experts) or --memory SIZE (bytes)")
-    loaded = Trace.load(trace, weights=False)
+    loaded = Trace.load(trace, weights=_reads_scores(policy), lookahead=False)
     result = replay(loaded, policy, capacity, scope, memory=memory, bandwidth=bandwidth,
                     latency=latency, per_token=per_token, seed=seed)
     if as_json:
@@ -141,7 +142,8 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
                   latency: float, per_token: bool, seed: int, out: str | None, force: bool,
                   as_json: bool) -> None:
     """Metrics at every capacity: one pass for lru, lfu and opt."""
-    frame = curve(Trace.load(trace, weights=False), policy, scope, capacities=capacities,
+    frame = curve(Trace.load(trace, weights=_reads_scores(policy), lookahead=False), policy, scope,
+                  capacities=capacities,
                   per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed)
     frame.insert(0, "trace", trace)
     if out:
@@ -339,6 +341,11 @@ def sweep_command(traces: tuple[str, ...], policies: str, scopes: str, capacitie
     click.echo(f"wrote {parquet} and {csv}: {len(table)} rows")
 
 
+def _reads_scores(policy: str) -> bool:
+    """Whether ``policy`` reads the router weights (load them only then)."""
+    return check_policy(policy).policy.needs_scores
+
+
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -447,7 +454,8 @@ def compare_command(base: str, remoe: str, capacities: str, policies: str, scope
                     hardware: str, per_token: bool, out: str | None, force: bool, as_json: bool) -> None:
     """Baseline router against a ReMoE router: reuse, hit rates, bytes and I/O per token, and
     predicted decode time per hardware profile."""
-    frame = compare(Trace.load(base, weights=False), Trace.load(remoe, weights=False),
+    frame = compare(Trace.load(base, weights=False, lookahead=False),
+                    Trace.load(remoe, weights=False, lookahead=False),
                     capacities=capacities, policies=_names(policies), scope=scope,
                     bandwidths=_names(bandwidths), compute_ms=compute_ms, per_token=per_token,
                     latency=latency, hardware=_names(hardware), model=model, dtype=dtype)

@@ -289,7 +289,7 @@ def _same_file(name: str, path: Path, base_dir: Path | None) -> bool:
 
 
 def _load_trace(path: Path) -> Trace:
-    return Trace.load(path, weights=False)
+    return Trace.load(path, weights=False, lookahead=False)
 
 
 def _label(series: list[_Series]) -> None:

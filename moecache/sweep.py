@@ -50,14 +50,14 @@ class SweepSettings:
 
 
 @lru_cache(maxsize=8)
-def _load(path: str, per_token: bool) -> tuple[Trace, Requests]:
-    trace = Trace.load(path, weights=False)
+def _load(path: str, per_token: bool, weights: bool) -> tuple[Trace, Requests]:
+    trace = Trace.load(path, weights=weights, lookahead=False)
     return trace, Requests.from_trace(trace, per_token=per_token)
 
 
 def run_cell(path: str, policy: str, scope: str, settings: SweepSettings) -> pd.DataFrame:
     """All capacities of one (trace, policy, scope), with the trace's metadata columns."""
-    trace, req = _load(path, settings.per_token)
+    trace, req = _load(path, settings.per_token, check_policy(policy).policy.needs_scores)
     checked = plan_range(trace, policy, scope, capacities=settings.capacities, skip_invalid=True,
                          requests=req)
     if not checked.capacities:
@@ -117,7 +117,7 @@ def sweep(
     if resume and overwrite:
         raise MoecacheError("--resume keeps an existing table and --force replaces it: pass one of them")
     # fail fast, before any work, on a bad trace; the largest trace bounds the capacities
-    loaded = [Trace.load(path, weights=False) for path in traces]
+    loaded = [Trace.load(path, weights=False, lookahead=False) for path in traces]
     if capacities is not None:
         capacities = tuple(chosen_capacities(
             capacities, max(top_capacity(trace, scope) for trace in loaded for scope in scopes)))

@@ -46,6 +46,7 @@ from .replay import replay
 from .requests import Requests
 from .timeline import TimelineResult, timeline
 from .trace import Trace
+from .trace_format import OPTIONAL_COLUMNS
 
 ALIGN = 4096  # O_DIRECT offsets, sizes and buffers are multiples of this
 MAX_FILE_BYTES = 256 * 2**20  # the default expert size keeps the file at most this large
@@ -611,7 +612,7 @@ def first_steps(trace: Trace, steps: int) -> Trace:
     end = int(trace.step_starts()[min(steps, trace.num_steps)])
     names = ("experts", "step", "seq", "pos", "token_id", "phase")
     cut = {name: getattr(trace, name)[:end] for name in names}
-    for name in ("weights", "logits"):
+    for name in OPTIONAL_COLUMNS:
         if getattr(trace, name) is not None:
             cut[name] = getattr(trace, name)[:end]
     return replace(trace, **cut)

@@ -201,3 +201,18 @@ def test_huge_expert_sizes_are_errors_not_overflows(tmp_path):
                           (["--memory", "8e18", "--scope", "global"], "holds only 2 experts of layer 0")]:
         code, out, err = run("replay", path, *args)
         assert (code, out) == (2, "") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_replay_curve_sweep_read_weights_for_policies_that_score(tmp_path):
+    """replay, curve and sweep load the router weights when the policy reads them."""
+    trace = mc.synth(layers=2, experts=8, top_k=2, tokens=60, logits=True, seed=2)
+    path = trace.save(tmp_path / "w.parquet")
+    runner = CliRunner()
+    replayed = runner.invoke(cli, ["replay", str(path), "-p", "score-lru", "--capacity", "4", "--json"])
+    assert replayed.exit_code == 0, replayed.output
+    assert json.loads(replayed.output)["hits"] == mc.replay(trace, "score-lru", 4).hits
+    curved = runner.invoke(cli, ["curve", str(path), "-p", "score-lru", "--capacities", "4", "--json"])
+    assert curved.exit_code == 0, curved.output
+    swept = runner.invoke(cli, ["sweep", str(path), "--policies", "score-lru", "--capacities", "4",
+                                "--out", str(tmp_path / "s")])
+    assert swept.exit_code == 0, swept.output

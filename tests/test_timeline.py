@@ -326,3 +326,4 @@ def test_recorded_events_and_figure(tmp_path):
     assert written == [tmp_path / "g.png"] and (tmp_path / "g.png").stat().st_size > 1000
     with pytest.raises(MoecacheError, match="by its suffix"):
         timeline_figure(r, tmp_path / "g.bmp")
+
