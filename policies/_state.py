@@ -16,6 +16,8 @@ makes room for all of them.
 import numpy as np
 from numba import njit
 
+from ._index import cell
+
 
 @njit(cache=True)
 def no_room():
@@ -148,7 +150,7 @@ def fits_masks(sizes):
 def request_mask(keys, lo, hi):
     mask = np.uint64(0)
     for j in range(lo, hi):
-        mask |= np.uint64(1) << np.uint64(keys[j])
+        mask |= np.uint64(1) << np.uint64(keys[cell(j)])
     return mask
 
 
