@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from .errors import TraceError
 from .trace_format import DECODE, MAX_EXPERTS, NO_NEXT_LAYER, PREFILL, build_meta, check_meta
@@ -245,14 +246,28 @@ def _validate(trace: Trace) -> None:
     _validate_lookahead(trace, layers)
 
 
+@njit(cache=True, nogil=True)
+def _first_repeat(rows, num_ids):
+    """The first row of ``rows`` (R, K) (ids in [0, num_ids)) holding an id twice, -1 if none.
+    Invariant: ``seen[e] == r + 1`` iff id e already appeared in row r."""
+    seen = np.zeros(num_ids, np.int64)
+    for r in range(rows.shape[0]):
+        for k in range(rows.shape[1]):
+            e = rows[r, k]
+            if seen[e] == r + 1:
+                return r
+            seen[e] = r + 1
+    return -1
+
+
 def _check_distinct(ids: np.ndarray, column: str, layers: list[int], src: str) -> None:
-    """TraceError at the first row of ``ids`` (tokens, layers, K) holding an id twice."""
-    if ids.shape[2] < 2:
+    """TraceError at the first row of ``ids`` (tokens, layers, K), ids in [0, 2**15),
+    holding an id twice."""
+    if ids.shape[2] < 2 or not ids.size:
         return
-    ordered = np.sort(ids, axis=2)
-    dup = np.argwhere((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2))
-    if len(dup):
-        t, li = dup[0]
+    row = _first_repeat(ids.reshape(-1, ids.shape[2]), MAX_EXPERTS)
+    if row >= 0:
+        t, li = divmod(int(row), ids.shape[1])
         raise TraceError(f"{src}: duplicate expert id in one {column}row "
                          f"(token {t}, layer {layers[li]}: {ids[t, li].tolist()})")
 

@@ -465,14 +465,17 @@ def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool 
 def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
     """One column of a row group as a flat NumPy array (lists flattened)."""
     col = table.column(name).combine_chunks()
-    if name == "phase":
-        text = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
-        values = np.asarray(text.to_pylist(), dtype=object)
-        unknown = set(values.tolist()) - set(PHASES)
+    if name == "phase":  # codes through the (small) dictionary, never a Python string per row
+        coded = col if pa.types.is_dictionary(col.type) else col.dictionary_encode()
+        words = coded.dictionary.to_pylist()
+        indices = coded.indices.fill_null(len(words)).to_numpy(zero_copy_only=False)
+        used = np.unique(indices)
+        unknown = sorted(str(words[i]) if i < len(words) else "None" for i in used
+                         if i >= len(words) or words[i] not in PHASES)
         if unknown:
-            first = sorted(map(str, unknown))[0]
-            raise TraceError(f"{source}: unknown phase {first!r} (expected prefill or decode)")
-        return (values == PHASES[DECODE]).astype(np.int8)
+            raise TraceError(f"{source}: unknown phase {unknown[0]!r} (expected prefill or decode)")
+        is_decode = np.array([word == PHASES[DECODE] for word in words] + [False], np.int8)
+        return is_decode[indices]
     if name == "token_id":
         return col.fill_null(-1).to_numpy(zero_copy_only=False)
     if pa.types.is_fixed_size_list(col.type):
