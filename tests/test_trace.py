@@ -123,6 +123,15 @@ def _set_experts(table, values):
     return table.set_column(table.schema.get_field_index("experts"), "experts", column)
 
 
+def _set_phase(table, value, dictionary):
+    """The trace with row 7's phase set to ``value``, as a dictionary or a plain string column."""
+    phases = table.column("phase").cast(pa.string()).to_pylist()
+    phases[7] = value
+    column = pa.array(phases, pa.string())
+    column = column.dictionary_encode() if dictionary else column
+    return table.set_column(table.schema.get_field_index("phase"), "phase", column)
+
+
 def _experts(table):
     return table.column("experts").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1).copy()
 
@@ -139,6 +148,9 @@ def _experts(table):
     (lambda t: t.replace_schema_metadata({}), "not a moecache trace"),
     (lambda t: t.slice(0, t.num_rows - 1), "not a whole number of tokens"),
     (lambda t: t.set_column(1, "step", pa.array(np.repeat(np.arange(50)[::-1], 3))), "steps are not sorted"),
+    (lambda t: _set_phase(t, "warmup", dictionary=True), "unknown phase 'warmup'"),
+    (lambda t: _set_phase(t, "warmup", dictionary=False), "unknown phase 'warmup'"),
+    (lambda t: _set_phase(t, None, dictionary=True), "unknown phase 'None'"),
 ])
 def test_reader_names_the_problem(tmp_path, trace, edit, message):
     bad = _rewrite(tmp_path, trace, edit)
