@@ -36,8 +36,9 @@ size and share of each queue, the request at which each key left the ghost on ar
 
 Fast kernel (``simulate``, unit sizes), two exact implementations of the hooks:
 
-* masks (at most 64 keys): each queue in a window of 64 cells with 64-bit masks, so that
-  a sweep of the main queue finds its victim at once and moves only the keys it passes;
+* masks (at most 64 keys): each queue in a window of 64 cells with 64-bit masks held in
+  locals (no per-queue arrays), so that a sweep of the main queue finds its victim at once
+  and moves only the keys it passes, and a request's keys are pinned without a branch;
 * list (any number of keys): the hooks' linked queues in flat arrays.
 """
 
@@ -284,149 +285,151 @@ def simulate_list(keys, offsets, num_keys, capacity, small_share, ghost_share, t
     return hits
 
 
-# The mask kernel keeps each queue in a window of 64 cells, in queue order: the oldest
-# key in the lowest occupied cell, a new one in cell ``end[q]``; when the window is used
-# up its keys move down to cells 0..n-1 in order (n < 64: the request's miss is on no
-# queue). 64-bit masks over a queue's cells hold the occupied ones (``occ``), those of
-# the request's keys (``pin``) and, in the main queue, those whose key's counter is 0
-# (``zero``); ``key_of[q, c]`` is the key in cell c of queue q and ``cell[key]`` its cell.
-# The helpers are branch-free, which keeps numba's reference counts out of the loops.
+# The mask kernel keeps queue q (SMALL, MAIN, GHOST) in a window of 64 cells, key_at[64 q +
+# c], in queue order: the oldest key in the lowest occupied cell, a new one in the queue's
+# cell ``end``; when a window is used up its keys move down to cells 0..n-1 in order
+# (``compact``). ``pos[key]`` is 64 q + c (64 ABSENT: on no queue). Per queue, 64-bit masks
+# over its cells hold the occupied ones (``occ``: the queue's size is their popcount), those
+# of the request's keys (``pin``) and, in the main queue, those whose key's counter is 0
+# (``zero``). The masks and window ends are locals, kept in registers; the request's keys
+# are pinned by one store per key, so that no queue test branches per key.
+
+ONE, NIL = uint64(1), uint64(0)
 
 
-@njit(cache=True)
-def compact(cell, key_of, occ, pin, zero, end, q):
-    """Move queue ``q``'s keys down to cells 0..n-1 in order, with their bits."""
-    old_occ, old_pin, old_zero = occ[q], pin[q], zero[q]
-    occ[q], pin[q], zero[q] = uint64(0), uint64(0), uint64(0)
+@njit(cache=True, inline="always")
+def lowest(mask):
+    return mask & (~mask + ONE)
+
+
+@njit(cache=True, inline="always")
+def compact(pos, key_at, base, occ, zero, pin):
+    """Move the keys of the window at ``base`` down to cells 0..n-1 in order, with their
+    bits; returns the new (occ, zero, pin, end)."""
+    new_occ, new_zero, new_pin = NIL, NIL, NIL
     n = 0
-    while old_occ:
-        low = old_occ & (~old_occ + uint64(1))
-        old_occ ^= low
-        key = key_of[q, bit_index(low)]
-        key_of[q, n] = key
-        cell[key] = n
-        bit = uint64(1) << uint64(n)
-        occ[q] |= bit
-        pin[q] |= bit * uint64(old_pin & low != 0)
-        zero[q] |= bit * uint64(old_zero & low != 0)
+    while occ:
+        low = lowest(occ)
+        occ ^= low
+        key = key_at[base + bit_index(low)]
+        key_at[base + n] = key
+        pos[key] = base + n
+        bit = ONE << uint64(n)
+        new_occ |= bit
+        new_zero |= bit * uint64(zero & low != 0)
+        new_pin |= bit * uint64(pin & low != 0)
         n += 1
-    end[q] = n
+    return new_occ, new_zero, new_pin, n
 
 
 @njit(cache=True, inline="always")
-def cell_remove(where, cell, occ, zero, used, q, key):
-    bit = uint64(1) << uint64(cell[key])
-    occ[q] &= ~bit
-    zero[q] &= ~bit
-    used[q] -= 1
-    where[key] = ABSENT
+def place(pos, key_at, base, end, key):
+    """Put ``key`` in cell ``end`` (< 64) of the window at ``base``; returns the cell's bit."""
+    key_at[base + end] = key
+    pos[key] = base + end
+    return ONE << uint64(end)
 
 
 @njit(cache=True, inline="always")
-def cell_append(where, cell, key_of, occ, zero, end, used, q, key, zero_counter):
-    """Put ``key`` in cell ``end[q]`` (< 64) of queue ``q``; returns the cell's bit."""
-    c = end[q]
-    end[q] = c + 1
-    key_of[q, c] = key
-    cell[key] = c
-    bit = uint64(1) << uint64(c)
-    occ[q] |= bit
-    zero[q] |= bit * uint64(zero_counter)
-    used[q] += 1
-    where[key] = q
-    return bit
+def append(pos, key_at, base, occ, zero, pin, end, key):
+    """Make ``key`` the newest of the window at ``base`` (compacting it when used up);
+    returns the new (occ, zero, pin, end) and the key's bit."""
+    if end == 64:
+        occ, zero, pin, end = compact(pos, key_at, base, occ, zero, pin)
+    bit = place(pos, key_at, base, end, key)
+    return occ | bit, zero, pin, end + 1, bit
 
 
 @njit(cache=True, nogil=True)
 def simulate_masks(keys, offsets, capacity, small_share, ghost_share, threshold):
-    """At most 64 keys. The main queue's victim is its first unpinned cell with counter 0:
-    its sweep moves the unpinned keys of the cells below to the newest end at once (all
-    of them when there is none, then looks again)."""
+    """At most 64 keys. The small queue's sweep passes its oldest keys one by one; the main
+    queue's victim is its first unpinned cell with counter 0, and its sweep moves the
+    unpinned keys of the cells below to the newest end (all of them when there is none,
+    then looks again)."""
     main_share = capacity - small_share
-    where = np.full(64, ABSENT, np.int64)
-    cell = np.zeros(64, np.int64)
-    key_of = np.zeros((QUEUES, 64), np.int64)
-    occ = np.zeros(QUEUES, np.uint64)
-    pin = np.zeros(QUEUES + 1, np.uint64)  # pin[ABSENT]: scratch
-    zero = np.zeros(QUEUES, np.uint64)
-    end = np.zeros(QUEUES, np.int64)
-    used = np.zeros(QUEUES, np.int64)
+    small, main, ghost, absent = SMALL * 64, MAIN * 64, GHOST * 64, ABSENT * 64
+    pos = np.full(64, absent, np.int64)
+    key_at = np.zeros(absent, np.int64)
     counter = np.zeros(64, np.int64)
     missed = np.empty(64, np.int64)
+    pin = np.zeros(QUEUES + 1, np.uint64)  # pin[ABSENT]: scratch
     hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    occ_s, occ_m, occ_g, zero_m = NIL, NIL, NIL, NIL
+    end_s, end_m, end_g = 0, 0, 0
     evicted = False
     for r in range(hits.shape[0]):
         lo, hi = offsets[r], offsets[r + 1]
         if hi - lo > capacity:
             no_room()
-        pin[SMALL] = uint64(0)
-        pin[MAIN] = uint64(0)
-        pin[GHOST] = uint64(0)
+        pin[SMALL], pin[MAIN], pin[GHOST] = NIL, NIL, NIL
         num_missed = 0
         for j in range(lo, hi):
-            key = keys[j]
-            pin[where[key]] |= uint64(1) << uint64(cell[key])
-            hit = where[key] <= MAIN
+            key = np.intp(keys[j]) & 63
+            p = pos[key]
+            pin[p >> 6] |= ONE << uint64(p & 63)
+            hit = p < ghost
             counter[key] += hit
             missed[num_missed] = key
             num_missed += 1 - hit
         hits[r] = hi - lo - num_missed
-        zero[MAIN] &= ~pin[MAIN]  # the hits' counters are positive
-        occ[GHOST] &= ~pin[GHOST]  # arrive
-        used[GHOST] -= popcount(pin[GHOST])
+        pin_s, pin_m = pin[SMALL], pin[MAIN]
+        zero_m &= ~pin_m  # the hits' counters are positive
+        occ_g &= ~pin[GHOST]  # arrive
         for i in range(num_missed):
             key = missed[i]
-            if used[SMALL] + used[MAIN] == capacity:  # victim and evict
+            if popcount(occ_s) + popcount(occ_m) == capacity:  # victim and evict
                 evicted = True
                 out = -1
-                while out < 0:
-                    if (used[MAIN] > main_share or occ[SMALL] & ~pin[SMALL] == 0) and occ[MAIN] & ~pin[MAIN]:
-                        free = occ[MAIN] & ~pin[MAIN]  # sweep the main queue
-                        stop = free & zero[MAIN]
-                        stop &= ~stop + uint64(1)
-                        passed = free & (stop - uint64(1))  # all of them if stop is 0
-                        while passed and end[MAIN] < 64:
-                            low = passed & (~passed + uint64(1))
-                            passed ^= low
-                            moved = key_of[MAIN, bit_index(low)]
-                            counter[moved] = min(counter[moved], 3) - 1
-                            cell_remove(where, cell, occ, zero, used, MAIN, moved)
-                            cell_append(where, cell, key_of, occ, zero, end, used, MAIN, moved,
-                                        counter[moved] == 0)
-                        if passed:  # the window is used up: compact, look again
-                            compact(cell, key_of, occ, pin, zero, end, MAIN)
-                        elif stop:
-                            out = key_of[MAIN, bit_index(stop)]
-                    else:
-                        free = occ[SMALL] & ~pin[SMALL]  # sweep the small queue
-                        while free and out < 0:
-                            low = free & (~free + uint64(1))
-                            free ^= low
-                            first = key_of[SMALL, bit_index(low)]
-                            if counter[first] < threshold:
-                                out = first
-                            else:
-                                counter[first] = 0
-                                cell_remove(where, cell, occ, zero, used, SMALL, first)
-                                if end[MAIN] == 64:
-                                    compact(cell, key_of, occ, pin, zero, end, MAIN)
-                                cell_append(where, cell, key_of, occ, zero, end, used, MAIN, first, True)
-                queue = where[out]
-                cell_remove(where, cell, occ, zero, used, queue, out)
-                if queue == SMALL and ghost_share >= 1:
-                    if used[GHOST] == ghost_share:  # forget the oldest
-                        oldest = occ[GHOST] & (~occ[GHOST] + uint64(1))
-                        cell_remove(where, cell, occ, zero, used, GHOST, key_of[GHOST, bit_index(oldest)])
-                    if end[GHOST] == 64:
-                        compact(cell, key_of, occ, pin, zero, end, GHOST)
-                    cell_append(where, cell, key_of, occ, zero, end, used, GHOST, out, False)
+                free_s = occ_s & ~pin_s
+                if (popcount(occ_m) <= main_share and free_s) or occ_m & ~pin_m == 0:
+                    while free_s:  # sweep the small queue
+                        low = lowest(free_s)
+                        free_s ^= low
+                        first = key_at[small + bit_index(low)]
+                        occ_s ^= low
+                        if counter[first] < threshold:
+                            out = first
+                            break
+                        counter[first] = 0
+                        occ_m, zero_m, pin_m, end_m, bit = append(pos, key_at, main, occ_m, zero_m, pin_m,
+                                                                  end_m, first)
+                        zero_m |= bit
+                    if out >= 0 and ghost_share >= 1:
+                        if popcount(occ_g) == ghost_share:  # forget the oldest
+                            oldest = lowest(occ_g)
+                            occ_g ^= oldest
+                            pos[key_at[ghost + bit_index(oldest)]] = absent
+                        occ_g, _, _, end_g, _ = append(pos, key_at, ghost, occ_g, NIL, NIL, end_g, out)
+                    elif out >= 0:
+                        pos[out] = absent
+                while out < 0:  # sweep the main queue
+                    free = occ_m & ~pin_m
+                    stop = lowest(free & zero_m)
+                    passed = free & (stop - ONE)  # all of them if stop is 0
+                    while passed and end_m < 64:
+                        low = lowest(passed)
+                        passed ^= low
+                        moved = key_at[main + bit_index(low)]
+                        count = min(counter[moved], 3) - 1
+                        counter[moved] = count
+                        bit = place(pos, key_at, main, end_m, moved)
+                        occ_m = (occ_m ^ low) | bit
+                        zero_m |= bit * uint64(count == 0)
+                        end_m += 1
+                    if passed:  # the window is used up: compact, look again
+                        occ_m, zero_m, pin_m, end_m = compact(pos, key_at, main, occ_m, zero_m, pin_m)
+                    elif stop:
+                        out = key_at[main + bit_index(stop)]
+                        occ_m ^= stop
+                        pos[out] = absent
             counter[key] = 0  # admit
-            queue = SMALL
-            if where[key] == GHOST or (not evicted and used[SMALL] >= small_share):
-                queue = MAIN
-            if end[queue] == 64:
-                compact(cell, key_of, occ, pin, zero, end, queue)
-            pin[queue] |= cell_append(where, cell, key_of, occ, zero, end, used, queue, key, queue == MAIN)
+            if pos[key] >> 6 == GHOST or (not evicted and popcount(occ_s) >= small_share):
+                occ_m, zero_m, pin_m, end_m, bit = append(pos, key_at, main, occ_m, zero_m, pin_m, end_m, key)
+                zero_m |= bit
+                pin_m |= bit
+            else:
+                occ_s, _, pin_s, end_s, bit = append(pos, key_at, small, occ_s, NIL, pin_s, end_s, key)
+                pin_s |= bit
     return hits
 
 
