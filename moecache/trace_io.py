@@ -396,8 +396,9 @@ def _type_name(kind: pa.DataType) -> str:
 def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool = False,
                  lookahead: bool = True) -> dict[str, Any]:
     """The fields of a :class:`~moecache.trace.Trace` read from a trace file (or part folder):
-    only the columns asked for, one row group at a time (``lookahead``: that column if the
-    file has it, and its weights too with ``weights``). ``Trace.load`` validates them."""
+    only the columns asked for (``lookahead``: that column if the file has it, and its
+    weights too with ``weights``), one row group at a time straight into the arrays of the
+    result, so memory holds the result and one row group. ``Trace.load`` validates them."""
     files, meta, source = open_parquet_files(path)
     names = set(files[0].schema_arrow.names)
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
@@ -406,60 +407,104 @@ def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool 
     if logits and "logits" not in names:
         raise TraceError(f"{source}: trace has no 'logits' column (capture with --save-logits)")
     top_k = meta["top_k"]
-    num_layers = len(meta["moe_layers"])
-    columns = list(REQUIRED_COLUMNS)
-    columns += ["weights"] * (weights and "weights" in names) + ["logits"] * logits
-    columns += ["lookahead"] * (lookahead and "lookahead" in names)
-    columns += ["lookahead_weights"] * (lookahead and weights and "lookahead_weights" in names)
-    chunks: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    num_layers = max(len(meta["moe_layers"]), 1)
+    widths = {"experts": top_k, "weights": top_k, "logits": int(meta["num_experts"]), "lookahead": top_k,
+              "lookahead_weights": top_k}
+    grids = ["experts"] + ["weights"] * (weights and "weights" in names) + ["logits"] * logits
+    grids += ["lookahead"] * (lookahead and "lookahead" in names)
+    grids += ["lookahead_weights"] * (lookahead and weights and "lookahead_weights" in names)
+    rows = sum(pf.metadata.num_rows for pf in files)
+    if rows % num_layers:
+        raise TraceError(f"{source}: {rows} rows is not a whole number of tokens x {num_layers} MoE layers")
+    reader = _TokenRows(source, rows // num_layers, np.asarray(meta["moe_layers"], np.int16))
+    out: dict[str, np.ndarray] = {}
+    filled = 0
     try:
         for pf in files:
             if pf.schema_arrow.names != files[0].schema_arrow.names:
                 raise TraceError(f"{source}: parts disagree on columns")
-            _check_columns(pf, columns, meta, source)
+            _check_columns(pf, [*REQUIRED_COLUMNS, *grids[1:]], meta, source)
             for group in range(pf.num_row_groups):
-                table = pf.read_row_group(group, columns=columns)
-                for name in columns:
-                    chunks[name].append(_column(table, name, source))
+                table = pf.read_row_group(group, columns=[*REQUIRED_COLUMNS, *grids[1:]])
+                for name in grids:
+                    values = _column(table, name, source)
+                    if name not in out:
+                        out[name] = np.empty((rows, widths[name]), values.dtype)
+                    out[name][filled:filled + table.num_rows] = values.reshape(table.num_rows, widths[name])
+                reader.add({name: _column(table, name, source) for name in _PER_ROW})
+                filled += table.num_rows
     except (pa.ArrowException, OSError) as err:
         raise TraceError(f"{source}: corrupt or truncated data: {first_line(err)}") from None
-    cols = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in chunks.items()}
-    rows = len(cols["layer"])
-    if rows % max(num_layers, 1):
-        raise TraceError(f"{source}: {rows} rows is not a whole number of tokens x {num_layers} MoE layers")
-    n = rows // max(num_layers, 1)
-    layer_grid = cols["layer"].reshape(n, num_layers)
-    expected = np.asarray(meta["moe_layers"], dtype=layer_grid.dtype)
-    bad = np.flatnonzero((layer_grid != expected).any(axis=1))
-    if len(bad):
-        raise TraceError(
-            f"{source}: token rows {bad[0] * num_layers}..{bad[0] * num_layers + num_layers - 1} hold layers "
-            f"{layer_grid[bad[0]].tolist()}, expected the MoE layers {expected.tolist()} in order")
-    first = slice(None, None, num_layers)
-    for name in ("token", "step", "seq", "pos"):
-        grid = cols[name].reshape(n, num_layers)
-        split = np.flatnonzero((grid != grid[:, :1]).any(axis=1))
-        if len(split):
-            raise TraceError(f"{source}: rows of token {grid[split[0], 0]} disagree on {name}")
-    tokens = cols["token"][first]
-    if np.any(np.diff(tokens) <= 0):
-        raise TraceError(f"{source}: rows are not sorted by token")
-    def grid(name: str, width: int) -> np.ndarray | None:
-        return cols[name].reshape(n, num_layers, width) if name in cols else None
+    if filled != rows:
+        raise TraceError(f"{source}: the row groups hold {filled} rows, the footer says {rows}")
+    n = rows // num_layers
+
+    def grid(name: str) -> np.ndarray | None:
+        if name not in grids:
+            return None
+        return out.get(name, np.zeros((0, widths[name]))).reshape(n, num_layers, widths[name])
     return dict(
-        experts=grid("experts", top_k).astype(np.int16, copy=False),
-        step=cols["step"][first].astype(np.int64, copy=False),
-        seq=cols["seq"][first].astype(np.int32, copy=False),
-        pos=cols["pos"][first].astype(np.int32, copy=False),
-        token_id=cols["token_id"][first].astype(np.int32, copy=False),
-        phase=cols["phase"][first].astype(np.int8, copy=False),
+        experts=grid("experts").astype(np.int16, copy=False),
+        **reader.tokens(),
         meta=meta,
-        weights=grid("weights", top_k),
-        logits=grid("logits", int(meta["num_experts"])),
-        lookahead=grid("lookahead", top_k),
-        lookahead_weights=grid("lookahead_weights", top_k),
+        weights=grid("weights"),
+        logits=grid("logits"),
+        lookahead=grid("lookahead"),
+        lookahead_weights=grid("lookahead_weights"),
         source=source,
     )
+
+
+# the columns with one value per (token, layer) row that a trace keeps once per token
+_PER_ROW = ("token", "step", "seq", "pos", "token_id", "phase", "layer")
+_TOKEN_TYPES = {"step": np.int64, "seq": np.int32, "pos": np.int32, "token_id": np.int32, "phase": np.int8}
+
+
+class _TokenRows:
+    """Folds the per-row columns into per-token arrays as row groups arrive, checking that
+    each token's rows hold the MoE layers in order and agree on token, step, seq and pos,
+    and that tokens ascend; rows of a token split across row groups wait for the rest."""
+
+    def __init__(self, source: str, tokens: int, layers: np.ndarray) -> None:
+        self.source, self.layers = source, layers
+        self.out = {name: np.empty(tokens, kind) for name, kind in _TOKEN_TYPES.items()}
+        self.done = 0  # tokens folded
+        self.carry: dict[str, np.ndarray] = {}
+        self.last_token: int | None = None
+
+    def add(self, columns: dict[str, np.ndarray]) -> None:
+        if self.carry:
+            columns = {name: np.concatenate([self.carry[name], values]) for name, values in columns.items()}
+        width = len(self.layers)
+        whole = len(columns["layer"]) // width * width
+        self.carry = {name: values[whole:] for name, values in columns.items()}
+        count = whole // width
+        if not count:
+            return
+        layer_grid = columns["layer"][:whole].reshape(count, width)
+        bad = np.flatnonzero((layer_grid != self.layers).any(axis=1))
+        if len(bad):
+            row = (self.done + bad[0]) * width
+            raise TraceError(
+                f"{self.source}: token rows {row}..{row + width - 1} hold layers "
+                f"{layer_grid[bad[0]].tolist()}, expected the MoE layers {self.layers.tolist()} in order")
+        for name in ("token", "step", "seq", "pos"):
+            grid = columns[name][:whole].reshape(count, width)
+            split = np.flatnonzero((grid != grid[:, :1]).any(axis=1))
+            if len(split):
+                raise TraceError(f"{self.source}: rows of token {grid[split[0], 0]} disagree on {name}")
+        tokens = columns["token"][:whole:width]
+        previous = [] if self.last_token is None else [self.last_token]
+        if np.any(np.diff(np.concatenate([previous, tokens])) <= 0):
+            raise TraceError(f"{self.source}: rows are not sorted by token")
+        self.last_token = int(tokens[-1])
+        for name, values in self.out.items():
+            values[self.done:self.done + count] = columns[name][:whole:width]
+        self.done += count
+
+    def tokens(self) -> dict[str, np.ndarray]:
+        """The per-token arrays (every row group added)."""
+        return dict(self.out)
 
 
 def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
