@@ -51,7 +51,7 @@ def _step_unions(experts, step_starts, num_experts):
     return ids[:fill], offsets
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _layer_offsets(offsets, num_layers, layer):
     """Offsets of one layer's requests in the step-major CSR, as their own CSR offsets."""
     num_steps = (offsets.shape[0] - 1) // num_layers
@@ -62,7 +62,7 @@ def _layer_offsets(offsets, num_layers, layer):
     return out_offsets
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gather_layer(values, offsets, num_layers, layer, out_offsets, out):
     """Copy one layer's entries of ``values`` (aligned with the step-major CSR) into ``out``."""
     for t in range(out_offsets.shape[0] - 1):
