@@ -184,8 +184,8 @@ def replay(
     if prefetch is not None:
         prefetch.check(trace, req)
     scores = req.scores(trace, per_token=per_token) if choice.policy.needs_scores else None
-    hits = np.zeros((req.num_steps, num_layers), np.int64)
-    events = np.zeros((req.num_steps, num_layers, len(EVENT_COLUMNS)), np.int64)
+    hits = np.zeros(num_layers, np.int64)  # per layer: memory independent of the trace's length
+    events = np.zeros((req.num_steps if record_events else 0, num_layers, len(EVENT_COLUMNS)), np.int64)
     counts = np.zeros((len(PREFETCH_KEYS), num_layers), np.int64)
     batch_size = 0 if prefetch is None else len(prefetch.experts)
     outcomes = np.zeros(len(req.ids) + batch_size, np.int8) if record_outcomes else None
@@ -206,7 +206,7 @@ def replay(
         parallel = workers if choice.policy.compiled else 1
         for layer, (demand, layer_outcomes, layer_hits, layer_events, layer_counts) in enumerate(
                 map_layers(one_layer, num_layers, parallel)):
-            hits[:, layer] = layer_hits
+            hits[layer] = layer_hits.sum(dtype=np.int64)
             if record_outcomes:
                 outcomes[req.layer_entries(layer)] = layer_outcomes[:demand]
                 if prefetch is not None:
@@ -221,13 +221,13 @@ def replay(
         pooled_hits, pooled_events, pooled_counts = choice.run(
             keys, offsets, sizes, checked.pool, checked.seed,
             None if prefetch is None else prefetch.pooled(num_experts), record_events, scores, outcomes)
-        hits[:] = pooled_hits.reshape(-1, num_layers)
+        hits[:] = pooled_hits.reshape(-1, num_layers).sum(axis=0, dtype=np.int64)
         if record_events:
             events[:] = pooled_events.reshape(-1, num_layers, len(EVENT_COLUMNS))
         if prefetch is not None:
             counts[:] = pooled_counts.reshape(len(PREFETCH_KEYS), num_layers, num_experts).sum(axis=2)
 
-    result = summarize(trace, req, hits.sum(axis=0), choice.label, scope, checked.capacity,
+    result = summarize(trace, req, hits, choice.label, scope, checked.capacity,
                        checked.memory_bytes, checked.bandwidth, checked.latency,
                        None if prefetch is None else counts)
     if record_events:
