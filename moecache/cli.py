@@ -51,7 +51,6 @@ from .sweep import results_paths, sweep
 from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, synth
 from .tables import write_table
 from .timeline import timeline
-from .timeline_plot import timeline_figure
 from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
 from .units import INT64_MAX, parse_int_list
@@ -519,6 +518,8 @@ def timeline_command(trace: str, hardware: str, policy: str, capacity: int | Non
                       overlap=overlap, miss=miss, tiers=tiers, tier_policy=tier_policy,
                       train_fraction=train_fraction, seed=seed, record=figure is not None)
     if figure is not None:
+        from .timeline_plot import timeline_figure  # matplotlib only when drawing
+
         scored = int(result.events["step"].max()) + 1 - result.steps  # the first test step
         for path in timeline_figure(result, figure, figure_steps, scored + figure_from):
             click.echo(f"wrote {path}", err=as_json)

@@ -22,9 +22,9 @@ from moecache.policies.driver import HIT, MISS, PREFETCH_HIT
 
 from . import prefetchers, profiles
 from .errors import MoecacheError
-from .ranking import split_by_sequence
 from .replay import Prefetch, replay
 from .requests import Requests
+from .splits import split_by_sequence
 from .timeline_engine import RESIDENT, simulate
 from .trace import Trace
 from .units import format_bytes

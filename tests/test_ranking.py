@@ -10,8 +10,9 @@ from click.testing import CliRunner
 import moecache as mc
 from moecache.cli import cli
 from moecache.errors import MoecacheError
-from moecache.ranking import fitted, held_out_hits, rank, split_by_sequence
+from moecache.ranking import fitted, held_out_hits, rank
 from moecache.requests import Requests
+from moecache.splits import split_by_sequence
 
 from .reference import simulate, step_sets
 

@@ -1,0 +1,111 @@
+"""End to end at scale: `moecache replay` on a DeepSeek-V3-shaped trace, file to answer, beside
+libCacheSim reading its own binary trace of the same requests (issue 15, point 6).
+
+Workload: ``moecache.synth(layers=58, experts=256, top_k=8, tokens=requests // 464,
+sequences=100, seed=0)`` (DeepSeek-V3 routes each token to 8 of 256 experts in 58 MoE
+layers: 464 requests per token), written once to ``--dir`` (default ~/.cache/moecache-bench)
+with the requests serialized for libCacheSim: every (step, layer) set in step order, key
+= layer x 256 + expert + 1, as ``<I`` records (BIN_TRACE). Preparation is not timed.
+
+Timed, each in a fresh process (``os.wait4`` gives its wall time and peak resident memory):
+
+* ``moecache replay TRACE --policy lru --capacity 32`` (layer scope), the same with ``opt``,
+  and ``--scope global --capacity 1856`` (32 per layer, one pool) with ``--json``: loading,
+  validating, building the step sets and replaying;
+* libCacheSim (the ``libcachesim`` package): opening its reader on the binary file, an LRU
+  cache of 1,856 objects and ``process_trace``, in a Python process that imports it.
+
+The ratio is libCacheSim's time over moecache's for the same global-scope LRU requests
+(goal: at least 3x); peak memory goal: at most 1 GiB. Run: ``python
+benchmarks/bench_scale.py [--requests N]`` (``make bench-scale``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+LAYERS, EXPERTS, TOP_K = 58, 256, 8
+CAPACITY = 32
+LCS_SCRIPT = """
+import sys, libcachesim as lcs
+params = lcs.ReaderInitParam(binary_fmt_str="<I", ignore_obj_size=True)
+params.obj_id_field = 1
+reader = lcs.TraceReader(sys.argv[1], lcs.TraceType.BIN_TRACE, params)
+miss_ratio, _ = lcs.LRU(int(sys.argv[2])).process_trace(reader)
+print(miss_ratio)
+"""
+
+
+def prepare(directory: Path, requests: int) -> tuple[Path, Path, int]:
+    """The trace and libCacheSim's binary file of the same requests (made once)."""
+    import moecache as mc
+
+    tokens = requests // (LAYERS * TOP_K)
+    trace_path = directory / f"ds-v3-{tokens}.parquet"
+    ids_path = directory / f"ds-v3-{tokens}.u32"
+    if not trace_path.exists():
+        print(f"writing {trace_path} ({tokens:,} tokens) ...", flush=True)
+        mc.synth(layers=LAYERS, experts=EXPERTS, top_k=TOP_K, tokens=tokens, sequences=100,
+                 seed=0).save(trace_path)
+    if not ids_path.exists():
+        print(f"writing {ids_path} ...", flush=True)
+        trace = mc.Trace.load(trace_path, weights=False, lookahead=False)
+        keys, _ = mc.Requests.from_trace(trace).pooled()
+        (keys.astype(np.uint32) + 1).tofile(ids_path)
+    return trace_path, ids_path, tokens * LAYERS * TOP_K
+
+
+def timed(command: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak resident GiB, stdout) of ``command`` in a child process."""
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed")
+    return seconds, usage.ru_maxrss * 1024 / 2**30, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=100_000_000,
+                        help="expert-id references in the trace (default 100,000,000)")
+    parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "moecache-bench")
+    args = parser.parse_args(argv)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    trace_path, ids_path, requests = prepare(args.dir, args.requests)
+    moecache = [str(Path(sys.executable).with_name("moecache"))]  # the command of this environment
+    rows = []
+    runs = [("lru", "layer", CAPACITY), ("opt", "layer", CAPACITY),
+            ("lru", "global", CAPACITY * LAYERS)]
+    for policy, scope, capacity in runs:
+        seconds, peak, out = timed([*moecache, "replay", str(trace_path), "--policy", policy, "--capacity",
+                                    str(capacity), "--scope", scope, "--json"])
+        rows.append((f"moecache replay {policy} {scope} C={capacity}", seconds, peak,
+                     json.loads(out)["hit_rate"]))
+    seconds, peak, out = timed([sys.executable, "-c", LCS_SCRIPT, str(ids_path), str(CAPACITY * LAYERS)])
+    rows.append((f"libCacheSim LRU C={CAPACITY * LAYERS} (BIN_TRACE)", seconds, peak, 1 - float(out)))
+    print(f"\n{requests:,} requests ({requests // (LAYERS * TOP_K):,} tokens x {LAYERS} layers x "
+          f"K={TOP_K}), end to end in a fresh process each")
+    print(f"{'run':48} {'seconds':>8} {'Mreq/s':>8} {'peak GiB':>9} {'hit rate':>9}")
+    for name, seconds, peak, hit_rate in rows:
+        print(f"{name:48} {seconds:8.2f} {requests / seconds / 1e6:8.1f} {peak:9.2f} {hit_rate:9.4f}")
+    ratio = rows[3][1] / rows[2][1]
+    worst = max(row[2] for row in rows[:3])
+    print(f"\nGOALS: end to end vs libCacheSim (lru, global) {ratio:.2f}x (goal 3x) "
+          f"{'pass' if ratio >= 3 else 'FAIL'}; peak memory {worst:.2f} GiB (goal 1 GiB) "
+          f"{'pass' if worst <= 1 else 'FAIL'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
