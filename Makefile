@@ -11,7 +11,7 @@ CORE := $(VENV)/.core-installed
 FULL := $(VENV)/.full-installed
 MC := $(BIN)/moecache
 
-.PHONY: env run test lint bench bench-capture sweep plots compare pipeline sample-traces toy-model \
+.PHONY: env run test lint bench bench-scale bench-capture sweep plots compare pipeline sample-traces toy-model \
 	remoe-experiment clean clean-cache
 
 env: $(FULL)
@@ -44,6 +44,9 @@ lint: $(FULL)
 bench: $(FULL)
 	$(BIN)/pip install --quiet --no-deps bigrig==0.9.1  # compared with, for the benchmark only
 	$(BIN)/python benchmarks/bench_replay.py
+
+bench-scale: $(FULL)
+	$(BIN)/python benchmarks/bench_scale.py
 
 bench-capture: $(FULL)
 	$(BIN)/python benchmarks/bench_capture.py

@@ -44,13 +44,19 @@ print(miss_ratio)
 """
 
 
-def prepare(directory: Path, requests: int) -> tuple[Path, Path, int]:
-    """The trace and libCacheSim's binary file of the same requests (made once)."""
+def paths(directory: Path, requests: int) -> tuple[Path, Path, int]:
+    """The trace, libCacheSim's binary file of the same requests, and their count."""
+    tokens = requests // (LAYERS * TOP_K)
+    return (directory / f"ds-v3-{tokens}.parquet", directory / f"ds-v3-{tokens}.u32",
+            tokens * LAYERS * TOP_K)
+
+
+def prepare(directory: Path, requests: int) -> None:
+    """Write the trace and libCacheSim's binary file of the same requests (once)."""
     import moecache as mc
 
+    trace_path, ids_path, _ = paths(directory, requests)
     tokens = requests // (LAYERS * TOP_K)
-    trace_path = directory / f"ds-v3-{tokens}.parquet"
-    ids_path = directory / f"ds-v3-{tokens}.u32"
     if not trace_path.exists():
         print(f"writing {trace_path} ({tokens:,} tokens) ...", flush=True)
         mc.synth(layers=LAYERS, experts=EXPERTS, top_k=TOP_K, tokens=tokens, sequences=100,
@@ -60,7 +66,6 @@ def prepare(directory: Path, requests: int) -> tuple[Path, Path, int]:
         trace = mc.Trace.load(trace_path, weights=False, lookahead=False)
         keys, _ = mc.Requests.from_trace(trace).pooled()
         (keys.astype(np.uint32) + 1).tofile(ids_path)
-    return trace_path, ids_path, tokens * LAYERS * TOP_K
 
 
 def timed(command: list[str]) -> tuple[float, float, str]:
@@ -80,9 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100_000_000,
                         help="expert-id references in the trace (default 100,000,000)")
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "moecache-bench")
+    parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
-    trace_path, ids_path, requests = prepare(args.dir, args.requests)
+    if args.prepare_only:
+        prepare(args.dir, args.requests)
+        return 0
+    # prepared in a child: a child forked from a large parent would count the parent's pages
+    subprocess.run([sys.executable, __file__, "--prepare-only", "--requests", str(args.requests),
+                    "--dir", str(args.dir)], check=True)
+    trace_path, ids_path, requests = paths(args.dir, args.requests)
     moecache = [str(Path(sys.executable).with_name("moecache"))]  # the command of this environment
     rows = []
     runs = [("lru", "layer", CAPACITY), ("opt", "layer", CAPACITY),
