@@ -21,17 +21,25 @@ up and 1 down, and libCacheSim evicts 2, which misses next; here it hits.
 
 Fast kernels (``simulate``, unit sizes), exact to the hooks:
 
-* slots (at most 64 keys): segment ``s`` owns a fixed window of ``stride`` cells of
-  ``stamp``, each the placement time of its key shifted left 6 bits plus the key (an
-  empty cell holds NONE), so the oldest of a segment is the minimum of its window and
-  names its key; ``slot[key]`` is a resident's cell. Until every segment above 0 holds
-  its share and the cache is full (``steady``), entries move between windows like the
-  hooks' queues. Invariant once steady: it stays so, for a miss evicts the oldest
-  unpinned of the lowest segment having one and the new key takes its cell (the
-  segments below are full, so that segment is where libCacheSim admits it), a hit on
-  the top segment restamps its cell, and a hit below trades cells with the oldest of
-  the segment above (that one goes down, the hit up). Per request: a few 4-wide
-  minimum scans of one window, no list walks; unsigned indices (``_index.cell``).
+* packed (at most 64 keys, at most 8 in segment 0 once steady, as at the capacities 16
+  and 32 of the benchmark): segment ``s`` is one 64-bit word, its keys one byte each,
+  least recent lowest, empty bytes 0xFF on top; ``segment[key]`` is a resident's
+  segment. A key's byte is found by the zero-byte test of ``word ^ key * BYTES``;
+  taking a byte out shifts the bytes above it down one. Until every segment above 0
+  holds its share and the cache is full (``steady``), keys move between segments like
+  the hooks' queues. Invariant once steady: it stays so, for a miss evicts the oldest
+  unpinned of the lowest segment having one and the new key becomes the newest there
+  (the segments below are full, so that segment is where libCacheSim admits it), and a
+  hit trades the key with the oldest of the segment above (on top, with itself), each
+  becoming the newest of its new segment. Per request: a few shifts per key, no scans,
+  no stamps; unsigned indices (``_index.cell``).
+* slots (at most 64 keys, more than 8 in segment 0): segment ``s`` owns a fixed window
+  of ``stride`` cells of ``stamp``, each the placement time of its key shifted left 6
+  bits plus the key (an empty cell holds NONE), so the oldest of a segment is the
+  minimum of its window and names its key; ``slot[key]`` is a resident's cell; the
+  same ``steady`` invariant, a hit on the top segment restamping its cell, a hit below
+  trading cells with the oldest of the segment above. Per request: a few 4-wide minimum
+  scans of one window, no list walks.
 * lists (more keys): the hooks' queues over flat arrays, queue ``s``'s sentinel being
   node ``keys + s``. ``mark[key]`` is 2r + 1 for a hit of request r and 2r for its other
   keys (so ``mark >= 2r`` pins a key). Invariant (of the hooks too): every segment above
@@ -54,13 +62,128 @@ from .registry import Hooks, Param, Policy, always_keep
 ONE = uint64(1)
 PIN = np.int64(1) << np.int64(62)  # added to the stamp of a key of the request: never the oldest
 NONE = np.iinfo(np.int64).max  # an empty cell
+BYTE = uint64(0xFF)  # a byte's bits; an empty byte of a packed segment
+EMPTY = ~uint64(0)  # a packed segment without keys
+BYTES = uint64(0x0101010101010101)  # 1 in every byte
+HIGH_BITS = BYTES << uint64(7)
 
 
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, params, seed):
+    count = int(params[0])
     if fits_masks(sizes):
-        return simulate_slots(keys, offsets, capacity, int(params[0]))
-    return simulate_lists(keys, offsets, sizes, capacity, int(params[0]))
+        if steady_sizes(capacity, count)[2] <= 8:
+            return simulate_packed(keys, offsets, capacity, count)
+        return simulate_slots(keys, offsets, capacity, count)
+    return simulate_lists(keys, offsets, sizes, capacity, count)
+
+
+@njit(cache=True, inline="always")
+def steady_sizes(capacity, count):
+    """(share, top, full0): a segment's share, the top segment (0 without a share: every
+    expert then stays in segment 0) and segment 0's size once steady, the largest."""
+    share = capacity // count
+    top = count - 1 if share > 0 else 0
+    return share, top, capacity - top * share
+
+
+@njit(cache=True, inline="always")
+def byte_find(word, key):
+    """The byte of ``word`` holding ``key`` (the lowest zero byte of ``word ^ key * BYTES``)."""
+    x = word ^ (uint64(key) * BYTES)
+    return trailing_zeros((x - BYTES) & ~x & HIGH_BITS) >> 3
+
+
+@njit(cache=True, inline="always")
+def byte_remove(word, at):
+    """``word`` without byte ``at``: the bytes above move down one, EMPTY enters on top."""
+    low = (ONE << uint64(8 * at)) - ONE
+    return (word & low) | ((word >> uint64(8)) & ~low) | (BYTE << uint64(56))
+
+
+@njit(cache=True, inline="always")
+def byte_put(word, at, key):
+    """``word`` with ``key`` in its empty byte ``at``."""
+    return word ^ ((BYTE ^ uint64(key)) << uint64(8 * at))
+
+
+@njit(cache=True, nogil=True)
+def simulate_packed(keys, offsets, capacity, count):
+    share, top, full0 = steady_sizes(capacity, count)
+    words = np.full(count, EMPTY, np.uint64)
+    segment = np.zeros(64, np.int64)
+    n = np.zeros(count, np.int64)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    resident = uint64(0)
+    total = 0
+    steady = False
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[cell(r)], offsets[cell(r + 1)]
+        if hi - lo > capacity:
+            no_room()
+        step = request_mask(keys, lo, hi)
+        hitm = step & resident
+        hits[cell(r)] = popcount(hitm)
+        m = step & ~resident
+        resident |= m
+        while m:  # admissions, ascending
+            key = trailing_zeros(m)
+            m &= m - ONE
+            if total == capacity:  # the oldest unpinned, from segment 0 up
+                s = 0
+                at = 0
+                word = words[0]
+                while True:
+                    out = (word >> uint64(8 * at)) & BYTE
+                    if at < n[cell(s)] and not (step >> out) & ONE:
+                        break
+                    at += 1
+                    if at >= n[cell(s)]:
+                        s += 1
+                        at = 0
+                        word = words[cell(s)]
+                resident ^= ONE << out
+                word = byte_remove(word, at)
+                if steady:  # the segments below s are full: the new key enters s
+                    words[cell(s)] = byte_put(word, n[cell(s)] - 1, key)
+                    segment[cell(key)] = s
+                    continue
+                words[cell(s)] = word
+                n[cell(s)] -= 1
+            else:
+                total += 1
+            s = 0
+            while s < top and n[cell(s)] >= share:
+                s += 1
+            s = s if n[cell(s)] < share else 0
+            words[cell(s)] = byte_put(words[cell(s)], n[cell(s)], key)
+            segment[cell(key)] = s
+            n[cell(s)] += 1
+            steady = total == capacity and n[0] == full0
+        m = hitm
+        while m:  # accesses, ascending
+            key = trailing_zeros(m)
+            m &= m - ONE
+            s = segment[cell(key)]
+            word = words[cell(s)]
+            at = byte_find(word, key)
+            t = min(s + 1, top)
+            if steady or s == top or n[cell(t)] >= share:  # trade with t's oldest (on top: the key itself)
+                up = words[cell(t)]
+                up_at = at if s == top else 0
+                down = (up >> uint64(8 * up_at)) & BYTE
+                words[cell(s)] = byte_put(byte_remove(word, at), n[cell(s)] - 1, down)
+                words[cell(t)] = byte_put(byte_remove(up, up_at), n[cell(t)] - 1, key)
+                segment[cell(key)] = t
+                segment[cell(down)] = s
+            else:
+                words[cell(s)] = byte_remove(word, at)
+                n[cell(s)] -= 1
+                words[cell(t)] = byte_put(words[cell(t)], n[cell(t)], key)
+                n[cell(t)] += 1
+                segment[cell(key)] = t
+                steady = total == capacity and n[0] == full0
+    return hits
 
 
 @njit(cache=True, inline="always")
@@ -91,9 +214,7 @@ def put(stamp, slot, at, value):
 
 @njit(cache=True, nogil=True)
 def simulate_slots(keys, offsets, capacity, count):
-    share = capacity // count
-    top = count - 1 if share > 0 else 0  # without a share every expert stays in segment 0
-    full0 = capacity - top * share  # segment 0 once steady, the largest a segment holds
+    share, top, full0 = steady_sizes(capacity, count)
     shift = 2
     while (1 << shift) < full0:
         shift += 1

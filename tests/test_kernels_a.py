@@ -5,10 +5,12 @@ skewed and sticky so that both hits and misses are common, capacities from the l
 request up to the number of keys, random valid parameters."""
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from moecache.policies import REGISTRY, resolve
+
+from .strategies import unit_streams
 
 
 @st.composite
@@ -68,3 +70,12 @@ def test_sieve_kernel_equals_driver(data, stream):
 @given(data=st.data(), stream=streams())
 def test_slru_kernel_equals_driver(data, stream):
     assert_kernel_equals_driver(data.draw(choices("slru")), stream)
+
+
+@settings(max_examples=100)
+@given(segments=st.integers(1, 4), stream=unit_streams(key_counts=(40, 64)), seed=st.integers(0, 99))
+def test_slru_slots_kernel_equals_driver(segments, stream, seed):
+    """More than 8 keys in segment 0 once steady: the slots kernel, not the packed one."""
+    capacity = stream[3]
+    assume(capacity - (segments - 1 if capacity >= segments else 0) * (capacity // segments) > 8)
+    assert_kernel_equals_driver(resolve("slru", {"segments": segments}), (*stream, seed))
