@@ -29,26 +29,38 @@ front, which is that expert, yet keeps it in S as resident without occupying cap
 libCacheSim also caches nothing at C = 1 (its LIR limit is 0) and bounds S to 2C by
 dropping its oldest non-resident entries; S is unbounded here (as in the paper).
 
-Fast kernel (``simulate``, unit sizes): the hooks' steps in one function over the same
-arrays (S and Q as linked lists, ``lir`` the LIR count, ``count`` the residents').
-``current[key] == r`` marks request r's keys, which the victim search skips; per request
-the misses are admitted in ascending id, each evicting one expert first when the cache is
-full, then the hits are used in ascending id. Invariant: S's bottom is LIR whenever S
-holds an LIR expert (every operation that can change the bottom prunes).
+Fast kernels (``simulate``, unit sizes): the hooks' steps in one function; per request the
+misses are admitted in ascending id, each evicting one expert first when the cache is
+full, then the hits are used in ascending id. Invariant of both: S's bottom is LIR whenever
+S holds an LIR expert (every operation that can change the bottom prunes).
+
+* masks (at most 64 keys): LIR, resident HIR and S are 64-bit masks; S's order is a
+  sequence of groups (masks), each request pushing its misses into one and its hits into
+  the next, a group's keys in ascending id, so S's bottom is the lowest bit of its oldest
+  group; Q's order is a tick per key. Two runs of steps go at once: the LIR hits below the
+  request's first other hit (they only move up, so one pruning serves them all), and the
+  misses from the first one that finds no HIR outside the request to evict (each then
+  evicts S's lowest LIR expert outside the request and becomes LIR, no demotion and no
+  HIR enqueued, so that holds for every later miss: together they evict the lowest ones).
+* lists (more keys): S and Q as linked lists over the hooks' arrays (``lir`` the LIR count,
+  ``count`` the residents'); ``current[key] == r`` marks request r's keys, which the
+  victim search skips.
 
 Hooks: state = (status of each key, whether in S, S and Q as linked lists, [LIR used, LIR
 limit], sizes).
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
 
+from ._index import cell
 from ._queues import move_to_tail, oldest_unpinned, queue_head, queues_new
-from ._state import list_unlink, no_room
+from ._state import bit_index, fits_masks, list_unlink, lowest_bits, no_room, popcount, request_mask
 from .registry import Hooks, Param, Policy, always_keep
 
 NONE, LIR, HIR, GONE = range(4)  # GONE: non-resident HIR, remembered in S
 LIR_USED, LIR_LIMIT = range(2)
+GROUPS = 256  # S's groups in the masks kernel, squeezed when full (S holds at most 64)
 
 
 @njit(cache=True)
@@ -69,8 +81,178 @@ def unsigned(links):
 
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, params, seed):
-    num_keys = sizes.shape[0]
     lir_limit = capacity - max(1, np.int64(capacity * params[0]))
+    if fits_masks(sizes):
+        return simulate_masks(keys, offsets, capacity, lir_limit)
+    return simulate_lists(keys, offsets, sizes.shape[0], capacity, lir_limit)
+
+
+@njit(cache=True, nogil=True)
+def simulate_masks(keys, offsets, capacity, lir_limit):
+    """At most 64 keys. Invariant: ``lir`` and ``hir`` (LIR, resident HIR) partition the
+    residents, ``in_s`` is S, a key in S and not resident its non-resident HIR entry. S is
+    ``groups[oldest..newest]`` from the bottom up, a key in S in ``groups[where[key]]``,
+    the keys of one group pushed in ascending id: each request pushes its misses into group
+    ``top`` and its hits into ``top + 1``. Q's order is ``queued`` (the tick of a key's
+    enqueueing), its front outside the request the least tick of ``hir & ~step``."""
+    one = uint64(1)
+    groups = np.zeros(GROUPS, np.uint64)
+    where = np.zeros(64, np.int64)
+    queued = np.zeros(64, np.int64)
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    lir, hir, in_s = uint64(0), uint64(0), uint64(0)
+    lirs, count, oldest, top, tick = 0, 0, 0, 0, 0
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[cell(r)], offsets[cell(r + 1)]
+        if hi - lo > capacity:
+            no_room()
+        step = request_mask(keys, lo, hi)
+        hit = step & (lir | hir)
+        hits[cell(r)] = popcount(hit)
+        if top + 2 > GROUPS:
+            top = squeeze(groups, where, oldest, top)
+            oldest = 0
+        for phase in range(2):  # the misses' admissions, then the hits
+            newest = top + phase
+            todo = hit if phase else step ^ hit
+            while todo:
+                if phase:  # the LIR hits below the first other hit go on top of S together
+                    moved = todo & lir
+                    bit = todo ^ moved
+                    bit &= ~bit + one
+                    moved &= bit - one
+                    todo ^= moved
+                    if moved:
+                        lift(groups, where, moved, newest)
+                        in_s, oldest = prune_groups(groups, lir, in_s, oldest, newest)
+                    if bit == 0:
+                        break
+                else:
+                    bit = todo & (~todo + one)
+                    if count == capacity and hir & ~step == 0:  # then each miss evicts S's lowest
+                        out = lowest_lir(groups, lir & ~step, oldest, popcount(todo))  # LIR outside
+                        lir ^= out | todo  # the request and becomes LIR (no demotion)
+                        in_s ^= out
+                        in_s |= todo
+                        lift(groups, where, todo, newest)
+                        in_s, oldest = prune_groups(groups, lir, in_s, oldest, newest)
+                        break
+                todo ^= bit
+                key = cell(bit_index(bit))
+                if phase == 0:
+                    if count == capacity:  # Q's front outside the request
+                        queue = hir & ~step
+                        out = queue & (~queue + one)
+                        queue ^= out
+                        while queue:
+                            other = queue & (~queue + one)
+                            queue ^= other
+                            if queued[cell(bit_index(other))] < queued[cell(bit_index(out))]:
+                                out = other
+                        hir ^= out
+                    else:
+                        count += 1
+                    to_lir = (in_s & bit) != 0 or lirs < lir_limit
+                else:
+                    to_lir = (in_s & bit) != 0
+                groups[cell(where[key])] &= ~bit  # on top of S
+                groups[cell(newest)] |= bit
+                where[key] = newest
+                in_s |= bit
+                if not to_lir:  # a resident HIR at Q's end
+                    hir |= bit
+                    queued[key] = tick
+                    tick += 1
+                    continue
+                hir &= ~bit
+                lir |= bit
+                lirs += 1
+                while True:  # S's lowest LIR experts move to Q while over the limit
+                    in_s, oldest = prune_groups(groups, lir, in_s, oldest, newest)
+                    if lirs <= lir_limit:
+                        break
+                    lowest = groups[cell(oldest)]
+                    lowest &= ~lowest + one
+                    lir ^= lowest
+                    hir |= lowest
+                    queued[cell(bit_index(lowest))] = tick
+                    tick += 1
+                    lirs -= 1
+        top += 2
+    return hits
+
+
+@njit(cache=True, inline="always")
+def lift(groups, where, moved, newest):
+    """The keys of ``moved`` on top of S, into group ``newest``."""
+    one = uint64(1)
+    rest = moved
+    while rest:
+        bit = rest & (~rest + one)
+        rest ^= bit
+        key = cell(bit_index(bit))
+        groups[cell(where[key])] &= ~bit
+        where[key] = newest
+    groups[cell(newest)] |= moved
+
+
+@njit(cache=True, inline="always")
+def lowest_lir(groups, candidates, oldest, count):
+    """Take the ``count`` lowest of the ``candidates`` (LIR experts, S holding at least
+    ``count`` of them) off S's groups; returns them."""
+    taken = uint64(0)
+    group = oldest
+    while count > 0:
+        take = lowest_bits(groups[cell(group)] & candidates, count)
+        groups[cell(group)] ^= take
+        taken |= take
+        count -= popcount(take)
+        group += 1
+    return taken
+
+
+@njit(cache=True, inline="always")
+def prune_groups(groups, lir, in_s, oldest, newest):
+    """S's non-LIR entries below its lowest LIR leave it (all of S if it holds no LIR,
+    ``oldest`` then stopping at ``newest``): the new (in_s, oldest)."""
+    one = uint64(1)
+    while True:
+        group = groups[cell(oldest)]
+        low = group & lir
+        if low:
+            below = group & ((low & (~low + one)) - one)
+            groups[cell(oldest)] = group ^ below
+            return in_s & ~below, oldest
+        groups[cell(oldest)] = 0
+        in_s &= ~group
+        if oldest == newest:
+            return in_s, oldest
+        oldest += 1
+
+
+@njit(cache=True)
+def squeeze(groups, where, oldest, top):
+    """Move S's non-empty groups of ``groups[oldest:top]`` to the front, in order, keeping
+    ``where``; returns their number (the new ``top``, ``oldest`` becoming 0)."""
+    one = uint64(1)
+    kept = 0
+    for i in range(oldest, top):
+        group = groups[i]
+        groups[i] = 0
+        if group:
+            groups[kept] = group
+            rest = group
+            while rest:
+                bit = rest & (~rest + one)
+                rest ^= bit
+                where[bit_index(bit)] = kept
+            kept += 1
+    return kept
+
+
+@njit(cache=True, nogil=True)
+def simulate_lists(keys, offsets, num_keys, capacity, lir_limit):
+    """Any keys: S and Q as linked lists, ``current[key] == r`` marking request r's keys."""
     status = np.full(num_keys, NONE, np.int64)
     in_s = np.zeros(num_keys, np.bool_)
     # keys and links are unsigned: numba leaves out the wraparound of negative indices

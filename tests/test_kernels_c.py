@@ -42,6 +42,23 @@ def test_lirs_kernel_equals_driver(data, stream):
     assert_kernel_equals_driver("lirs", data, stream)
 
 
+def test_lirs_masks_kernel_equals_lists_kernel_on_long_streams():
+    """Up to 64 keys lirs runs its masks kernel; on streams long enough that S's groups are
+    squeezed many times it gives the hits of its lists kernel (equal to the driver above)."""
+    import moecache as mc
+    from moecache.policies import lirs
+
+    for experts, top_k in ((64, 8), (40, 4), (9, 2)):
+        trace = mc.synth(layers=1, experts=experts, top_k=top_k, tokens=20_000, seed=experts)
+        keys, offsets = mc.Requests.from_trace(trace).layer(0)
+        for capacity in (top_k, top_k + 1, experts // 2, experts - 1, experts):
+            for hirs in (0.01, 0.3, 1.0):
+                lir_limit = capacity - max(1, int(capacity * hirs))
+                masks = lirs.simulate_masks(keys, offsets, capacity, lir_limit)
+                lists = lirs.simulate_lists(keys, offsets, experts, capacity, lir_limit)
+                np.testing.assert_array_equal(masks, lists)
+
+
 @settings(max_examples=200)
 @given(data=st.data(), stream=streams())
 def test_lru_k_kernel_equals_driver(data, stream):
