@@ -39,12 +39,14 @@ Fast kernel (``simulate``, unit sizes), two exact implementations of the hooks:
 * masks (at most 64 keys): each queue in a window of 64 cells with 64-bit masks held in
   locals (no per-queue arrays), so that a sweep of the main queue finds its victim at once
   and moves only the keys it passes, and a request's keys are pinned without a branch;
+  its indices are unsigned (``_index.cell``: numba skips its negative-index wraparound);
 * list (any number of keys): the hooks' linked queues in flat arrays.
 """
 
 import numpy as np
 from numba import njit, uint64
 
+from ._index import cell
 from ._queues import move_to_tail, oldest_unpinned, queue_head, queues_new, sized_move, sized_remove
 from ._state import bit_index, list_append, list_unlink, no_room, popcount
 from .registry import Hooks, Param, Policy, always_keep
@@ -311,9 +313,9 @@ def compact(pos, key_at, base, occ, zero, pin):
     while occ:
         low = lowest(occ)
         occ ^= low
-        key = key_at[base + bit_index(low)]
-        key_at[base + n] = key
-        pos[key] = base + n
+        key = key_at[cell(base + bit_index(low))]
+        key_at[cell(base + n)] = key
+        pos[cell(key)] = base + n
         bit = ONE << uint64(n)
         new_occ |= bit
         new_zero |= bit * uint64(zero & low != 0)
@@ -325,8 +327,8 @@ def compact(pos, key_at, base, occ, zero, pin):
 @njit(cache=True, inline="always")
 def place(pos, key_at, base, end, key):
     """Put ``key`` in cell ``end`` (< 64) of the window at ``base``; returns the cell's bit."""
-    key_at[base + end] = key
-    pos[key] = base + end
+    key_at[cell(base + end)] = key
+    pos[cell(key)] = base + end
     return ONE << uint64(end)
 
 
@@ -358,25 +360,25 @@ def simulate_masks(keys, offsets, capacity, small_share, ghost_share, threshold)
     end_s, end_m, end_g = 0, 0, 0
     evicted = False
     for r in range(hits.shape[0]):
-        lo, hi = offsets[r], offsets[r + 1]
+        lo, hi = offsets[cell(r)], offsets[cell(r + 1)]
         if hi - lo > capacity:
             no_room()
-        pin[SMALL], pin[MAIN], pin[GHOST] = NIL, NIL, NIL
+        pin[cell(SMALL)], pin[cell(MAIN)], pin[cell(GHOST)] = NIL, NIL, NIL
         num_missed = 0
         for j in range(lo, hi):
-            key = np.intp(keys[j]) & 63
-            p = pos[key]
-            pin[p >> 6] |= ONE << uint64(p & 63)
+            key = np.intp(keys[cell(j)]) & 63
+            p = pos[cell(key)]
+            pin[cell(p >> 6)] |= ONE << uint64(p & 63)
             hit = p < ghost
-            counter[key] += hit
-            missed[num_missed] = key
+            counter[cell(key)] += hit
+            missed[cell(num_missed)] = key
             num_missed += 1 - hit
-        hits[r] = hi - lo - num_missed
-        pin_s, pin_m = pin[SMALL], pin[MAIN]
+        hits[cell(r)] = hi - lo - num_missed
+        pin_s, pin_m = pin[cell(SMALL)], pin[cell(MAIN)]
         zero_m &= ~pin_m  # the hits' counters are positive
-        occ_g &= ~pin[GHOST]  # arrive
+        occ_g &= ~pin[cell(GHOST)]  # arrive
         for i in range(num_missed):
-            key = missed[i]
+            key = missed[cell(i)]
             if popcount(occ_s) + popcount(occ_m) == capacity:  # victim and evict
                 evicted = True
                 out = -1
@@ -385,12 +387,12 @@ def simulate_masks(keys, offsets, capacity, small_share, ghost_share, threshold)
                     while free_s:  # sweep the small queue
                         low = lowest(free_s)
                         free_s ^= low
-                        first = key_at[small + bit_index(low)]
+                        first = key_at[cell(small + bit_index(low))]
                         occ_s ^= low
-                        if counter[first] < threshold:
+                        if counter[cell(first)] < threshold:
                             out = first
                             break
-                        counter[first] = 0
+                        counter[cell(first)] = 0
                         occ_m, zero_m, pin_m, end_m, bit = append(pos, key_at, main, occ_m, zero_m, pin_m,
                                                                   end_m, first)
                         zero_m |= bit
@@ -398,10 +400,10 @@ def simulate_masks(keys, offsets, capacity, small_share, ghost_share, threshold)
                         if popcount(occ_g) == ghost_share:  # forget the oldest
                             oldest = lowest(occ_g)
                             occ_g ^= oldest
-                            pos[key_at[ghost + bit_index(oldest)]] = absent
+                            pos[cell(key_at[cell(ghost + bit_index(oldest))])] = absent
                         occ_g, _, _, end_g, _ = append(pos, key_at, ghost, occ_g, NIL, NIL, end_g, out)
                     elif out >= 0:
-                        pos[out] = absent
+                        pos[cell(out)] = absent
                 while out < 0:  # sweep the main queue
                     free = occ_m & ~pin_m
                     stop = lowest(free & zero_m)
@@ -409,9 +411,9 @@ def simulate_masks(keys, offsets, capacity, small_share, ghost_share, threshold)
                     while passed and end_m < 64:
                         low = lowest(passed)
                         passed ^= low
-                        moved = key_at[main + bit_index(low)]
-                        count = min(counter[moved], 3) - 1
-                        counter[moved] = count
+                        moved = key_at[cell(main + bit_index(low))]
+                        count = min(counter[cell(moved)], 3) - 1
+                        counter[cell(moved)] = count
                         bit = place(pos, key_at, main, end_m, moved)
                         occ_m = (occ_m ^ low) | bit
                         zero_m |= bit * uint64(count == 0)
@@ -419,11 +421,11 @@ def simulate_masks(keys, offsets, capacity, small_share, ghost_share, threshold)
                     if passed:  # the window is used up: compact, look again
                         occ_m, zero_m, pin_m, end_m = compact(pos, key_at, main, occ_m, zero_m, pin_m)
                     elif stop:
-                        out = key_at[main + bit_index(stop)]
+                        out = key_at[cell(main + bit_index(stop))]
                         occ_m ^= stop
-                        pos[out] = absent
-            counter[key] = 0  # admit
-            if pos[key] >> 6 == GHOST or (not evicted and popcount(occ_s) >= small_share):
+                        pos[cell(out)] = absent
+            counter[cell(key)] = 0  # admit
+            if pos[cell(key)] >> 6 == GHOST or (not evicted and popcount(occ_s) >= small_share):
                 occ_m, zero_m, pin_m, end_m, bit = append(pos, key_at, main, occ_m, zero_m, pin_m, end_m, key)
                 zero_m |= bit
                 pin_m |= bit
