@@ -88,6 +88,15 @@ def steady_sizes(capacity, count):
 
 
 @njit(cache=True, inline="always")
+def entry_segment(n, share, top):
+    """The lowest segment holding fewer than ``share`` experts, 0 when none does."""
+    s = 0
+    while s < top and n[cell(s)] >= share:
+        s += 1
+    return s if n[cell(s)] < share else 0
+
+
+@njit(cache=True, inline="always")
 def byte_find(word, key):
     """The byte of ``word`` holding ``key`` (the lowest zero byte of ``word ^ key * BYTES``)."""
     x = word ^ (uint64(key) * BYTES)
@@ -152,10 +161,7 @@ def simulate_packed(keys, offsets, capacity, count):
                 n[cell(s)] -= 1
             else:
                 total += 1
-            s = 0
-            while s < top and n[cell(s)] >= share:
-                s += 1
-            s = s if n[cell(s)] < share else 0
+            s = entry_segment(n, share, top)
             words[cell(s)] = byte_put(words[cell(s)], n[cell(s)], key)
             segment[cell(key)] = s
             n[cell(s)] += 1
@@ -257,10 +263,7 @@ def simulate_slots(keys, offsets, capacity, count):
                 stamp[cell(last)] = NONE
             else:
                 total += 1
-            s = 0
-            while s < top and n[cell(s)] >= share:
-                s += 1
-            s = s if n[cell(s)] < share else 0
+            s = entry_segment(n, share, top)
             put(stamp, slot, s * stride + n[cell(s)], (clock << 6) | key)
             n[cell(s)] += 1
             steady = total == capacity and n[0] == full0
