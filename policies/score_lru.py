@@ -22,7 +22,7 @@ without weights is refused. A prefetched expert enters with the key of the step'
 
 Fast kernel (unit sizes), two variants chosen by ``simulate``; both rank a request's
 references by counting, for each, the references ahead of it (8 at a time, one vector
-compare each: ``rank_step``):
+compare each: ``rank_step``; a request of exactly 8 in registers: ``ranks_of_8``):
 
 * masks (at most 64 keys): the residents sit in slots ``0..min(capacity, keys) - 1`` with
   their keys in ``key[slot]``; a free slot is a bit of ``free``, a resident a bit of
@@ -70,6 +70,34 @@ def rank_step(typingctx, weights, start, j, rank):
                             builder.and_(builder.fcmp_ordered("==", other, block), earlier))
         pointer = _block_pointer(context, builder, signature.args[3], rank_v, start_v, _RANK_LANES)
         builder.store(builder.add(builder.load(pointer, align=4), builder.zext(ahead, lanes)), pointer,
+                      align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def ranks_of_8(typingctx, scores, lo, rank):
+    """``request_ranks`` of a request of 8 references from ``lo`` (float32 weights, int32
+    ranks) in registers: NaN as -inf, eight vector compares, one store of the 8 ranks."""
+    sig = types.void(scores, types.int64, rank)
+
+    def codegen(context, builder, signature, args):
+        scores_v, lo_v, rank_v = args
+        lanes = ir.VectorType(ir.IntType(32), _RANK_LANES)
+        block = builder.load(_block_pointer(context, builder, signature.args[0], scores_v, lo_v, _RANK_LANES),
+                             align=4)
+        lowest = _splat(builder, ir.Constant(ir.FloatType(), float("-inf")), _RANK_LANES)
+        block = builder.select(builder.fcmp_unordered("uno", block, block), lowest, block)
+        count = ir.Constant(lanes, [0] * _RANK_LANES)
+        for j in range(_RANK_LANES):
+            other = builder.shuffle_vector(block, block, ir.Constant(lanes, [j] * _RANK_LANES))
+            earlier = ir.Constant(ir.VectorType(ir.IntType(1), _RANK_LANES),
+                                  [j < i for i in range(_RANK_LANES)])
+            ahead = builder.or_(builder.fcmp_ordered(">", other, block),
+                                builder.and_(builder.fcmp_ordered("==", other, block), earlier))
+            count = builder.sub(count, builder.sext(ahead, lanes))
+        start = ir.Constant(ir.IntType(64), 0)
+        builder.store(count, _block_pointer(context, builder, signature.args[2], rank_v, start, _RANK_LANES),
                       align=4)
         return context.get_dummy_value()
     return sig, codegen
@@ -132,7 +160,12 @@ def least_of(values, candidates, lanes):
 def request_ranks(scores, lo, width, weights, rank):
     """``rank[i]`` = the rank of reference ``lo + i`` in its request: how many of the
     request's references have a larger weight, or an equal one and a smaller position
-    (NaN counted as -inf). ``weights`` and ``rank`` hold ``width`` rounded up to 8."""
+    (NaN counted as -inf). ``weights`` and ``rank`` hold ``width`` rounded up to 8. A
+    request of exactly 8 (the common top-k) is ranked in registers (a wider test, for any
+    width up to 8, measured slower)."""
+    if width == _RANK_LANES:
+        ranks_of_8(scores, lo, rank)
+        return
     for i in range(width):
         weight = scores[lo + i]
         weights[i] = weight if weight == weight else np.float32(-np.inf)

@@ -117,3 +117,21 @@ def test_kernel_equals_the_hooks_on_wide_requests(num_keys):
         kernel = choice.run(keys, offsets, sizes, capacity, 0, scores=scores)[0]
         driven = choice.run(keys, offsets, sizes, capacity, 0, record=True, scores=scores)[0]
         np.testing.assert_array_equal(kernel, driven)
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights=st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, float("nan")]), min_size=8, max_size=20),
+       lo=st.integers(0, 12))
+def test_request_ranks_of_8_in_registers(weights, lo):
+    """A request of 8 is ranked in registers (``ranks_of_8``): the ranks of a stable sort by
+    descending weight, NaN last, as for any other width."""
+    from moecache.policies import score_lru
+
+    scores = np.array(weights, np.float32)
+    lo = min(lo, scores.shape[0] - 8)
+    rank = np.full(8, -1, np.int32)
+    score_lru.request_ranks(scores, lo, 8, np.empty(8, np.float32), rank)
+    keyed = np.where(np.isnan(scores[lo:lo + 8]), -np.inf, scores[lo:lo + 8])
+    expected = np.empty(8, np.int32)
+    expected[np.argsort(-keyed, kind="stable")] = np.arange(8)
+    np.testing.assert_array_equal(rank, expected)
