@@ -265,25 +265,23 @@ def model_names() -> list[str]:
 
 def hardware(name_or_path: str) -> Hardware:
     """A shipped hardware profile by name, or the one [hardware.NAME] table of a TOML file."""
-    label, data = _shipped()
-    shipped = data.get("hardware", {})
-    if name_or_path in shipped:
-        return _hardware(label, name_or_path, shipped[name_or_path])
-    if _looks_like_path(name_or_path):
-        return _hardware(*_user_file(name_or_path, "hardware"))
-    raise MoecacheError(f"unknown hardware {name_or_path!r}: use one of {', '.join(shipped)} "
-                        "or the path of a TOML file")
+    return _lookup("hardware", name_or_path, _hardware)
 
 
 def model(name_or_path: str) -> Model:
     """A shipped model profile by name, or the one [model.NAME] table of a TOML file."""
+    return _lookup("model", name_or_path, _model)
+
+
+def _lookup(section: str, name_or_path: str, build: Callable[..., Any]) -> Any:
+    """``build(label, name, table)`` of a shipped ``section`` entry or of a user's file."""
     label, data = _shipped()
-    shipped = data.get("model", {})
+    shipped = data.get(section, {})
     if name_or_path in shipped:
-        return _model(label, name_or_path, shipped[name_or_path])
+        return build(label, name_or_path, shipped[name_or_path])
     if _looks_like_path(name_or_path):
-        return _model(*_user_file(name_or_path, "model"))
-    raise MoecacheError(f"unknown model {name_or_path!r}: use one of {', '.join(shipped)} "
+        return build(*_user_file(name_or_path, section))
+    raise MoecacheError(f"unknown {section} {name_or_path!r}: use one of {', '.join(shipped)} "
                         "or the path of a TOML file")
 
 
