@@ -3,6 +3,7 @@ closed forms where overlap is off or I/O free, monotone in the link, and the cac
 equal to replay's."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,7 +255,7 @@ def test_unknown_hardware():
 
 
 def test_model_profile_sizes():
-    trace = mc.Trace.load("traces/toy-baseline.parquet")
+    trace = mc.Trace.load(Path(__file__).resolve().parents[1] / "traces" / "toy-baseline.parquet")
     r = timeline(trace, "jetson-orin-nx-16gb", "lru", 8, model="deepseek-v2-lite", dtype="q4_k")
     size = profiles.model("deepseek-v2-lite").expert_bytes("q4_k")
     assert r.links[0]["demand_bytes"] == r.misses * size
