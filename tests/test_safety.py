@@ -415,10 +415,10 @@ def test_plot_replaces_figures_only_with_force_and_removes_stale_ones(tmp_path, 
     (("--bootstrap", "1000000000"), "--bootstrap must be from 0 to 100000 resamples, got 1000000000"),
     (("--seed", "-1"), "Invalid value for '--seed'"),
 ])
-def test_plot_options_are_checked(tmp_path, inputs, args, message):
+def test_plot_options_are_checked(tmp_path, monkeypatch, inputs, args, message):
     _, results = inputs
     mc.synth(layers=2, experts=8, top_k=2, tokens=30).save(tmp_path / "other.parquet")
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # restored after the test
     code, _, err = run("plot", results, "--out", tmp_path / "fig", *args)
     assert code == 2
     one_error(err, message)
