@@ -106,7 +106,7 @@ class TimelineResult:
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
 
-def costs_for(trace: Trace, hardware: profiles.Hardware, model: profiles.Model | None, dtype: str | None,
+def costs_for(trace: Trace, model: profiles.Model | None, dtype: str | None,
               dense_seconds: float | None) -> Costs:
     """The compute figures of ``trace``: from ``model`` (its sizes in ``dtype``) when given,
     else the trace's expert bytes and dtype plus ``dense_seconds`` per token."""
@@ -186,7 +186,7 @@ def timeline(
         raise MoecacheError(f"non-expert time per token (--dense-ms) must be a finite number >= 0, "
                             f"got {dense_ms}")
     dense_seconds = None if dense_ms is None else dense_ms / 1e3
-    costs = costs_for(trace, box, spec, dtype, dense_seconds)
+    costs = costs_for(trace, spec, dtype, dense_seconds)
     if spec is not None:  # the model's sizes for memory budgets too
         trace = with_model_sizes(trace, spec, dtype)
     train_steps = 0
