@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moecache.policies import Choice
 from moecache.policies import resolve as resolve_policy
 from moecache.policies.driver import HIT, MISS, PREFETCH_HIT
 
@@ -27,7 +28,7 @@ from .requests import Requests
 from .splits import split_by_sequence
 from .timeline_engine import RESIDENT, simulate
 from .trace import Trace
-from .units import format_bytes
+from .units import INT64_MAX, format_bytes
 
 MISS_HANDLING = ("fetch", "host")
 # bytes per weight of the dtypes a trace's metadata may name
@@ -180,6 +181,10 @@ def timeline(
     """
     box = hardware if isinstance(hardware, profiles.Hardware) else profiles.hardware(hardware)
     spec = model if isinstance(model, profiles.Model) or model is None else profiles.model(model)
+    lower = resolve_policy(tier_policy)  # checked before any work, tiers or not
+    if lower.policy.needs_scores:
+        raise MoecacheError(f"tier policy {lower.policy.name} reads router weights, which the fetches a "
+                            "lower tier sees do not carry: choose another --tier-policy")
     if miss not in MISS_HANDLING:
         raise MoecacheError(f"miss handling must be one of {', '.join(MISS_HANDLING)}, got {miss!r}")
     if dense_ms is not None and not (math.isfinite(dense_ms) and dense_ms >= 0):
@@ -199,9 +204,9 @@ def timeline(
     budget = trace.top_k if budget is None else budget
     batches = None
     if prefetch is not None:
-        if isinstance(depth, bool) or not isinstance(depth, int) or isinstance(budget, bool) \
-                or not isinstance(budget, int):
-            raise MoecacheError("prefetch depth and budget must be whole numbers")
+        for name, value in (("depth", depth), ("budget", budget)):
+            if isinstance(value, bool) or not isinstance(value, int) or value > INT64_MAX:
+                raise MoecacheError(f"prefetch {name} must be a whole number below 2**63, got {value!r}")
         view = prefetchers.Lookahead(req, scores, depth, budget, train_steps, trace)
         batches = prefetchers.plan(prefetch, view)
     result = replay(trace, policy, capacity, scope, memory=memory, seed=seed, requests=req,
@@ -212,7 +217,7 @@ def timeline(
             * np.repeat(np.arange(len(req.offsets) - 1) % num_layers, np.diff(req.offsets)))
     demand_source, batch_keys, batch_source, batch_layer, tier_hits = _sources(
         trace, req, result.outcomes, batches, result.prefetch_outcomes, keys, names, capacities,
-        tier_policy, seed)
+        lower, seed)
     tokens = req.step_tokens(trace)
     entry_layer = np.repeat(np.arange(len(req.offsets) - 1) % num_layers, np.diff(req.offsets))
     entry_step_tokens = req.token_counts(trace).astype(np.float64)
@@ -353,12 +358,12 @@ def _links(box: profiles.Hardware, tiers: bool | Sequence[profiles.Tier], trace:
 
 def _sources(trace: Trace, req: Requests, outcomes: np.ndarray, batches: Prefetch | None,
              batch_outcomes: np.ndarray | None, keys: np.ndarray, names: list[str],
-             capacities: list[int | None], tier_policy: str, seed: int
+             capacities: list[int | None], lower: Choice, seed: int
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """Which link serves each fetch. Returns (source per demand entry: RESIDENT or a link,
     keys, links and layers of the inserted prefetch entries, fetches served per tier).
 
-    Every tier but the last is a cache of its own (``tier_policy``, its capacity in bytes,
+    Every tier but the last is a cache of its own (policy ``lower``, its capacity in bytes,
     one pool) whose requests at each position are the fetches the tiers above it did not
     serve, ascending key; the last tier holds every expert.
     """
@@ -391,7 +396,7 @@ def _sources(trace: Trace, req: Requests, outcomes: np.ndarray, batches: Prefetc
             raise MoecacheError(f"memory tier {name} ({format_bytes(capacity)}) cannot hold the fetches of "
                                 f"one layer ({format_bytes(int(need.max(initial=0)))})")
         hit = np.zeros(len(order), np.int8)
-        resolve_policy(tier_policy).run(fetch_keys[order].astype(np.int32), offsets, sizes // divisor,
+        lower.run(fetch_keys[order].astype(np.int32), offsets, sizes // divisor,
                                         capacity // divisor, seed, outcomes=hit)
         tier[order[hit == HIT]] = k
         served[name] = int((hit == HIT).sum())

@@ -75,6 +75,7 @@ def simulate(dense, entry_offsets, entry_key, entry_compute, entry_host, entry_b
     entry_ready = np.empty(entry_key.shape[0])
     now = 0.0
     host_free = 0.0
+    depth = min(depth, num_positions)  # farther ahead, every batch goes out at time 0 just the same
     for p in range(-depth, num_positions):
         stall = 0.0  # the device's wait at this position
         if p == scored_from:

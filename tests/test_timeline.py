@@ -232,9 +232,13 @@ def test_co_activation_learns_a_cycle():
     (dict(prefetch="psychic"), "unknown prefetcher 'psychic'"),
     (dict(prefetch="oracle", depth=0), "depth must be at least 1"),
     (dict(prefetch="oracle", budget=0), "budget must be at least 1"),
+    (dict(prefetch="oracle", depth=2**63), "depth must be a whole number below 2\\*\\*63"),
+    (dict(prefetch="oracle", budget=2.5), "budget must be a whole number"),
     (dict(prefetch="previous-token", depth=9), "depth 9 is more than the trace's 2 MoE layers"),
     (dict(prefetch="co-activation"), "at least 2 sequences"),
     (dict(miss="disk"), "miss handling must be one of fetch, host"),
+    (dict(tier_policy="nope"), "unknown policy 'nope'"),
+    (dict(tier_policy="score-lru", tiers=True), "tier policy score-lru reads router weights"),
     (dict(dense_ms=-1.0), "must be a finite number >= 0"),
     (dict(dense_ms=None), "give --model or --dense-ms"),
     (dict(dtype="q4_k"), "give --model too"),
@@ -328,3 +332,11 @@ def test_recorded_events_and_figure(tmp_path):
     with pytest.raises(MoecacheError, match="by its suffix"):
         timeline_figure(r, tmp_path / "g.bmp")
 
+
+
+def test_a_depth_beyond_the_trace_issues_every_batch_at_the_start():
+    experts = np.array([[[0, 1]], [[1, 2]], [[3, 0]]], np.int16)
+    trace = trace_of(experts, np.arange(3), 4)
+    far = timeline(trace, machine(), "lru", 2, dense_ms=0.5, prefetch="oracle", depth=2**63 - 1)
+    three = timeline(trace, machine(), "lru", 2, dense_ms=0.5, prefetch="oracle", depth=3)
+    assert far.total_s == three.total_s > 3 * 0.5e-3
