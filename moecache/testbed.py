@@ -26,6 +26,7 @@ import math
 import mmap
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -47,9 +48,11 @@ from .requests import Requests
 from .timeline import TimelineResult, timeline
 from .trace import Trace
 from .trace_format import OPTIONAL_COLUMNS
+from .units import format_bytes
 
 ALIGN = 4096  # O_DIRECT offsets, sizes and buffers are multiples of this
 MAX_FILE_BYTES = 256 * 2**20  # the default expert size keeps the file at most this large
+WRITE_BYTES = 16 * 2**20  # the expert file is written this much at a time
 # how often the spinning main thread hands the GIL over (the default 5 ms would delay the I/O threads)
 SWITCH_INTERVAL_S = 5e-5
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # they take O_DIRECT (Linux >= 6.6) but hold files in RAM
@@ -185,6 +188,11 @@ def expert_file(keys: int, expert_bytes: int, directory: str | os.PathLike | Non
     where = Path(directory) if directory is not None else _default_directory()
     if not where.is_dir():
         raise MoecacheError(f"{where}: not a directory (the testbed's expert file goes there)")
+    total, free = keys * expert_bytes, shutil.disk_usage(where).free
+    if total > free:
+        raise MoecacheError(f"{where}: the expert file needs {format_bytes(total)} ({keys} experts of "
+                            f"{format_bytes(expert_bytes)}), the disk has {format_bytes(free)} free: "
+                            "give smaller --expert-bytes")
     kind = filesystem(where)
     if kind in MEMORY_FILESYSTEMS:
         raise MoecacheError(f"{where}: a {kind} filesystem lives in memory, its O_DIRECT reads touch no "
@@ -197,9 +205,8 @@ def expert_file(keys: int, expert_bytes: int, directory: str | os.PathLike | Non
     try:
         with os.fdopen(handle, "wb") as out:
             rng = np.random.default_rng(seed)
-            chunk = max(1, (16 * 2**20) // expert_bytes)
-            for start in range(0, keys, chunk):
-                out.write(rng.bytes(min(chunk, keys - start) * expert_bytes))
+            for start in range(0, total, WRITE_BYTES):
+                out.write(rng.bytes(min(WRITE_BYTES, total - start)))
             out.flush()
             os.fsync(out.fileno())
         fd = _open_direct(path)
@@ -531,6 +538,12 @@ def testbed(
                         batch_offsets.astype(np.int64), batch_keys, depth if batches is not None else 0,
                         layers)
     cache_slots = min(layers * experts, outcome.capacity * (layers if scope == "layer" else 1))
+    memory = max(cache_slots, queue_depth) * size
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if memory > available:
+        raise MoecacheError(f"the testbed's cache needs {format_bytes(memory)} of RAM "
+                            f"({max(cache_slots, queue_depth)} experts of {format_bytes(size)}), "
+                            f"{format_bytes(available)} is free: give smaller --expert-bytes")
     with contextlib.ExitStack() as stack:
         if store is None:
             store = stack.enter_context(expert_file(layers * experts, size, directory, seed))

@@ -106,6 +106,7 @@ def test_defaults_and_cuts(trace):
     (lambda t, d: run(t, "lru", 3, max_steps=0, directory=d), "max steps"),
     (lambda t, d: run(t, "lru", 3, calibrate=False, directory=d), "calibrate must be"),
     (lambda t, d: run(t, "lru", 3, prefetch="nope", directory=d), "unknown prefetcher"),
+    (lambda t, d: run(t, "lru", 3, expert_bytes=2**50, directory=d), "cache needs .* of RAM"),
 ])
 def test_bad_input_is_one_line(trace, directory, call, message):
     with pytest.raises(MoecacheError, match=message) as err:
@@ -137,3 +138,12 @@ def test_cli_json(trace, directory, tmp_path):
     calibrated = runner.invoke(cli, ["testbed", str(path), "-c", "3", "--directory", str(directory),
                                      "--max-steps", "5", "--compute-us", "10"])
     assert calibrated.exit_code == 0 and "relative error" in calibrated.stdout
+
+
+def test_an_expert_file_larger_than_the_free_disk_is_refused(tmp_path):
+    from moecache.testbed import expert_file
+
+    with pytest.raises(MoecacheError, match="the disk has .* free: give smaller --expert-bytes"):
+        with expert_file(2**20, 2**40, tmp_path):
+            pass
+    assert not list(tmp_path.iterdir())
