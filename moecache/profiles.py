@@ -203,6 +203,7 @@ def _matrix_bytes(rows: int, cols: int, dtype: str) -> int:
 _SHIPPED = "profiles.toml"
 _HARDWARE_KEYS = {"description", "flops", "memory_bandwidth", "memory_capacity", "host_flops",
                   "host_memory_bandwidth", "tiers", "sources"}
+MAX_QUEUE_DEPTH = 65536  # the most entries an NVMe queue takes (its 16-bit, 0-based size field)
 _TIER_KEYS = {"name", "capacity", "bandwidth", "latency", "queue_depth", "source"}
 _MODEL_INTS = ("moe_layers", "dense_layers", "experts", "top_k", "shared_experts", "hidden_size",
                "expert_intermediate", "expert_bias", "non_expert_params", "context_length")
@@ -339,11 +340,12 @@ class _Entry:
             raise self.error(key, "must be positive")
         return result
 
-    def integer(self, key: str, low: int) -> int:
+    def integer(self, key: str, low: int, high: int = INT64_MAX) -> int:
         value = self.table[key]
         whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        if not whole or not low <= value <= INT64_MAX:
-            raise self.error(key, f"must be a whole number >= {low}, got {value!r}")
+        if not whole or not low <= value <= high:
+            bounds = f">= {low}" if high == INT64_MAX else f"from {low} to {high}"
+            raise self.error(key, f"must be a whole number {bounds}, got {value!r}")
         return int(value)
 
     def text(self, key: str) -> str:
@@ -380,7 +382,7 @@ def _hardware(label: str, name: str, table: dict[str, Any]) -> Hardware:
         tier_name = tier.text("name")
         link = Link(bandwidth=tier.bandwidth("bandwidth"),
                     latency=tier.parse("latency", parse_duration, unit="80us"),
-                    queue_depth=tier.integer("queue_depth", 1))
+                    queue_depth=tier.integer("queue_depth", 1, MAX_QUEUE_DEPTH))
         tiers.append(Tier(tier_name, tier.parse("capacity", parse_bytes, unit="16GiB"), link))
         if tier.table["source"] is not None:
             sources[f"tiers.{tier_name}"] = tier.text("source")

@@ -242,7 +242,9 @@ def timeline(
         dense, req.offsets, keys, compute, host, entry_bytes, demand_source,
         batch_offsets, batch_keys, batch_bytes, batch_source, depth if batches is not None else 0,
         np.array([link.bandwidth for link in links]), np.array([link.latency for link in links]),
-        np.array([link.queue_depth for link in links], np.int64), overlap, miss == "host",
+        # more slots than transfers are never used: a deep queue costs no memory
+        np.array([min(link.queue_depth, len(keys) + len(batch_keys)) for link in links], np.int64),
+        overlap, miss == "host",
         num_layers * trace.num_experts, train_steps * num_layers, record)
     first = train_steps * num_layers  # the first scored position
     position_of_batch = np.repeat(np.arange(len(req.offsets) - 1), np.diff(batch_offsets))

@@ -233,6 +233,8 @@ BAD_HARDWARE = [
     ("negative latency", lambda t: t.replace('"10us"', '"-10us"'), r"tiers\[0\].latency"),
     ("unit-less latency", lambda t: t.replace('"10us"', "0.00001"), r"tiers\[0\].latency: give a string"),
     ("queue depth 0", lambda t: t.replace("queue_depth = 2", "queue_depth = 0"), "queue_depth: must be"),
+    ("queue depth 2**63 - 1", lambda t: t.replace("queue_depth = 2", "queue_depth = 9223372036854775807"),
+     "queue_depth: must be a whole number from 1 to 65536"),
     ("tiers out of order", lambda t: t.replace('"3GB/s"', '"30GB/s"'), "not ordered fastest first"),
     ("unknown key", lambda t: t.replace('flops = "10TFLOPS"', 'flops = "10TFLOPS"\nflop = 1'),
      "my-box.flop: unknown key"),

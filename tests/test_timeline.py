@@ -340,3 +340,12 @@ def test_a_depth_beyond_the_trace_issues_every_batch_at_the_start():
     far = timeline(trace, machine(), "lru", 2, dense_ms=0.5, prefetch="oracle", depth=2**63 - 1)
     three = timeline(trace, machine(), "lru", 2, dense_ms=0.5, prefetch="oracle", depth=3)
     assert far.total_s == three.total_s > 3 * 0.5e-3
+
+
+def test_a_queue_deeper_than_the_transfers_changes_nothing():
+    trace = mc.synth(layers=2, experts=8, top_k=2, tokens=50, expert_bytes=EXPERT_BYTES)
+    trace = mc.Trace.from_arrays(trace.experts, 8, step=trace.step, expert_bytes=EXPERT_BYTES,
+                                 meta={"dtype": "float32"})
+    deep = timeline(trace, machine(queue_depth=2**62), "lru", 4, dense_ms=0.1, prefetch="oracle")
+    enough = timeline(trace, machine(queue_depth=10**4), "lru", 4, dense_ms=0.1, prefetch="oracle")
+    assert deep.total_s == enough.total_s
