@@ -15,6 +15,7 @@ from .errors import MoecacheError
 
 INT64_MAX = 2**63 - 1
 MAX_LIST = 1_000_000  # values a list or range of integers may name
+MAX_SECONDS = 1e12  # a duration beyond 30,000 years is a typo
 
 # Nominal sequential-read bandwidths; pass a measured figure ("3.1GB/s") for real numbers.
 BANDWIDTH_PRESETS = {
@@ -51,7 +52,7 @@ def _split(text: str | int | float, what: str) -> tuple[int | float, str]:
             raise MoecacheError(f"cannot read {what} {text!r}: expected a number and a unit")
         number, unit = match.group(1), match.group(2).lower()
         value = int(number) if number.isdigit() else float(number)
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # integers are exact, however long
         raise MoecacheError(f"{what} {text!r} must be a finite number")
     return value, unit
 
@@ -81,13 +82,25 @@ def parse_bandwidth(text: str | int | float) -> float:
 
 def bandwidth_profile(text: str | int | float) -> tuple[str, float]:
     """(label, bytes per second) for a preset name or a custom value such as 3GB/s (whose
-    label is the text itself)."""
+    label is the text itself). A rate keeps its fraction: it is not a size."""
     cleaned = str(text).strip()
     if cleaned.lower() in BANDWIDTH_PRESETS:
         return BANDWIDTH_PRESETS[cleaned.lower()]
     value = cleaned[:-2] if cleaned.lower().endswith("/s") else cleaned
     try:
-        return cleaned, float(parse_bytes(value if isinstance(text, str) else text, "bandwidth"))
+        number, unit = _split(value if isinstance(text, str) else text, "bandwidth")
+        if unit not in _BYTE_UNITS:
+            raise MoecacheError(f"unknown unit in bandwidth {text!r}: use B/s, KB/s, MB/s, GB/s, MiB/s "
+                                "or GiB/s")
+        try:
+            rate = float(number) * _BYTE_UNITS[unit]
+        except OverflowError:  # an integer of hundreds of digits
+            rate = math.inf
+        if not math.isfinite(rate):
+            raise MoecacheError(f"bandwidth {value!r} must be a finite number")
+        if rate < 1:
+            raise MoecacheError(f"bandwidth {value!r} must be at least 1 byte per second")
+        return cleaned, rate
     except MoecacheError as err:
         raise MoecacheError(f"{err}; or a preset: {', '.join(BANDWIDTH_PRESETS)}") from None
 
@@ -99,7 +112,10 @@ def parse_duration(text: str | int | float) -> float:
         raise MoecacheError(f"unknown time unit in {text!r}: use s, ms, us or ns")
     if value < 0:
         raise MoecacheError(f"duration {text!r} must not be negative")
-    return value * _TIME_UNITS[unit]
+    seconds = value * _TIME_UNITS[unit] if value <= MAX_SECONDS else math.inf
+    if not math.isfinite(seconds) or seconds > MAX_SECONDS:
+        raise MoecacheError(f"duration {text!r} is too long: at most {MAX_SECONDS:.0e} s")
+    return seconds
 
 
 def check_seed(seed: int) -> int:

@@ -186,6 +186,12 @@ def test_units_reject_what_traces_and_tables_cannot_hold():
         with pytest.raises(mc.MoecacheError, match=message):
             parse_bytes(text, "expert size")
     assert parse_bandwidth("NVMe4") == 7.0e9 and parse_bandwidth("2GB/s") == 2e9
+    assert parse_bandwidth(1000000.5) == 1000000.5  # a rate keeps its fraction
+    for parse in (parse_bytes, parse_bandwidth, parse_duration):  # no OverflowError from 400 digits
+        with pytest.raises(mc.MoecacheError):
+            parse("9" * 400)
+    with pytest.raises(mc.MoecacheError, match="too long"):
+        parse_duration("1e300s")
     with pytest.raises(mc.MoecacheError, match="finite"):
         parse_duration(float("inf"))
     assert parse_int_list("8:10,4", high=9) == [4, 8, 9]
