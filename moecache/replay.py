@@ -136,6 +136,15 @@ class Prefetch:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         return np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1]), offsets
 
+    def inserted(self, outcomes: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Of the entries a replay inserted (``prefetch_outcomes == 1``): (their keys of global
+        scope, layer x E + expert; their positions t x L + l; CSR offsets per position)."""
+        kept = outcomes == 1
+        position = np.repeat(np.arange(len(self.offsets) - 1), np.diff(self.offsets))[kept]
+        keys = self.experts[kept].astype(np.int64) + num_experts * (position % self.layers)
+        counts = np.bincount(position, minlength=len(self.offsets) - 1)
+        return keys, position, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
     def pooled(self, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
         """The batches as (keys, offsets) of global scope: key = layer x E + expert."""
         batch_layer = np.arange(len(self.offsets) - 1, dtype=np.int64) % self.layers

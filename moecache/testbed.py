@@ -523,18 +523,13 @@ def testbed(
     outcome = replay(trace, policy, capacity, scope, seed=seed, requests=req, prefetch=batches,
                      record_outcomes=True)
     positions = len(req.offsets) - 1
-    entry_layer = np.repeat(np.arange(positions) % layers, np.diff(req.offsets))
     tokens = np.repeat(req.step_tokens(trace), layers)
     if batches is None:
         batch_offsets, batch_keys = np.zeros(positions + 1, np.int64), np.zeros(0, np.int64)
     else:
-        kept = outcome.prefetch_outcomes == 1
-        batch_position = np.repeat(np.arange(positions), np.diff(batches.offsets))
-        counts = np.bincount(batch_position[kept], minlength=positions)
-        batch_offsets = np.concatenate([[0], np.cumsum(counts)])
-        batch_keys = batches.experts[kept].astype(np.int64) + experts * (batch_position[kept] % layers)
+        batch_keys, _, batch_offsets = batches.inserted(outcome.prefetch_outcomes, experts)
     schedule = Schedule(np.round(tokens * dense_us * 1e3).astype(np.int64), req.offsets.astype(np.int64),
-                        req.ids.astype(np.int64) + experts * entry_layer, outcome.outcomes == MISS,
+                        req.pooled()[0].astype(np.int64), outcome.outcomes == MISS,
                         batch_offsets.astype(np.int64), batch_keys, depth if batches is not None else 0,
                         layers)
     cache_slots = min(layers * experts, outcome.capacity * (layers if scope == "layer" else 1))

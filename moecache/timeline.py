@@ -23,7 +23,7 @@ from moecache.policies.driver import HIT, MISS, PREFETCH_HIT
 
 from . import prefetchers, profiles
 from .errors import MoecacheError
-from .replay import Prefetch, replay
+from .replay import replay
 from .requests import Requests
 from .splits import split_by_sequence
 from .timeline_engine import RESIDENT, simulate
@@ -212,16 +212,22 @@ def timeline(
     result = replay(trace, policy, capacity, scope, memory=memory, seed=seed, requests=req,
                     prefetch=batches, record_outcomes=True)
     links, names, capacities = _links(box, tiers, trace)
-    num_layers = trace.num_layers
-    keys = (req.ids.astype(np.int64) + trace.num_experts
-            * np.repeat(np.arange(len(req.offsets) - 1) % num_layers, np.diff(req.offsets)))
-    demand_source, batch_keys, batch_source, batch_layer, tier_hits = _sources(
-        trace, req, result.outcomes, batches, result.prefetch_outcomes, keys, names, capacities,
+    num_layers, positions = trace.num_layers, len(req.offsets) - 1
+    keys = req.pooled()[0].astype(np.int64)  # layer x E + expert
+    entry_position = np.repeat(np.arange(positions), np.diff(req.offsets))
+    if batches is None:
+        batch_keys = batch_position = np.zeros(0, np.int64)
+        batch_offsets = np.zeros(positions + 1, np.int64)
+    else:
+        batch_keys, batch_position, batch_offsets = batches.inserted(result.prefetch_outcomes,
+                                                                     trace.num_experts)
+    demand_source, batch_source, tier_hits = _sources(
+        trace, result.outcomes == MISS, keys, entry_position, batch_keys, batch_position, names, capacities,
         lower, seed)
     tokens = req.step_tokens(trace)
-    entry_layer = np.repeat(np.arange(len(req.offsets) - 1) % num_layers, np.diff(req.offsets))
     entry_step_tokens = req.token_counts(trace).astype(np.float64)
-    entry_bytes = costs.expert_bytes[entry_layer]
+    entry_bytes = costs.expert_bytes[entry_position % num_layers]
+    batch_bytes = costs.expert_bytes[batch_position % num_layers]
     compute = np.maximum(entry_step_tokens * costs.expert_flops / box.flops,
                          entry_bytes / box.memory_bandwidth)
     host = np.maximum(entry_step_tokens * costs.expert_flops / box.host_flops,
@@ -232,12 +238,6 @@ def timeline(
     else:
         weights = np.full(len(position_tokens), costs.dense_bytes / box.memory_bandwidth)
         dense = np.maximum(position_tokens * costs.dense_flops / box.flops, weights) / num_layers
-    if batches is None:
-        batch_offsets = np.zeros(len(req.offsets), np.int64)
-        batch_bytes = np.zeros(0, np.int64)
-    else:
-        batch_offsets = _kept_offsets(result.prefetch_outcomes == 1, batches.offsets)
-        batch_bytes = costs.expert_bytes[batch_layer]
     ends, stalls, busy, spans, batch_spans = simulate(
         dense, req.offsets, keys, compute, host, entry_bytes, demand_source,
         batch_offsets, batch_keys, batch_bytes, batch_source, depth if batches is not None else 0,
@@ -247,9 +247,7 @@ def timeline(
         overlap, miss == "host",
         num_layers * trace.num_experts, train_steps * num_layers, record)
     first = train_steps * num_layers  # the first scored position
-    position_of_batch = np.repeat(np.arange(len(req.offsets) - 1), np.diff(batch_offsets))
-    position_of_entry = np.repeat(np.arange(len(req.offsets) - 1), np.diff(req.offsets))
-    scored_entry, scored_batch = position_of_entry >= first, position_of_batch >= first
+    scored_entry, scored_batch = entry_position >= first, batch_position >= first
     link_table = [{"name": name, "bandwidth": link.bandwidth, "latency": link.latency,
                    "queue_depth": link.queue_depth,
                    "demand_bytes": int(entry_bytes[scored_entry & (demand_source == k)].sum()),
@@ -258,7 +256,7 @@ def timeline(
     outcomes = result.outcomes[scored_entry]
     used = int((outcomes == PREFETCH_HIT).sum())
     prefetched = int(scored_batch.sum())
-    layer_of_entry = position_of_entry[scored_entry] % num_layers
+    layer_of_entry = entry_position[scored_entry] % num_layers
     per_layer = pd.DataFrame({
         "layer": trace.layers,
         "hits": np.bincount(layer_of_entry, outcomes != MISS, num_layers).astype(np.int64),
@@ -276,9 +274,8 @@ def timeline(
     stall = float(stalls[first:].sum())
     events = None
     if record:
-        batch_entries = (batch_keys, batch_source, position_of_batch)
-        events = _events(trace, req, keys, dense, ends, spans, demand_source, miss, batch_entries,
-                         batch_spans, names)
+        events = _events(trace, (keys, entry_position, demand_source), dense, ends, spans, miss,
+                         (batch_keys, batch_source, batch_position), batch_spans, names)
     return TimelineResult(
         policy=result.policy, scope=scope, capacity=result.capacity, memory_bytes=result.memory_bytes,
         hardware=box.name, model=None if spec is None else spec.name, prefetch=prefetch,
@@ -297,15 +294,16 @@ def timeline(
         links=link_table, per_layer=per_layer, step_seconds=step_seconds, ends=ends, events=events)
 
 
-def _events(trace: Trace, req: Requests, keys: np.ndarray, dense: np.ndarray, ends: np.ndarray,
-            spans: np.ndarray, source: np.ndarray, miss: str, batch_entries: tuple[np.ndarray, ...],
+def _events(trace: Trace, entries: tuple[np.ndarray, ...], dense: np.ndarray, ends: np.ndarray,
+            spans: np.ndarray, miss: str, batch_entries: tuple[np.ndarray, ...],
             batch_spans: np.ndarray, names: list[str]) -> pd.DataFrame:
     """Every span of the walk: resource (device, host or a link), kind, step, layer, expert,
-    start, end (seconds)."""
+    start, end (seconds). ``entries``: (key, position, source) of each demand entry;
+    ``batch_entries``: (key, source, position) of each inserted prefetch entry."""
     num_layers, num_experts = trace.num_layers, trace.num_experts
     positions = np.arange(len(ends))
     starts = np.concatenate([[0.0], ends[:-1]])
-    entry_position = np.repeat(positions, np.diff(req.offsets))
+    keys, entry_position, source = entries
     on_host = (source >= 0) & (miss == "host")
     fetched = source >= 0
     batch_keys, batch_source, batch_position = batch_entries
@@ -334,13 +332,6 @@ def _used_bytes(outcomes: np.ndarray, sizes: np.ndarray) -> int:
     return int(sizes[outcomes == PREFETCH_HIT].sum())
 
 
-def _kept_offsets(kept: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The CSR offsets of the ``kept`` entries of each row of ``offsets``."""
-    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    counts = np.bincount(rows[kept], minlength=len(offsets) - 1)
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-
 def _links(box: profiles.Hardware, tiers: bool | Sequence[profiles.Tier], trace: Trace
            ) -> tuple[list[profiles.Link], list[str], list[int | None]]:
     """The links misses come over, their names and the capacities of their tiers: the
@@ -358,28 +349,20 @@ def _links(box: profiles.Hardware, tiers: bool | Sequence[profiles.Tier], trace:
     return [t.link for t in chosen], [t.name for t in chosen], [t.capacity_bytes for t in chosen]
 
 
-def _sources(trace: Trace, req: Requests, outcomes: np.ndarray, batches: Prefetch | None,
-             batch_outcomes: np.ndarray | None, keys: np.ndarray, names: list[str],
+def _sources(trace: Trace, fetch: np.ndarray, keys: np.ndarray, entry_position: np.ndarray,
+             batch_keys: np.ndarray, batch_position: np.ndarray, names: list[str],
              capacities: list[int | None], lower: Choice, seed: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
-    """Which link serves each fetch. Returns (source per demand entry: RESIDENT or a link,
-    keys, links and layers of the inserted prefetch entries, fetches served per tier).
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Which link serves each fetch (the demand entries where ``fetch``, then every inserted
+    prefetch entry). Returns (source per demand entry: RESIDENT or a link, link per
+    prefetch entry, fetches served per tier).
 
     Every tier but the last is a cache of its own (policy ``lower``, its capacity in bytes,
     one pool) whose requests at each position are the fetches the tiers above it did not
     serve, ascending key; the last tier holds every expert.
     """
-    num_layers, num_experts = trace.num_layers, trace.num_experts
-    positions = len(req.offsets) - 1
-    fetch = outcomes == MISS
-    entry_position = np.repeat(np.arange(positions), np.diff(req.offsets))
-    if batches is None:
-        batch_keys = batch_layer = batch_position = np.zeros(0, np.int64)
-    else:
-        inserted = batch_outcomes == 1
-        batch_position = np.repeat(np.arange(positions), np.diff(batches.offsets))[inserted]
-        batch_layer = batch_position % num_layers
-        batch_keys = batches.experts[inserted].astype(np.int64) + num_experts * batch_layer
+    num_experts = trace.num_experts
+    positions = int(entry_position[-1]) + 1 if len(entry_position) else 0  # every position has entries
     # every fetch in one list: demand entries first, then prefetch entries
     fetch_keys = np.concatenate([keys[fetch], batch_keys])
     fetch_position = np.concatenate([entry_position[fetch], batch_position])
@@ -404,6 +387,6 @@ def _sources(trace: Trace, req: Requests, outcomes: np.ndarray, batches: Prefetc
         served[name] = int((hit == HIT).sum())
         waiting = order[hit != HIT]
     served[names[-1]] = len(waiting)
-    demand_source = np.full(len(outcomes), RESIDENT, np.int64)
+    demand_source = np.full(len(fetch), RESIDENT, np.int64)
     demand_source[fetch] = tier[:int(fetch.sum())]
-    return (demand_source, batch_keys, tier[int(fetch.sum()):], batch_layer, served)
+    return demand_source, tier[int(fetch.sum()):], served
