@@ -16,7 +16,9 @@ Timed, each in a fresh process (``os.wait4`` gives its wall time and peak reside
   cache of 1,856 objects and ``process_trace``, in a Python process that imports it.
 
 The ratio is libCacheSim's time over moecache's for the same global-scope LRU requests
-(goal: at least 3x); peak memory goal: at most 1 GiB. Run: ``python
+(goal: at least 3x); peak memory goal: at most 1 GiB. Then, in one more fresh process: how
+long ``Trace.load`` takes, and the layer-scope replays on one thread and on two with the
+step sets built (goal: at least 1.8x on two cores), best of 3. Run: ``python
 benchmarks/bench_scale.py [--requests N]`` (``make bench-scale``).
 """
 
@@ -34,6 +36,22 @@ import numpy as np
 
 LAYERS, EXPERTS, TOP_K = 58, 256, 8
 CAPACITY = 32
+PARTS_SCRIPT = """
+import sys, time, resource, moecache as mc
+start = time.perf_counter()
+trace = mc.Trace.load(sys.argv[1], weights=False, lookahead=False)
+print("load", time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+req = mc.Requests.from_trace(trace)
+for policy in ("lru", "opt"):
+    mc.replay(trace, policy, int(sys.argv[2]), requests=req)
+    for workers in (1, 2):
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            mc.replay(trace, policy, int(sys.argv[2]), requests=req, workers=workers)
+            best = min(best, time.perf_counter() - start)
+        print(policy, workers, best)
+"""
 LCS_SCRIPT = """
 import sys, libcachesim as lcs
 params = lcs.ReaderInitParam(binary_fmt_str="<I", ignore_obj_size=True)
@@ -111,11 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'run':48} {'seconds':>8} {'Mreq/s':>8} {'peak GiB':>9} {'hit rate':>9}")
     for name, seconds, peak, hit_rate in rows:
         print(f"{name:48} {seconds:8.2f} {requests / seconds / 1e6:8.1f} {peak:9.2f} {hit_rate:9.4f}")
+    _, _, parts = timed([sys.executable, "-c", PARTS_SCRIPT, str(trace_path), str(CAPACITY)])
+    lines = [line.split() for line in parts.splitlines()]
+    load_s, load_peak = float(lines[0][1]), int(lines[0][2]) / 2**30
+    print(f"\nTrace.load {load_s:.2f} s ({requests / load_s / 1e6:.1f} Mreq/s), peak {load_peak:.2f} GiB")
+    speedups = []
+    for one, two in zip(lines[1::2], lines[2::2], strict=True):  # (policy, workers, seconds) pairs
+        speedups.append(float(one[2]) / float(two[2]))
+        print(f"replay {one[0]} layer C={CAPACITY}, step sets built: 1 thread {float(one[2]):.2f} s, "
+              f"2 threads {float(two[2]):.2f} s ({speedups[-1]:.2f}x)")
     ratio = rows[3][1] / rows[2][1]
     worst = max(row[2] for row in rows[:3])
     print(f"\nGOALS: end to end vs libCacheSim (lru, global) {ratio:.2f}x (goal 3x) "
           f"{'pass' if ratio >= 3 else 'FAIL'}; peak memory {worst:.2f} GiB (goal 1 GiB) "
-          f"{'pass' if worst <= 1 else 'FAIL'}")
+          f"{'pass' if worst <= 1 else 'FAIL'}; two threads {min(speedups):.2f}x (goal 1.8x) "
+          f"{'pass' if min(speedups) >= 1.8 else 'FAIL'}")
     return 0
 
 
