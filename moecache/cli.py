@@ -502,13 +502,14 @@ def policies_command() -> None:
 @click.option("--figure-steps", type=COUNT, default=3, show_default=True, help="Steps the chart shows.")
 @click.option("--figure-from", type=click.IntRange(0), default=0, show_default=True,
               help="First step the chart shows, counted from the first scored step.")
+@force_option("Overwrite --figure if it exists.")
 @json_option("Print one JSON object (tpot_s, tokens_per_s, stall_s, ...).")
 def timeline_command(trace: str, hardware: str, policy: str, capacity: int | None, memory: int | None,
                      scope: str, model: str | None, dtype: str | None, dense_ms: float | None,
                      prefetch: str | None, depth: int, budget: int | None, overlap: bool, miss: str,
                      tiers: bool, tier_policy: str, train_fraction: float | None, seed: int,
                      per_layer: bool, figure: str | None, figure_steps: int, figure_from: int,
-                     as_json: bool) -> None:
+                     force: bool, as_json: bool) -> None:
     """Predict decode time (TPOT, tokens/s, stalls) of an expert cache over TRACE on a hardware
     profile: compute and I/O on one timeline, with prefetching and memory tiers."""
     if capacity is None and memory is None:
@@ -521,7 +522,7 @@ def timeline_command(trace: str, hardware: str, policy: str, capacity: int | Non
         from .timeline_plot import timeline_figure  # matplotlib only when drawing
 
         scored = int(result.events["step"].max()) + 1 - result.steps  # the first test step
-        for path in timeline_figure(result, figure, figure_steps, scored + figure_from):
+        for path in timeline_figure(result, figure, figure_steps, scored + figure_from, overwrite=force):
             click.echo(f"wrote {path}", err=as_json)
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "trace": trace}))

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .errors import MoecacheError
+from .files import output_lock
 from .plots import DPI, FORMATS, save_figure
 from .timeline import TimelineResult
 
@@ -18,9 +19,10 @@ KIND_COLORS = {"dense": "#999999", "expert": "#0072B2", "demand fetch": "#D55E00
 
 
 def timeline_figure(result: TimelineResult, path: str | os.PathLike, steps: int = 3,
-                    first_step: int = 0) -> list[Path]:
+                    first_step: int = 0, *, overwrite: bool = False) -> list[Path]:
     """Draw ``steps`` steps of ``result`` (run with ``record=True``) from ``first_step`` into
-    ``path`` (its suffix: png, pdf or svg), atomically; returns the file written."""
+    ``path`` (its suffix: png, pdf or svg), atomically, replacing an existing file only with
+    ``overwrite``; returns the file written."""
     if result.events is None:
         raise MoecacheError("the timeline was run without recording its events (record=True)")
     target = Path(path)
@@ -57,7 +59,12 @@ def timeline_figure(result: TimelineResult, path: str | os.PathLike, steps: int 
                  f"{first_step}..{first_step + steps - 1}", fontsize=9)
     ax.legend(handles=[Patch(color=c, label=k) for k, c in KIND_COLORS.items()], loc="upper center",
               bbox_to_anchor=(0.5, -0.35), ncol=4, fontsize=8, frameon=False)
-    return save_figure(fig, target.with_suffix(""), [fmt])
+    with output_lock(target):
+        if target.is_dir():
+            raise MoecacheError(f"{target}: is a folder, expected a figure file path")
+        if target.exists() and not overwrite:
+            raise MoecacheError(f"{target}: already exists (pass --force to overwrite)")
+        return save_figure(fig, target.with_suffix(""), [fmt])
 
 
 def _mark_steps(ax, shown: pd.DataFrame, origin: float) -> None:

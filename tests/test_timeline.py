@@ -331,6 +331,11 @@ def test_recorded_events_and_figure(tmp_path):
     assert written == [tmp_path / "g.png"] and (tmp_path / "g.png").stat().st_size > 1000
     with pytest.raises(MoecacheError, match="by its suffix"):
         timeline_figure(r, tmp_path / "g.bmp")
+    before = (tmp_path / "g.png").read_bytes()
+    with pytest.raises(MoecacheError, match="already exists \\(pass --force to overwrite\\)"):
+        timeline_figure(r, tmp_path / "g.png", steps=1)
+    assert (tmp_path / "g.png").read_bytes() == before
+    assert timeline_figure(r, tmp_path / "g.png", steps=1, overwrite=True) == [tmp_path / "g.png"]
 
 
 
