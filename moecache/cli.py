@@ -499,21 +499,24 @@ def policies_command() -> None:
 @click.option("--per-layer", is_flag=True, help="Also print the stall per MoE layer.")
 @click.option("--figure", type=click.Path(dir_okay=False), help="Also draw a Gantt chart of the first "
               "scored steps (.png, .pdf or .svg).")
-@click.option("--figure-steps", type=COUNT, default=3, show_default=True, help="Steps the chart shows.")
-@click.option("--figure-from", type=click.IntRange(0), default=0, show_default=True,
-              help="First step the chart shows, counted from the first scored step.")
+@click.option("--figure-steps", type=COUNT, help="Steps the chart shows [default: 3].")
+@click.option("--figure-from", type=click.IntRange(0),
+              help="First step the chart shows, counted from the first scored step [default: 0].")
 @force_option("Overwrite --figure if it exists.")
 @json_option("Print one JSON object (tpot_s, tokens_per_s, stall_s, ...).")
 def timeline_command(trace: str, hardware: str, policy: str, capacity: int | None, memory: int | None,
                      scope: str, model: str | None, dtype: str | None, dense_ms: float | None,
                      prefetch: str | None, depth: int, budget: int | None, overlap: bool, miss: str,
                      tiers: bool, tier_policy: str, train_fraction: float | None, seed: int,
-                     per_layer: bool, figure: str | None, figure_steps: int, figure_from: int,
-                     force: bool, as_json: bool) -> None:
+                     per_layer: bool, figure: str | None, figure_steps: int | None,
+                     figure_from: int | None, force: bool, as_json: bool) -> None:
     """Predict decode time (TPOT, tokens/s, stalls) of an expert cache over TRACE on a hardware
     profile: compute and I/O on one timeline, with prefetching and memory tiers."""
     if capacity is None and memory is None:
         raise MoecacheError("give --capacity N (experts) or --memory SIZE (bytes)")
+    if figure is None and (figure_steps is not None or figure_from is not None or force):
+        raise MoecacheError("--figure-steps, --figure-from and --force shape the chart: "
+                            "give --figure FILE too")
     result = timeline(Trace.load(trace), hardware, policy, capacity, scope, memory=memory, model=model,
                       dtype=dtype, dense_ms=dense_ms, prefetch=prefetch, depth=depth, budget=budget,
                       overlap=overlap, miss=miss, tiers=tiers, tier_policy=tier_policy,
@@ -522,7 +525,8 @@ def timeline_command(trace: str, hardware: str, policy: str, capacity: int | Non
         from .timeline_plot import timeline_figure  # matplotlib only when drawing
 
         scored = int(result.events["step"].max()) + 1 - result.steps  # the first test step
-        for path in timeline_figure(result, figure, figure_steps, scored + figure_from, overwrite=force):
+        for path in timeline_figure(result, figure, figure_steps or 3, scored + (figure_from or 0),
+                                    overwrite=force):
             click.echo(f"wrote {path}", err=as_json)
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "trace": trace}))

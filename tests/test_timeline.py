@@ -287,6 +287,9 @@ def test_cli_json_and_errors(tmp_path):
     assert record["tpot_s"] > 0
     bad = CliRunner().invoke(cli, ["timeline", str(path), "--hardware", "abacus", "--capacity", "2"])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+    alone = CliRunner().invoke(cli, ["timeline", str(path), "--hardware", str(hardware), "--capacity", "2",
+                                     "--dense-ms", "0.5", "--figure-from", "1"])
+    assert alone.exit_code == 2 and "give --figure FILE too" in alone.output
     small = CliRunner().invoke(cli, ["timeline", str(path), "--hardware", str(hardware), "--capacity", "1",
                                      "--dense-ms", "0.5"])
     assert small.exit_code == 2 and "capacity 1 is below the largest step set" in small.output
