@@ -200,18 +200,18 @@ def timeline(
         split = split_by_sequence(trace, 0.5 if train_fraction is None else train_fraction, seed)
         trace, train_steps = split.trace, split.train_steps()
     req = Requests.from_trace(trace)
-    scores = req.scores(trace) if trace.weights is not None else None
     budget = trace.top_k if budget is None else budget
     batches = None
     if prefetch is not None:
         for name, value in (("depth", depth), ("budget", budget)):
             if isinstance(value, bool) or not isinstance(value, int) or value > INT64_MAX:
                 raise MoecacheError(f"prefetch {name} must be a whole number below 2**63, got {value!r}")
+        scores = req.scores(trace) if trace.weights is not None else None  # prefetchers rank by them
         view = prefetchers.Lookahead(req, scores, depth, budget, train_steps, trace)
         batches = prefetchers.plan(prefetch, view)
+    links, names, capacities = _links(box, tiers, trace)  # checked before the replay
     result = replay(trace, policy, capacity, scope, memory=memory, seed=seed, requests=req,
                     prefetch=batches, record_outcomes=True)
-    links, names, capacities = _links(box, tiers, trace)
     num_layers, positions = trace.num_layers, len(req.offsets) - 1
     keys = req.pooled()[0].astype(np.int64)  # layer x E + expert
     entry_position = np.repeat(np.arange(positions), np.diff(req.offsets))
