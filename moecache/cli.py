@@ -517,7 +517,9 @@ def timeline_command(trace: str, hardware: str, policy: str, capacity: int | Non
     if figure is None and (figure_steps is not None or figure_from is not None or force):
         raise MoecacheError("--figure-steps, --figure-from and --force shape the chart: "
                             "give --figure FILE too")
-    result = timeline(Trace.load(trace), hardware, policy, capacity, scope, memory=memory, model=model,
+    loaded = Trace.load(trace, weights=prefetch is not None or _reads_scores(policy),
+                        lookahead=prefetch == "lookahead-gate")  # only the columns this run reads
+    result = timeline(loaded, hardware, policy, capacity, scope, memory=memory, model=model,
                       dtype=dtype, dense_ms=dense_ms, prefetch=prefetch, depth=depth, budget=budget,
                       overlap=overlap, miss=miss, tiers=tiers, tier_policy=tier_policy,
                       train_fraction=train_fraction, seed=seed, record=figure is not None)
