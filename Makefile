@@ -33,7 +33,7 @@ run: $(CORE)
 	$(MC) replay $(BASE_TRACE) --policy lru --capacity 8 --bandwidth $(BANDWIDTH)
 	@echo
 	$(MC) compare $(BASE_TRACE) $(REMOE_TRACE) --capacity $(COMPARE_CAPACITIES) \
-	    --bandwidth $(COMPARE_BANDWIDTHS) --compute-ms $(COMPUTE_MS)
+	    --bandwidth $(COMPARE_BANDWIDTHS) --model $(MODEL) --dtype $(DTYPE) --hardware $(HARDWARE)
 
 test: $(FULL)
 	$(BIN)/python -m pytest
@@ -63,7 +63,7 @@ plots: $(CORE)
 compare: $(CORE)
 	@mkdir -p $(RESULTS)
 	$(MC) compare $(BASE_TRACE) $(REMOE_TRACE) --capacity $(COMPARE_CAPACITIES) \
-	    --bandwidth $(COMPARE_BANDWIDTHS) --compute-ms $(COMPUTE_MS) \
+	    --bandwidth $(COMPARE_BANDWIDTHS) --model $(MODEL) --dtype $(DTYPE) --hardware $(HARDWARE) \
 	    --out $(RESULTS)/compare.csv --force | tee $(RESULTS)/compare.txt
 
 # Whole pipeline on the shipped sample traces: sweep, plots, comparison table.

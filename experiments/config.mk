@@ -18,5 +18,9 @@ CAPACITIES ?= 4:32:2
 BANDWIDTH ?= 4GB/s
 COMPARE_CAPACITIES ?= 8,12,16
 COMPARE_BANDWIDTHS ?= ufs4,nvme4,pcie4x16
-COMPUTE_MS ?= 20
+# decode time of the compare rows: the toy traces with a real model's expert sizes (an
+# illustration, README "Decode time") on a hardware profile (moecache profiles)
+MODEL ?= deepseek-v2-lite
+DTYPE ?= q4_k
+HARDWARE ?= jetson-orin-nx-16gb
 BOOTSTRAP ?= 0
