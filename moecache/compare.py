@@ -48,6 +48,9 @@ def compare(
         raise MoecacheError(f"compute time per token (--compute-ms) must be a finite number > 0, "
                             f"got {compute_ms}")
     timed = model is not None or compute_ms is not None
+    hardware = list(hardware)
+    if timed and not hardware:
+        raise MoecacheError("--hardware names no profile: give one or more (moecache profiles lists them)")
     if timed and per_token:
         raise MoecacheError("decode time follows the traces' own steps: drop --per-token, or give neither "
                             "--model nor --compute-ms")

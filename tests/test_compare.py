@@ -82,5 +82,7 @@ def test_model_profile_sizes_every_figure(pair):
     tpot = frame[frame.metric == "TPOT ms"].iloc[0]
     direct = mc.timeline(base, "phone-ufs4", "lru", 8, model="olmoe-1b-7b", dtype="q8_0")
     assert tpot["synthetic"] == 1e3 * direct.tpot_s and tpot["profile"] == "phone-ufs4"
+    with pytest.raises(mc.MoecacheError, match="--hardware names no profile"):
+        compare(base, remoe, capacities=[8], model="olmoe-1b-7b", hardware=[])
     with pytest.raises(mc.MoecacheError, match="drop --per-token"):
         compare(base, remoe, capacities=[8], model="olmoe-1b-7b", per_token=True)
