@@ -48,7 +48,7 @@ from .report import (
 )
 from .reroute import reroute
 from .sweep import results_paths, sweep
-from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, synth
+from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, write_synth
 from .tables import write_table
 from .timeline import timeline
 from .trace import Trace
@@ -572,14 +572,24 @@ def profiles_command(as_json: bool) -> None:
 def synth_command(out: str, layers: int, experts: int, top_k: int, tokens: int, sequences: int,
                   prompt_len: int, stickiness: float, skew: float, seed: int, expert_bytes: int,
                   logits: bool, force: bool) -> None:
-    """Write a synthetic sticky, skewed routing trace (labelled synthetic)."""
-    trace = synth(layers, experts, top_k, tokens, sequences=sequences, prompt_len=prompt_len,
-                  stickiness=stickiness, skew=skew, seed=seed, expert_bytes=expert_bytes,
-                  logits=logits)
-    trace.save(out, overwrite=force)
-    click.echo(f"wrote {out}: {trace.num_tokens} tokens, {trace.num_steps} steps, "
-               f"{layers} layers, E={experts}, K={top_k}")
+    """Write a synthetic sticky, skewed routing trace (labelled synthetic).
 
+    The trace is generated and written block by block, in memory that does not grow with
+    --tokens. Ctrl-C or SIGTERM stops cleanly: the file then holds every completed block
+    and is marked partial.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        write_synth(out, layers, experts, top_k, tokens, sequences=sequences, prompt_len=prompt_len,
+                    stickiness=stickiness, skew=skew, seed=seed, expert_bytes=expert_bytes,
+                    logits=logits, overwrite=force, progress=True)
+    except KeyboardInterrupt:
+        if Path(out).exists():
+            click.echo(f"moecache: interrupted; partial trace of every completed block in {out}", err=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo(f"wrote {out}: {tokens} tokens, {layers} layers, E={experts}, K={top_k}")
 
 
 @cli.command("testbed")
