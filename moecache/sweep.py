@@ -2,11 +2,14 @@
 
 A cell is (trace, policy, scope); it yields one row per capacity from :func:`curve`
 (one stack pass for lru/lfu/opt). Cells run on local threads (the numba kernels release
-the GIL) or on a dask.distributed cluster. After every finished cell the table is
-rewritten atomically, as Parquet and CSV side by side, so an interrupted sweep keeps
-its finished cells and ``resume=True`` skips them. The Parquet file records the
-settings its rows were made with; a resume with other settings is refused, and the
-table's write lock keeps a second sweep to the same output out.
+the GIL) or on a dask.distributed cluster. A trace is named by a local path or a URI
+(``s3://bucket/key.parquet``: see :mod:`moecache.storage`) and is read where its cells
+run: on a cluster the workers read it from storage themselves, also for the check that
+every trace is valid before any cell runs, so the client reads no trace data. After
+every finished cell the table is rewritten atomically, as Parquet and CSV side by side,
+so an interrupted sweep keeps its finished cells and ``resume=True`` skips them. The
+Parquet file records the settings its rows were made with; a resume with other settings
+is refused, and the table's write lock keeps a second sweep to the same output out.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from .curve import curve
 from .errors import MoecacheError
 from .files import first_line, output_lock
 from .requests import Requests
+from .storage import os_path
 from .tables import read_table, read_table_meta, write_table
 from .trace import Trace
 from .units import check_seed, parse_bandwidth, parse_duration
@@ -53,6 +57,13 @@ class SweepSettings:
 def _load(path: str, per_token: bool, weights: bool) -> tuple[Trace, Requests]:
     trace = Trace.load(path, weights=weights, lookahead=False)
     return trace, Requests.from_trace(trace, per_token=per_token)
+
+
+def _largest_capacity(path: str, scopes: tuple[str, ...], per_token: bool) -> int:
+    """Load and check one trace (as its lru, lfu and opt cells will, so they find it
+    cached); the capacity from which every expert fits in the largest of ``scopes``."""
+    trace, _ = _load(path, per_token, False)
+    return max(top_capacity(trace, scope) for scope in scopes)
 
 
 def run_cell(path: str, policy: str, scope: str, settings: SweepSettings) -> pd.DataFrame:
@@ -116,21 +127,20 @@ def sweep(
         raise MoecacheError(f"--workers must be an integer of at least 1, got {workers!r}")
     if resume and overwrite:
         raise MoecacheError("--resume keeps an existing table and --force replaces it: pass one of them")
-    # fail fast, before any work, on a bad trace; the largest trace bounds the capacities
-    loaded = [Trace.load(path, weights=False, lookahead=False) for path in traces]
-    if capacities is not None:
-        capacities = tuple(chosen_capacities(
-            capacities, max(top_capacity(trace, scope) for trace in loaded for scope in scopes)))
-    settings = SweepSettings(capacities, per_token, bandwidth, latency, check_seed(seed))
+    settings = SweepSettings(None, per_token, bandwidth, latency, check_seed(seed))
     _settings_meta(settings)  # bandwidth and latency read before any work
-    if out is None:
-        return _sweep(traces, policies, scopes, settings, None, pd.DataFrame(), executor, scheduler,
-                      workers, progress)
-    parquet, csv = results_paths(out)
-    with output_lock(parquet):
-        done = _previous(parquet, csv, settings, resume=resume, overwrite=overwrite)
-        return _sweep(traces, policies, scopes, settings, (parquet, csv), done, executor, scheduler,
-                      workers, progress)
+    with _EXECUTORS[executor](workers, scheduler) as pool:
+        # fail fast, before any cell, on a bad trace; the largest trace bounds the capacities
+        largest = max(_results(pool, _largest_capacity, [(path, tuple(scopes), per_token) for path in traces],
+                               ordered=True))
+        if capacities is not None:
+            settings = replace(settings, capacities=tuple(chosen_capacities(capacities, largest)))
+        if out is None:
+            return _sweep(pool, traces, policies, scopes, settings, None, pd.DataFrame(), progress)
+        parquet, csv = results_paths(out)
+        with output_lock(parquet):
+            done = _previous(parquet, csv, settings, resume=resume, overwrite=overwrite)
+            return _sweep(pool, traces, policies, scopes, settings, (parquet, csv), done, progress)
 
 
 def _check_names(traces: list[str], policies: list[str], scopes: list[str]) -> None:
@@ -143,11 +153,12 @@ def _check_names(traces: list[str], policies: list[str], scopes: list[str]) -> N
         check_scope(scope)
     seen: dict[tuple[int, int] | str, str] = {}
     for path in traces:
-        try:
-            info = os.stat(path)
-            key: tuple[int, int] | str = (info.st_dev, info.st_ino)
-        except OSError:
-            key = path  # Trace.load names the problem
+        try:  # a local path or file:// URI by its file; a URI of other storage by its text
+            local = os_path(path)
+            info = None if local is None else os.stat(local)
+        except (OSError, MoecacheError):
+            info = None  # Trace.load names the problem
+        key: tuple[int, int] | str = path if info is None else (info.st_dev, info.st_ino)
         if key in seen:
             raise MoecacheError(f"{path}: trace given twice (also as {seen[key]}); a sweep runs each once")
         seen[key] = path
@@ -205,16 +216,17 @@ def _shown(value: Any) -> str:
     return json.dumps(value)
 
 
-def _sweep(traces: list[str], policies: list[str], scopes: list[str], settings: SweepSettings,
-           outputs: tuple[Path, Path] | None, done: pd.DataFrame, executor: str, scheduler: str | None,
-           workers: int | None, progress: bool) -> pd.DataFrame:
+def _sweep(pool: Pool, traces: list[str], policies: list[str], scopes: list[str], settings: SweepSettings,
+           outputs: tuple[Path, Path] | None, done: pd.DataFrame, progress: bool) -> pd.DataFrame:
+    """Run the cells not in ``done`` (keyed by the trace as given), rewriting ``outputs``
+    after each."""
     finished = set(zip(done["trace"], done["policy"], done["scope"], strict=True)) if len(done) else set()
-    cells = [(t, p, s) for t in traces for p in policies for s in scopes if (t, p, s) not in finished]
+    cells = [(t, p, s, settings) for t in traces for p in policies for s in scopes
+             if (t, p, s) not in finished]
     frames = [done] if len(done) else []
     meta = {SETTINGS_KEY: json.dumps(_settings_meta(settings))}
-    with (_EXECUTORS[executor](workers, scheduler) as run,
-          tqdm(total=len(cells), desc="sweep", unit="cell", disable=not progress) as bar):
-        for frame in run(cells, settings):
+    with tqdm(total=len(cells), desc="sweep", unit="cell", disable=not progress) as bar:
+        for frame in _results(pool, run_cell, cells, ordered=False):
             frames.append(frame)
             if outputs is not None:
                 table = _tidy(frames)
@@ -231,31 +243,41 @@ def _tidy(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).sort_values(KEY_COLUMNS, ignore_index=True)
 
 
-Runner = Callable[[list, SweepSettings], Iterator[pd.DataFrame]]
+@dataclass(frozen=True)
+class Pool:
+    """Where calls run: ``submit(fn, *args)`` returns a future (``result()``, ``cancel()``),
+    ``completed(futures)`` yields them as they finish."""
+
+    submit: Callable[..., Any]
+    completed: Callable[[list], Iterable[Any]]
+
+
+def _results(pool: Pool, fn: Callable[..., Any], calls: list[tuple], *, ordered: bool) -> Iterator[Any]:
+    """``fn(*args)`` for every ``args`` of ``calls`` on ``pool``, in the order of ``calls``
+    or as they finish; the first failure is raised and the calls not yet run are cancelled."""
+    futures = [pool.submit(fn, *args) for args in calls]
+    try:
+        for future in futures if ordered else pool.completed(futures):
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 @contextlib.contextmanager
-def _local(workers: int | None, scheduler: str | None) -> Iterator[Runner]:
-    """Cells on local threads (the numba kernels release the GIL)."""
+def _local(workers: int | None, scheduler: str | None) -> Iterator[Pool]:
+    """Calls on local threads (the numba kernels release the GIL)."""
     if scheduler is not None:
         raise MoecacheError("--scheduler needs --executor dask")
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        def run(cells: list, settings: SweepSettings) -> Iterator[pd.DataFrame]:
-            futures = [pool.submit(run_cell, *cell, settings) for cell in cells]
-            try:
-                for future in as_completed(futures):
-                    yield future.result()
-            finally:
-                for future in futures:
-                    future.cancel()
-
-        yield run
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as threads:
+        yield Pool(threads.submit, as_completed)
 
 
 @contextlib.contextmanager
-def _dask(workers: int | None, scheduler: str | None) -> Iterator[Runner]:
-    """Cells on a dask.distributed cluster: the one at ``scheduler``, else a local one.
-    Connecting happens here, before any work, and gives up after CONNECT_TIMEOUT seconds."""
+def _dask(workers: int | None, scheduler: str | None) -> Iterator[Pool]:
+    """Calls on a dask.distributed cluster: the one at ``scheduler``, else a local one.
+    Connecting happens here, before any work, and gives up after CONNECT_TIMEOUT seconds.
+    Calls carry trace paths, never trace data: each worker reads its traces from storage."""
     try:
         from dask.distributed import Client, LocalCluster
         from dask.distributed import as_completed as dask_completed
@@ -269,13 +291,7 @@ def _dask(workers: int | None, scheduler: str | None) -> Iterator[Runner]:
         except (OSError, ValueError, TypeError) as err:
             raise MoecacheError(f"--scheduler {scheduler}: cannot connect: {first_line(err)}") from None
         stack.enter_context(client)
-
-        def run(cells: list, settings: SweepSettings) -> Iterator[pd.DataFrame]:
-            futures = [client.submit(run_cell, *cell, settings, pure=False) for cell in cells]
-            for future in dask_completed(futures):
-                yield future.result()
-
-        yield run
+        yield Pool(lambda fn, *args: client.submit(fn, *args, pure=False), dask_completed)
 
 
 _EXECUTORS = {"local": _local, "dask": _dask}

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import re
-import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import MoecacheError, TraceError
-from .files import atomic_write, first_line, os_reason, output_lock, write_errors
+from .files import atomic_write, first_line, output_lock, write_errors
+from .storage import Location, locate
 from .trace_format import (
     DECODE,
     FORMAT_VERSION,
@@ -299,56 +299,53 @@ def _arrow_table(table_schema: pa.Schema, layers: np.ndarray, *, experts: np.nda
 
 # -- reading ---------------------------------------------------------------------------
 
-def open_parquet_files(path: str | os.PathLike) -> tuple[list[pq.ParquetFile], dict[str, Any], str]:
-    """The Parquet files of a trace (one, or the parts of an interrupted write) and its metadata."""
-    path = Path(path)
-    source = str(path)
-    if path.is_dir():
-        files = sorted(path.glob("part-*.parquet"))
+def open_parquet_files(
+        path: str | os.PathLike | Location) -> tuple[list[pq.ParquetFile], dict[str, Any], str]:
+    """The Parquet files of a trace (one, or the parts of an interrupted write) and its metadata;
+    ``path`` may be a URI of any filesystem pyarrow knows (see :mod:`moecache.storage`)."""
+    location = locate(path)
+    source = location.name
+    kind = location.kind()
+    if kind == "folder":
+        files = location.glob("part-*.parquet")
         if not files:
             raise TraceError(f"{source}: folder holds no trace parts (part-*.parquet)")
-    elif not path.exists():
-        parts = parts_dir(path)
-        hint = f" (an interrupted write left {parts}: load that)" if parts.is_dir() else ""
+    elif kind == "missing":
+        parts = location.sibling(PARTS_SUFFIX)
+        hint = f" (an interrupted write left {parts.name}: load that)" if parts.kind() == "folder" else ""
         raise TraceError(f"{source}: no such file{hint}")
     else:
-        files = [path]
+        files = [location]
     opened = [_open_one(f) for f in files]
-    meta = _read_meta(opened[0], str(files[0]))
-    if path.is_dir():
+    meta = _read_meta(opened[0], files[0].name)
+    if kind == "folder":
         meta["partial"] = True
     return opened, meta, source
 
 
-def has_weights(path: str | os.PathLike) -> bool:
-    """Whether the trace file (or part folder) holds router weights, read from its schema."""
+def has_weights(path: str | os.PathLike | Location) -> bool:
+    """Whether the trace file (or part folder, local or a URI) holds router weights, read from its schema."""
     files, _, _ = open_parquet_files(path)
     return "weights" in files[0].schema_arrow.names
 
 
-def _open_one(path: Path) -> pq.ParquetFile:
-    """Open a regular Parquet file (never a pipe or device), its page checksums verified."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as err:
-        raise TraceError(f"{path}: cannot read: {os_reason(err)}") from None
-    with open(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TraceError(f"{path}: not a regular file (a pipe or a device): expected a trace file")
-        head = handle.read(4)
-        size = handle.seek(0, os.SEEK_END)
-        tail = b""
-        if size >= 4:
-            handle.seek(-4, os.SEEK_END)
-            tail = handle.read(4)
+def _open_one(path: str | os.PathLike | Location) -> pq.ParquetFile:
+    """Open a Parquet file (locally a regular file, never a pipe or device), its page checksums verified."""
+    location = locate(path)
+    handle = location.open("trace file")
+    with location.failures("read"):
+        size = handle.size()
+        head = handle.read_at(min(size, 4), 0)
+        tail = handle.read_at(4, size - 4) if size >= 4 else b""
     if head != PARQUET_MAGIC:
-        raise TraceError(f"{path}: not a Parquet file")
+        raise TraceError(f"{location.name}: not a Parquet file")
     if tail != PARQUET_MAGIC:
-        raise TraceError(f"{path}: truncated Parquet file (no footer): it was not written completely")
+        raise TraceError(f"{location.name}: truncated Parquet file (no footer): "
+                         "it was not written completely")
     try:
-        return pq.ParquetFile(path, page_checksum_verification=True)
+        return pq.ParquetFile(handle, page_checksum_verification=True)
     except (pa.ArrowException, OSError, UnicodeDecodeError) as err:  # names in a corrupted footer
-        raise TraceError(f"{path}: unreadable Parquet file: {first_line(err)}") from None
+        raise TraceError(f"{location.name}: unreadable Parquet file: {first_line(err)}") from None
 
 
 def _read_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
@@ -535,10 +532,10 @@ def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
-def storage_stats(path: str | os.PathLike) -> tuple[int, float]:
-    """(bytes on disk, compressed bytes per expert id in the experts column)."""
-    path = Path(path)
-    files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
+def storage_stats(path: str | os.PathLike | Location) -> tuple[int, float]:
+    """(bytes in storage, compressed bytes per expert id in the experts column)."""
+    location = locate(path)
+    files = location.glob("part-*.parquet") if location.kind() == "folder" else [location]
     id_bytes = ids = 0
     for file in files:
         metadata = _open_one(file).metadata
@@ -549,4 +546,4 @@ def storage_stats(path: str | os.PathLike) -> tuple[int, float]:
                 if column.path_in_schema.split(".")[0] == "experts":
                     id_bytes += column.total_compressed_size
                     ids += column.num_values
-    return sum(f.stat().st_size for f in files), (id_bytes / ids if ids else 0.0)
+    return sum(f.size() for f in files), (id_bytes / ids if ids else 0.0)
