@@ -64,6 +64,13 @@ def init(keys, offsets, sizes, capacity, params, seed, scores):
 
 
 @njit(cache=True)
+def resume(state, keys, offsets, scores, params, first, first_entry, total, future):
+    """The scale is the length of the whole stream, R + 1."""
+    state[2][0] = total + 1
+    return state
+
+
+@njit(cache=True)
 def access(state, key, now, hit):
     rank, uses, scale = state
     uses[key] += 1
@@ -74,5 +81,5 @@ POLICY = Policy(
     name="lfu", description="evicts the fewest uses over the whole history (counts survive eviction); "
     "ties: least recent, then smallest id",
     hooks=Hooks(init, access, no_admit, lowest_rank_victim, no_evict, always_keep),
-    kernel=simulate, stack="lfu",
+    kernel=simulate, stack="lfu", resume=resume,
     style={"linestyle": "-.", "marker": "s"}, rank=20)

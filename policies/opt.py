@@ -65,28 +65,42 @@ def simulate(keys, offsets, sizes, capacity, params, seed):
     return hits
 
 
-# -- hooks: state = (rank, uses, cursor): ``uses`` lists each key's requests in order,
-# each key's list ending with R (never again), ``cursor[k]`` indexes k's next request not
-# yet served, and rank[k] = -uses[cursor[k]], lowest for the farthest next request.
+# -- hooks: state = (rank, uses, cursor): ``uses`` lists each key's requests of the span
+# in order, each key's list ending with its next request after the span (R: never
+# again), ``cursor[k]`` indexes k's next request not yet served, and rank[k] =
+# -uses[cursor[k]], lowest for the farthest next request.
 
 
 @njit(cache=True)
 def init(keys, offsets, sizes, capacity, params, seed, scores):
-    num_keys = sizes.shape[0]
-    num_requests = offsets.shape[0] - 1
+    num_keys, num_requests = sizes.shape[0], offsets.shape[0] - 1
+    never = np.full(num_keys, -num_requests, np.int64)  # a key the stream never requests
+    blank = (never, np.zeros(num_keys, np.int64), np.zeros(num_keys, np.int64))
+    following = next_request(keys, offsets, num_keys)
+    return resume(blank, keys, offsets, scores, params, 0, 0, num_requests, following)
+
+
+@njit(cache=True)
+def resume(state, keys, offsets, scores, params, first, first_entry, total, future):
+    """The lists of a span: a key the span does not hold keeps its rank."""
+    rank = state[0]
+    num_keys = rank.shape[0]
     starts = np.zeros(num_keys + 1, np.int64)
     for j in range(keys.shape[0]):
         starts[keys[j] + 1] += 1
     for k in range(num_keys):
-        starts[k + 1] += starts[k] + 1  # one more entry per key: its final R
-    uses = np.full(starts[num_keys], num_requests, np.int64)
+        starts[k + 1] += starts[k] + 1  # one more entry per key: its next request after the span
+    uses = np.empty(starts[num_keys], np.int64)
     cursor = starts[:num_keys].copy()
-    for r in range(num_requests):
+    for r in range(offsets.shape[0] - 1):
         for j in range(offsets[r], offsets[r + 1]):
-            uses[cursor[keys[j]]] = r
+            uses[cursor[keys[j]]] = first + r
             cursor[keys[j]] += 1
+            uses[cursor[keys[j]]] = future[j]  # the last slot, unless a later entry takes it
+    for k in range(num_keys):
+        if cursor[k] == starts[k]:
+            uses[starts[k]] = -rank[k]
     cursor[:] = starts[:num_keys]
-    rank = np.empty(num_keys, np.int64)
     for k in range(num_keys):
         rank[k] = -uses[cursor[k]]
     return rank, uses, cursor
@@ -103,6 +117,6 @@ POLICY = Policy(
     name="opt", description="Belady: evicts the expert whose next request is farthest (never = infinitely "
     "far); ties: smallest id. The offline optimum under demand admission",
     hooks=Hooks(init, access, no_admit, lowest_rank_victim, no_evict, always_keep),
-    kernel=simulate, stack="opt",
+    kernel=simulate, stack="opt", resume=resume, needs_future=True,
     style={"linestyle": "--", "marker": None, "linewidth": 2.2}, legend="opt (Belady, offline optimum)",
     rank=95, source="Belady, A study of replacement algorithms for a virtual-storage computer, 1966")

@@ -79,5 +79,6 @@ POLICY = Policy(
     name="opt-bypass", description="as opt, but a miss is cached only if some resident outside the "
     "request is needed later than it; otherwise it is streamed through (fetched, not kept)",
     hooks=Hooks(opt.init, opt.access, no_admit, lowest_rank_victim, no_evict, keep), kernel=simulate,
+    resume=opt.resume, needs_future=True,
     admission="bypass", style={"linestyle": (0, (8, 2, 2, 2)), "marker": "D"},
     legend="opt-bypass (Belady\nwith bypass)", rank=90)

@@ -29,20 +29,30 @@ from .registry import Hooks, Param, Policy, always_keep, no_evict
 
 @njit(cache=True)
 def init(keys, offsets, sizes, capacity, params, seed, scores):
-    """State: (ranks, start). ``ranks[0]`` is each key's last use (LRU), ``ranks[1]`` the
-    same plus R for a pinned key, so it ranks after every unpinned one; ``start[0]`` = T."""
+    """State: (ranks, start, counts). ``ranks[0]`` is each key's last use (LRU), ``ranks[1]``
+    the same plus R for a pinned key, so it ranks after every unpinned one; ``start[0]`` =
+    T; ``counts`` the requests holding each key among the first T."""
+    num_keys = sizes.shape[0]
+    blank = (np.full((2, num_keys), -1, np.int64), np.zeros(1, np.int64), np.zeros(num_keys, np.int64))
+    return resume(blank, keys, offsets, scores, params, 0, 0, offsets.shape[0] - 1, offsets[:0])
+
+
+@njit(cache=True)
+def resume(state, keys, offsets, scores, params, first, first_entry, total, future):
+    """Counts the span's requests before T; the span that reaches T chooses the profile."""
+    ranks, start, counts = state
     train, n = params[0], int(params[1])
-    num_keys, num_requests = sizes.shape[0], offsets.shape[0] - 1
-    start = min(num_requests, int(math.ceil(train * num_requests)))
-    counts = np.zeros(num_keys, np.int64)
-    for j in range(offsets[start]):
-        counts[keys[j]] += 1
-    order = np.argsort(-counts, kind="mergesort")  # stable: ties keep the smallest id first
-    ranks = np.full((2, num_keys), -1, np.int64)
-    for i in range(min(n, num_keys)):
-        if counts[order[i]] > 0:
-            ranks[1, order[i]] = num_requests - 1
-    return ranks, np.full(1, start, np.int64)
+    end = first + offsets.shape[0] - 1  # this span holds requests first .. end - 1
+    start[0] = min(total, int(math.ceil(train * total)))
+    if first < start[0]:
+        for j in range(offsets[min(start[0], end) - first]):
+            counts[keys[j]] += 1
+        if start[0] <= end:
+            order = np.argsort(-counts, kind="mergesort")  # stable: ties keep the smallest id first
+            for i in range(min(n, counts.shape[0])):
+                if counts[order[i]] > 0:
+                    ranks[1, order[i]] = ranks[0, order[i]] + total
+    return ranks, start, counts
 
 
 @njit(cache=True)
@@ -60,7 +70,7 @@ def access(state, key, now, hit):
 
 @njit(cache=True)
 def victim(state, resident, pinned, mark):
-    ranks, start = state
+    ranks, start, _ = state
     pinning = mark // 2 >= start[0]  # mark = 2 x request (+ 1 for the demand phase)
     return lowest_candidate(ranks[1] if pinning else ranks[0], resident, pinned, mark)
 
@@ -68,7 +78,7 @@ def victim(state, resident, pinned, mark):
 POLICY = Policy(
     name="pinned",
     description="the n experts most routed in a training prefix stay resident, the rest under LRU",
-    hooks=Hooks(init, access, stamp, victim, no_evict, always_keep),
+    hooks=Hooks(init, access, stamp, victim, no_evict, always_keep), resume=resume,
     params=(Param("train", 0.1, 1e-6, 1.0, "share of the requests counted before pinning (the training "
                   "prefix; LRU until its end)"),
             Param("n", 2, 0, 1 << 20, "experts pinned per cache: per layer in layer scope, over all "

@@ -57,6 +57,12 @@ def no_evict(state, key):
     """``evict`` of a policy whose state needs no update when a key leaves."""
 
 
+@njit(cache=True)
+def same_state(state, keys, offsets, scores, params, first, first_entry, total, future):
+    """``resume`` of a policy whose state never looks at the stream: nothing to do."""
+    return state
+
+
 @dataclass(frozen=True)
 class Param:
     """One numeric parameter of a policy, passed to its hooks in a float64 array."""
@@ -85,6 +91,14 @@ class Policy:
     ``hooks`` through ``policies.driver.drive``. ``needs_scores`` marks a policy whose hooks read
     the router weight of each request (``init``'s ``scores``; a trace without weights is
     refused).
+    ``resume(state, keys, offsets, scores, params, first, first_entry, total, future) -> state``
+    lets the streaming replay serve a stream in spans: it is called before each span (its
+    requests numbered from ``first``, its entries from ``first_entry``, of ``total``
+    requests in all) with the span's arrays, after ``init`` was given an empty stream; a
+    policy whose hooks read the stream (its future, its length, its scores) updates its
+    state there. ``needs_future`` asks for ``future``: for each entry, the next request
+    holding its key (``total`` if none). Policies that never read the stream keep the
+    default, :func:`same_state`.
     ``stack`` names the one-pass curve method (``STACKS``) of a stack algorithm. ``rank``
     orders lists, tables and plot legends (online policies first, offline bounds last,
     then by name); ``style`` holds matplotlib line keywords and ``legend`` a longer label.
@@ -99,6 +113,8 @@ class Policy:
     admission: str = "demand"
     stack: str | None = None
     params: tuple[Param, ...] = ()
+    resume: Callable = same_state
+    needs_future: bool = False
     style: Mapping[str, Any] = field(default_factory=dict)
     legend: str = ""
     rank: int = 50
@@ -142,7 +158,7 @@ class Choice:
             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(hits per request, events, per-key prefetch counts) of one request stream: the
         fast kernel for a plain demand replay (events and counts None), otherwise the hooks
-        through ``drive`` (its Python source ``drive.py_func`` for Python hooks). ``scores``
+        through ``drive``. ``scores``
         (float32, one per entry of ``keys``) is required by a policy with ``needs_scores``;
         ``outcomes`` (int8 zeros, one per entry of ``keys`` and then of the prefetch keys)
         receives each entry's outcome (``driver.MISS``, ``HIT``, ``PREFETCH_HIT``)."""
@@ -159,13 +175,13 @@ class Choice:
                 np.zeros(0, np.float32) if scores is None else scores.astype(np.float32, copy=False),
                 batch.astype(keys.dtype), batch_offsets, record,
                 np.zeros(0, np.int8) if outcomes is None else outcomes)
-        if p.compiled:
+        try:
             return drive(*args)
-        try:  # a user's Python policy: its bugs are reported in one line naming it
-            return drive.py_func(*args)
         except MoecacheError:
             raise
-        except Exception as err:
+        except Exception as err:  # a user's Python policy: its bugs are reported in one line naming it
+            if p.compiled:
+                raise
             frame = traceback.extract_tb(err.__traceback__)[-1]
             raise MoecacheError(f"policy {p.name}: {type(err).__name__}: {err} "
                                 f"({Path(frame.filename).name}, line {frame.lineno})") from None

@@ -338,13 +338,24 @@ def simulate_scan(keys, offsets, num_keys, capacity, params, scores):
 
 @njit(cache=True)
 def init(keys, offsets, sizes, capacity, params, seed, scores):
-    return (np.zeros(sizes.shape[0], np.float64), use_values(offsets, scores, params[0]),
-            np.zeros(1, np.int64), params, offsets)
+    """State: (priority per key, value per entry of the span, [next entry], params, the
+    span's offsets counted from the stream's first entry, [the span's first request])."""
+    blank = (np.zeros(sizes.shape[0], np.float64), np.zeros(0, np.float64), np.zeros(1, np.int64), params,
+             np.zeros(1, np.int64), np.zeros(1, np.int64))
+    return resume(blank, keys, offsets, scores, params, 0, 0, offsets.shape[0] - 1, offsets[:0])
+
+
+@njit(cache=True)
+def resume(state, keys, offsets, scores, params, first, first_entry, total, future):
+    """The values of the span's entries, and its ticks."""
+    priority = state[0]
+    return (priority, use_values(offsets, scores, params[0]), np.zeros(1, np.int64), params,
+            offsets + first_entry, np.full(1, first, np.int64))
 
 
 @njit(cache=True)
 def access(state, key, now, hit):
-    priority, value, cursor, params, _ = state
+    priority, value, cursor, params, _, _ = state
     j = cursor[0]
     cursor[0] = j + 1
     if params[1] != 0.0:
@@ -356,14 +367,15 @@ def access(state, key, now, hit):
 @njit(cache=True)
 def admit(state, key, now):
     """A new resident's key: the tick before request ``now`` (below any use in it)."""
-    priority, _, _, _, offsets = state
-    priority[key] = offsets[now]
+    priority, _, _, _, ticks, first = state
+    priority[key] = ticks[now - first[0]]
 
 
 POLICY = Policy(
     name="score-lru", description="recency in which a use the router ranked higher counts as later: key "
     "t + boost x (k-1-rank)/(k-1), never lowered while resident (BigRig's gaterank); needs router weights",
     hooks=Hooks(init, access, admit, lowest_rank_victim, no_evict, always_keep), needs_scores=True,
+    resume=resume,
     kernel=simulate, unit_kernel=True,
     params=(Param("boost", 16, 0, 1e9, "requests a rank-0 use counts later than it happened"),
             Param("monotone", 1, 0, 1, "1: a use never lowers a key (BigRig's default); "
