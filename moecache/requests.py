@@ -129,20 +129,23 @@ def _global_keys(ids, offsets, num_layers, num_experts):
     return keys
 
 
+NEVER = -2  # ``last_step`` of a key not requested yet (not -1: "the step before step 0")
+
+
 @njit(cache=True)
-def _routing_counts(ids, offsets, num_layers, num_experts):
-    """Per request: cold (first-ever) references and overlap with the same layer's previous step."""
+def routing_counts(ids, offsets, num_layers, num_experts, last_step, first_step):
+    """Per request: cold (first-ever) references and overlap with the same layer's previous
+    step. ``last_step`` (int64, one per layer x E key, NEVER before its first request)
+    carries over from one part of a stream to the next, whose steps start at ``first_step``."""
     num_requests = offsets.shape[0] - 1
     cold = np.zeros(num_requests, np.int32)
     overlap = np.zeros(num_requests, np.int32)
-    never = -2  # not -1, which would count as "the step before step 0"
-    last_step = np.full(num_layers * num_experts, never, np.int32)
     for r in range(num_requests):
         base = (r % num_layers) * num_experts
-        t = r // num_layers
+        t = first_step + r // num_layers
         for j in range(offsets[r], offsets[r + 1]):
             seen = last_step[base + ids[j]]
-            cold[r] += seen == never
+            cold[r] += seen == NEVER
             overlap[r] += seen == t - 1
             last_step[base + ids[j]] = t
     return cold, overlap
@@ -223,9 +226,15 @@ class Requests:
         """|E[t, l]| as an array (steps, layers)."""
         return np.diff(self.offsets).reshape(self.num_steps, self.num_layers)
 
+    def largest_set(self) -> tuple[int, int]:
+        """(step, layer index) of the largest step set, the first if several."""
+        t, li = np.unravel_index(int(np.argmax(self.set_sizes)), self.set_sizes.shape)
+        return int(t), int(li)
+
     @cached_property
     def _counts(self) -> tuple[np.ndarray, np.ndarray]:
-        cold, overlap = _routing_counts(self.ids, self.offsets, self.num_layers, self.num_experts)
+        fresh = np.full(self.num_layers * self.num_experts, NEVER, np.int64)
+        cold, overlap = routing_counts(self.ids, self.offsets, self.num_layers, self.num_experts, fresh, 0)
         return cold.reshape(-1, self.num_layers), overlap.reshape(-1, self.num_layers)
 
     @property

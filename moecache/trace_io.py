@@ -22,6 +22,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -390,51 +391,102 @@ def _type_name(kind: pa.DataType) -> str:
     return str(kind)
 
 
-def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool = False,
+class TraceReader:
+    """A trace file (or part folder) opened for reading: its metadata, row count and the
+    columns asked for (``lookahead``: that column if the file has it, and its weights too
+    with ``weights``), checked against format v1 before any data is read."""
+
+    def __init__(self, path: str | os.PathLike | Location, *, weights: bool = True, logits: bool = False,
+                 lookahead: bool = True) -> None:
+        self.files, self.meta, self.source = open_parquet_files(path)
+        names = set(self.files[0].schema_arrow.names)
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise TraceError(f"{self.source}: missing column {missing[0]!r}")
+        if logits and "logits" not in names:
+            raise TraceError(f"{self.source}: trace has no 'logits' column (capture with --save-logits)")
+        top_k = self.meta["top_k"]
+        self.num_layers = max(len(self.meta["moe_layers"]), 1)
+        self.widths = {"experts": top_k, "weights": top_k, "logits": int(self.meta["num_experts"]),
+                       "lookahead": top_k, "lookahead_weights": top_k}
+        grids = ["experts"] + ["weights"] * (weights and "weights" in names) + ["logits"] * logits
+        grids += ["lookahead"] * (lookahead and "lookahead" in names)
+        grids += ["lookahead_weights"] * (lookahead and weights and "lookahead_weights" in names)
+        self.grids = grids
+        self.rows = sum(pf.metadata.num_rows for pf in self.files)
+        if self.rows % self.num_layers:
+            raise TraceError(f"{self.source}: {self.rows} rows is not a whole number of tokens x "
+                             f"{self.num_layers} MoE layers")
+        self.num_tokens = self.rows // self.num_layers
+
+    def tables(self, batch_rows: int | None = None) -> Iterator[pa.Table]:
+        """The rows in order, a row group (or ``batch_rows`` rows) at a time, checked."""
+        columns = [*REQUIRED_COLUMNS, *self.grids[1:]]
+        read = 0
+        try:
+            for pf in self.files:
+                if pf.schema_arrow.names != self.files[0].schema_arrow.names:
+                    raise TraceError(f"{self.source}: parts disagree on columns")
+                _check_columns(pf, columns, self.meta, self.source)
+                if batch_rows is None:
+                    batches = (pf.read_row_group(g, columns=columns) for g in range(pf.num_row_groups))
+                else:
+                    batches = (pa.Table.from_batches([batch])
+                               for batch in pf.iter_batches(batch_rows, columns=columns))
+                for table in batches:
+                    read += table.num_rows
+                    if read > self.rows:
+                        break
+                    yield table
+        except (pa.ArrowException, OSError) as err:
+            raise TraceError(f"{self.source}: corrupt or truncated data: {first_line(err)}") from None
+        if read != self.rows:
+            raise TraceError(f"{self.source}: the row groups hold {read} rows, the footer says {self.rows}")
+
+    def token_blocks(self, batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
+        """Whole tokens, about ``batch_rows`` rows at a time: per-token columns, and each
+        grid column as (tokens, layers, width); memory holds one block."""
+        reader = _TokenRows(self.source, np.asarray(self.meta["moe_layers"], np.int16))
+        waiting: dict[str, np.ndarray] = {}  # grid rows of a token split across batches
+        for table in self.tables(batch_rows):
+            tokens = reader.add({name: _column(table, name, self.source) for name in _PER_ROW})
+            block = {}
+            for name in self.grids:
+                values = _column(table, name, self.source).reshape(table.num_rows, self.widths[name])
+                if name in waiting:
+                    values = np.concatenate([waiting[name], values])
+                whole = len(tokens["step"]) * self.num_layers
+                waiting[name] = values[whole:]
+                block[name] = values[:whole].reshape(-1, self.num_layers, self.widths[name])
+            if len(tokens["step"]):
+                yield {**tokens, **block}
+
+
+def read_columns(path: str | os.PathLike | Location, *, weights: bool = True, logits: bool = False,
                  lookahead: bool = True) -> dict[str, Any]:
     """The fields of a :class:`~moecache.trace.Trace` read from a trace file (or part folder):
-    only the columns asked for (``lookahead``: that column if the file has it, and its
-    weights too with ``weights``), one row group at a time straight into the arrays of the
-    result, so memory holds the result and one row group. ``Trace.load`` validates them."""
-    files, meta, source = open_parquet_files(path)
-    names = set(files[0].schema_arrow.names)
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
-    if missing:
-        raise TraceError(f"{source}: missing column {missing[0]!r}")
-    if logits and "logits" not in names:
-        raise TraceError(f"{source}: trace has no 'logits' column (capture with --save-logits)")
-    top_k = meta["top_k"]
-    num_layers = max(len(meta["moe_layers"]), 1)
-    widths = {"experts": top_k, "weights": top_k, "logits": int(meta["num_experts"]), "lookahead": top_k,
-              "lookahead_weights": top_k}
-    grids = ["experts"] + ["weights"] * (weights and "weights" in names) + ["logits"] * logits
-    grids += ["lookahead"] * (lookahead and "lookahead" in names)
-    grids += ["lookahead_weights"] * (lookahead and weights and "lookahead_weights" in names)
-    rows = sum(pf.metadata.num_rows for pf in files)
-    if rows % num_layers:
-        raise TraceError(f"{source}: {rows} rows is not a whole number of tokens x {num_layers} MoE layers")
-    reader = _TokenRows(source, rows // num_layers, np.asarray(meta["moe_layers"], np.int16))
+    only the columns asked for (see :class:`TraceReader`), one row group at a time straight
+    into the arrays of the result, so memory holds the result and one row group.
+    ``Trace.load`` validates them."""
+    reader = TraceReader(path, weights=weights, logits=logits, lookahead=lookahead)
+    rows, widths, grids, num_layers = reader.rows, reader.widths, reader.grids, reader.num_layers
+    folder = _TokenRows(reader.source, np.asarray(reader.meta["moe_layers"], np.int16))
+    tokens = {name: np.empty(reader.num_tokens, kind) for name, kind in _TOKEN_TYPES.items()}
     out: dict[str, np.ndarray] = {}
-    filled = 0
-    try:
-        for pf in files:
-            if pf.schema_arrow.names != files[0].schema_arrow.names:
-                raise TraceError(f"{source}: parts disagree on columns")
-            _check_columns(pf, [*REQUIRED_COLUMNS, *grids[1:]], meta, source)
-            for group in range(pf.num_row_groups):
-                table = pf.read_row_group(group, columns=[*REQUIRED_COLUMNS, *grids[1:]])
-                for name in grids:
-                    values = _column(table, name, source)
-                    if name not in out:
-                        out[name] = np.empty((rows, widths[name]), values.dtype)
-                    out[name][filled:filled + table.num_rows] = values.reshape(table.num_rows, widths[name])
-                reader.add({name: _column(table, name, source) for name in _PER_ROW})
-                filled += table.num_rows
-    except (pa.ArrowException, OSError) as err:
-        raise TraceError(f"{source}: corrupt or truncated data: {first_line(err)}") from None
-    if filled != rows:
-        raise TraceError(f"{source}: the row groups hold {filled} rows, the footer says {rows}")
-    n = rows // num_layers
+    filled = done = 0
+    for table in reader.tables():
+        for name in grids:
+            values = _column(table, name, reader.source)
+            if name not in out:
+                out[name] = np.empty((rows, widths[name]), values.dtype)
+            out[name][filled:filled + table.num_rows] = values.reshape(table.num_rows, widths[name])
+        folded = folder.add({name: _column(table, name, reader.source) for name in _PER_ROW})
+        count = len(folded["step"])
+        for name, values in tokens.items():
+            values[done:done + count] = folded[name]
+        filled += table.num_rows
+        done += count
+    n = reader.num_tokens
 
     def grid(name: str) -> np.ndarray | None:
         if name not in grids:
@@ -442,13 +494,13 @@ def read_columns(path: str | os.PathLike, *, weights: bool = True, logits: bool 
         return out.get(name, np.zeros((0, widths[name]))).reshape(n, num_layers, widths[name])
     return dict(
         experts=grid("experts").astype(np.int16, copy=False),
-        **reader.tokens(),
-        meta=meta,
+        **tokens,
+        meta=reader.meta,
         weights=grid("weights"),
         logits=grid("logits"),
         lookahead=grid("lookahead"),
         lookahead_weights=grid("lookahead_weights"),
-        source=source,
+        source=reader.source,
     )
 
 
@@ -458,18 +510,18 @@ _TOKEN_TYPES = {"step": np.int64, "seq": np.int32, "pos": np.int32, "token_id": 
 
 
 class _TokenRows:
-    """Folds the per-row columns into per-token arrays as row groups arrive, checking that
+    """Folds the per-row columns into per-token arrays as batches arrive, checking that
     each token's rows hold the MoE layers in order and agree on token, step, seq and pos,
-    and that tokens ascend; rows of a token split across row groups wait for the rest."""
+    and that tokens ascend; rows of a token split across batches wait for the rest."""
 
-    def __init__(self, source: str, tokens: int, layers: np.ndarray) -> None:
+    def __init__(self, source: str, layers: np.ndarray) -> None:
         self.source, self.layers = source, layers
-        self.out = {name: np.empty(tokens, kind) for name, kind in _TOKEN_TYPES.items()}
         self.done = 0  # tokens folded
         self.carry: dict[str, np.ndarray] = {}
         self.last_token: int | None = None
 
-    def add(self, columns: dict[str, np.ndarray]) -> None:
+    def add(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The per-token columns of the tokens this batch completes."""
         if self.carry:
             columns = {name: np.concatenate([self.carry[name], values]) for name, values in columns.items()}
         width = len(self.layers)
@@ -477,7 +529,7 @@ class _TokenRows:
         self.carry = {name: values[whole:] for name, values in columns.items()}
         count = whole // width
         if not count:
-            return
+            return {name: np.zeros(0, kind) for name, kind in _TOKEN_TYPES.items()}
         layer_grid = columns["layer"][:whole].reshape(count, width)
         bad = np.flatnonzero((layer_grid != self.layers).any(axis=1))
         if len(bad):
@@ -495,13 +547,9 @@ class _TokenRows:
         if np.any(np.diff(np.concatenate([previous, tokens])) <= 0):
             raise TraceError(f"{self.source}: rows are not sorted by token")
         self.last_token = int(tokens[-1])
-        for name, values in self.out.items():
-            values[self.done:self.done + count] = columns[name][:whole:width]
         self.done += count
-
-    def tokens(self) -> dict[str, np.ndarray]:
-        """The per-token arrays (every row group added)."""
-        return dict(self.out)
+        return {name: columns[name][:whole:width].astype(kind, copy=False)
+                for name, kind in _TOKEN_TYPES.items()}
 
 
 def _column(table: pa.Table, name: str, source: str) -> np.ndarray:

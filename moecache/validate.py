@@ -211,7 +211,7 @@ def _check_step_sets(base: Plan, capacity: int) -> None:
     if capacity >= base.smallest:
         return
     req = base.requests
-    t, li = np.unravel_index(int(np.argmax(req.set_sizes)), req.set_sizes.shape)
+    t, li = req.largest_set()
     raise MoecacheError(
         f"{base.trace.source}: capacity {capacity} is below the largest step set "
         f"({base.smallest} experts in layer {int(base.trace.layers[li])} at step {t}); "

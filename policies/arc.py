@@ -281,18 +281,25 @@ def init(keys, offsets, sizes, capacity, params, seed, scores):
     prev, nxt = queues_new(num_keys, LISTS)
     return (np.full(num_keys, NONE, np.int64), prev, nxt, np.zeros(LISTS, np.int64), np.zeros(1),
             np.full(num_keys, -1, np.int64), np.zeros(num_keys, np.bool_),
-            np.array([-1, capacity, NONE], np.int64), keys, offsets, sizes)
+            np.array([-1, capacity, NONE], np.int64), keys, offsets, sizes, np.zeros(1, np.int64))
+
+
+@njit(cache=True)
+def resume(state, keys, offsets, scores, params, first, first_entry, total, future):
+    """The hooks read the current request's keys: those of the span, from request ``first``."""
+    a, b, c, d, e, f, g, h, _, _, sizes, _ = state
+    return a, b, c, d, e, f, g, h, keys, offsets, sizes, np.full(1, first, np.int64)
 
 
 @njit(cache=True)
 def enqueue(state, key, where_to):
-    where, prev, nxt, used, _, _, _, _, _, _, sizes = state
+    where, prev, nxt, used, _, _, _, _, _, _, sizes, _ = state
     sized_move(where, prev, nxt, used, sizes, LISTS, key, where_to)
 
 
 @njit(cache=True)
 def dequeue(state, key):
-    where, prev, nxt, used, _, _, _, _, _, _, sizes = state
+    where, prev, nxt, used, _, _, _, _, _, _, sizes, _ = state
     sized_remove(where, prev, nxt, used, sizes, key)
 
 
@@ -310,11 +317,11 @@ def ghost_hit(state, key):
 @njit(cache=True)
 def arrive(state, now):
     """Request ``now``'s experts in a ghost adapt p and leave it (once per request)."""
-    where, _, _, _, _, left, from_b2, misc, keys, offsets, _ = state
+    where, _, _, _, _, left, from_b2, misc, keys, offsets, _, first = state
     if misc[ARRIVED] == now:
         return
     misc[ARRIVED] = now
-    for j in range(offsets[now], offsets[now + 1]):
+    for j in range(offsets[now - first[0]], offsets[now + 1 - first[0]]):
         key = keys[j]
         if where[key] == B1 or where[key] == B2:
             from_b2[key] = where[key] == B2
@@ -359,11 +366,11 @@ def replace(state, pinned, mark, in_b2):
 
 @njit(cache=True)
 def victim(state, resident, pinned, mark):
-    _, prev, nxt, used, _, left, from_b2, misc, keys, offsets, sizes = state
+    _, prev, nxt, used, _, left, from_b2, misc, keys, offsets, sizes, first = state
     now = mark >> 1
     arrive(state, now)
     size = 0
-    for j in range(offsets[now], offsets[now + 1]):
+    for j in range(offsets[now - first[0]], offsets[now + 1 - first[0]]):
         if not resident[keys[j]]:
             if left[keys[j]] == now:
                 return replace(state, pinned, mark, from_b2[keys[j]])
@@ -397,7 +404,8 @@ def evict(state, key):
 POLICY = Policy(
     name="arc", description="ARC: recency (T1) and frequency (T2) lists whose split adapts to hits in "
     "ghost lists of their evictions",
-    hooks=Hooks(init, access, admit, victim, evict, always_keep), kernel=simulate, unit_kernel=True,
+    hooks=Hooks(init, access, admit, victim, evict, always_keep), resume=resume, kernel=simulate,
+    unit_kernel=True,
     style={"linestyle": (0, (5, 1, 1, 1, 1, 1)), "marker": "d"}, rank=56,
     source="Megiddo and Modha, ARC: A Self-Tuning, Low Overhead Replacement Cache, FAST 2003; "
     "libCacheSim, cache/eviction/ARC.c")

@@ -19,7 +19,7 @@ from numba import njit
 
 from moecache.errors import MoecacheError
 
-from .driver import drive
+from .driver import drive, new_cache, serve
 
 ADMISSIONS = ("demand", "bypass")
 STACKS = ("lru", "lfu", "opt")  # the one-pass curve methods of stack.py
@@ -185,6 +185,43 @@ class Choice:
             frame = traceback.extract_tb(err.__traceback__)[-1]
             raise MoecacheError(f"policy {p.name}: {type(err).__name__}: {err} "
                                 f"({Path(frame.filename).name}, line {frame.lineno})") from None
+
+
+class Session:
+    """One cache that serves its request stream a span at a time (the streaming replay):
+    the policy's hooks through ``driver.serve``, its state and the cache carried from one
+    span to the next, ``resume`` called before each span. Same hits as one ``Choice.run``
+    over the whole stream (docs/semantics.md, "Streaming")."""
+
+    def __init__(self, choice: Choice, sizes: np.ndarray, capacity: int, seed: int) -> None:
+        p = choice.policy
+        if not p.compiled:
+            raise MoecacheError(f"policy {p.name}: a Python policy reads the whole stream in reset(), so it "
+                                "cannot stream: load the trace in memory (--no-stream)")
+        self.choice, self.sizes, self.capacity = choice, np.asarray(sizes, np.int64), np.int64(capacity)
+        self.state = p.hooks.init(np.zeros(0, np.int32), np.zeros(1, np.int64), self.sizes, self.capacity,
+                                  choice.params, np.int64(seed), np.zeros(0, np.float32))
+        self.cache = new_cache(len(self.sizes))
+
+    def serve(self, keys: np.ndarray, offsets: np.ndarray, first: int, first_entry: int, total: int,
+              scores: np.ndarray | None = None, future: np.ndarray | None = None) -> np.ndarray:
+        """Hits per request of the next span: requests ``first``.. of ``total`` (entries from
+        ``first_entry``), ``offsets`` indexing this span's ``keys`` (int32); ``scores`` and
+        ``future`` (next request per entry) for the policies that read them."""
+        p = self.choice.policy
+        if p.needs_scores and (scores is None or scores.shape != keys.shape):
+            raise MoecacheError(f"policy {p.name} needs the router weight of every request")
+        if p.needs_future and (future is None or future.shape != keys.shape):
+            raise MoecacheError(f"policy {p.name} needs the next use of every request")
+        scores = np.zeros(0, np.float32) if scores is None else scores.astype(np.float32, copy=False)
+        future = np.zeros(0, np.int64) if future is None else future.astype(np.int64, copy=False)
+        self.state = p.resume(self.state, keys, offsets, scores, self.choice.params, np.int64(first),
+                              np.int64(first_entry), np.int64(total), future)
+        hooks = p.hooks
+        hits, _ = serve(hooks.access, hooks.admit, hooks.victim, hooks.evict, hooks.keep, self.state,
+                        self.cache, np.int64(first), keys, offsets, self.sizes, self.capacity,
+                        np.zeros(0, keys.dtype), np.zeros(0, np.int64), False, np.zeros(0, np.int8))
+        return hits
 
 
 def number(value: float) -> str:

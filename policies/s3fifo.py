@@ -64,29 +64,37 @@ def init(keys, offsets, sizes, capacity, params, seed, scores):
     share = np.array([small, capacity - small, np.int64(capacity * params[1])], np.int64)
     misc = np.array([0, -1, np.int64(params[2])], np.int64)
     return (np.full(num_keys, NONE, np.int64), np.zeros(num_keys, np.int64), prev, nxt,
-            np.zeros(QUEUES, np.int64), share, np.full(num_keys, -1, np.int64), misc, keys, offsets, sizes)
+            np.zeros(QUEUES, np.int64), share, np.full(num_keys, -1, np.int64), misc, keys, offsets, sizes,
+            np.zeros(1, np.int64))
+
+
+@njit(cache=True)
+def resume(state, keys, offsets, scores, params, first, first_entry, total, future):
+    """The hooks read the current request's keys: those of the span, from request ``first``."""
+    a, b, c, d, e, f, g, h, _, _, sizes, _ = state
+    return a, b, c, d, e, f, g, h, keys, offsets, sizes, np.full(1, first, np.int64)
 
 
 @njit(cache=True)
 def enqueue(state, key, queue):
-    where, _, prev, nxt, used, _, _, _, _, _, sizes = state
+    where, _, prev, nxt, used, _, _, _, _, _, sizes, _ = state
     sized_move(where, prev, nxt, used, sizes, QUEUES, key, queue)
 
 
 @njit(cache=True)
 def dequeue(state, key):
-    where, _, prev, nxt, used, _, _, _, _, _, sizes = state
+    where, _, prev, nxt, used, _, _, _, _, _, sizes, _ = state
     sized_remove(where, prev, nxt, used, sizes, key)
 
 
 @njit(cache=True)
 def arrive(state, now):
     """Request ``now``'s experts that the ghost remembers leave it (once per request)."""
-    where, _, _, _, _, _, left, misc, keys, offsets, _ = state
+    where, _, _, _, _, _, left, misc, keys, offsets, _, first = state
     if misc[ARRIVED] == now:
         return
     misc[ARRIVED] = now
-    for j in range(offsets[now], offsets[now + 1]):
+    for j in range(offsets[now - first[0]], offsets[now + 1 - first[0]]):
         key = keys[j]
         if where[key] == GHOST:
             dequeue(state, key)
@@ -101,7 +109,7 @@ def access(state, key, now, hit):
 
 @njit(cache=True)
 def admit(state, key, now):
-    where, counter, _, _, used, share, left, misc, _, _, _ = state
+    where, counter, _, _, used, share, left, misc, _, _, _, _ = state
     arrive(state, now)
     counter[key] = 0
     if left[key] == now or where[key] == GHOST:
@@ -122,7 +130,7 @@ def holds_other(state, queue, pinned, mark):
 def sweep_small(state, pinned, mark):
     """The small queue's first evictable expert from the oldest, moving those whose counter
     reached the threshold to the main queue; -1 if none is left."""
-    _, counter, prev, nxt, _, _, _, misc, _, _, _ = state
+    _, counter, prev, nxt, _, _, _, misc, _, _, _, _ = state
     head = queue_head(prev, QUEUES, SMALL)
     key = nxt[head]
     while key != head:
@@ -140,7 +148,7 @@ def sweep_small(state, pinned, mark):
 def sweep_main(state, pinned, mark):
     """The main queue's first expert with counter 0 from the oldest, reinserting the others
     with their counter lowered (the queue holds a key outside the request)."""
-    _, counter, prev, nxt, _, _, _, _, _, _, _ = state
+    _, counter, prev, nxt, _, _, _, _, _, _, _, _ = state
     head = queue_head(prev, QUEUES, MAIN)
     key = nxt[head]
     while True:
@@ -171,7 +179,7 @@ def victim(state, resident, pinned, mark):
 
 @njit(cache=True)
 def evict(state, key):
-    where, _, prev, nxt, used, share, _, _, _, _, sizes = state
+    where, _, prev, nxt, used, share, _, _, _, _, sizes, _ = state
     small = where[key] == SMALL
     dequeue(state, key)
     if small and sizes[key] <= share[GHOST]:
@@ -439,7 +447,8 @@ POLICY = Policy(
     name="s3fifo", description="S3-FIFO: new experts wait in a small FIFO; those hit there move to a "
     "main FIFO with reinsertion (2-bit counter); a ghost of the small queue's evictions admits "
     "returning experts to the main queue",
-    hooks=Hooks(init, access, admit, victim, evict, always_keep), kernel=simulate, unit_kernel=True,
+    hooks=Hooks(init, access, admit, victim, evict, always_keep), resume=resume, kernel=simulate,
+    unit_kernel=True,
     params=(Param("small", 0.1, 0.0, 1.0, "the small queue's share of the capacity"),
             Param("ghost", 0.9, 0.0, 4.0, "the ghost's size as a share of the capacity (ids only)"),
             Param("threshold", 2, 1, 16, "hits in the small queue that move an expert to the main queue",

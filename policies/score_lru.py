@@ -347,9 +347,9 @@ def init(keys, offsets, sizes, capacity, params, seed, scores):
 
 @njit(cache=True)
 def resume(state, keys, offsets, scores, params, first, first_entry, total, future):
-    """The values of the span's entries, and its ticks."""
+    """The values of the span's entries, and its ticks (counted from the stream's first entry)."""
     priority = state[0]
-    return (priority, use_values(offsets, scores, params[0]), np.zeros(1, np.int64), params,
+    return (priority, use_values(offsets, scores, params[0]) + first_entry, np.zeros(1, np.int64), params,
             offsets + first_entry, np.full(1, first, np.int64))
 
 

@@ -1,0 +1,354 @@
+"""Streaming replay: traces larger than memory, a span of whole steps at a time
+(docs/semantics.md, "Streaming").
+
+:func:`open_stream` reads a trace file once, a batch of rows at a time, and writes its
+requests (the step sets of :mod:`moecache.requests`, step-major) to a temporary folder:
+the ids (int16), the size of each set (uint16) and, when asked, each entry's router
+weight (float32); the routing-only metrics (requests, cold misses, reuse) are summed on
+the way. Replays read it back one span at a time and serve each span with the policy's
+hooks (:class:`moecache.policies.Session`), the caches carried from span to span; the
+policies that look ahead (OPT) get each entry's next use from one backward pass over
+the spans, written next to them. Memory holds one span and the per-key state of the
+caches, whatever the length of the trace; the numbers are those of the in-memory replay.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from moecache.policies import Choice, Session, resolve
+
+from .errors import MoecacheError
+from .parallel import map_layers
+from .replay import ReplayResult, summarize
+from .requests import NEVER, Requests, routing_counts
+from .storage import Location
+from .trace import Trace
+from .trace_io import TraceReader
+from .validate import plan, plan_range
+
+SPAN_ENTRIES = 1 << 23
+"""Requested experts read per batch (about 16 MB of ids): a span holds one batch's whole steps."""
+BYTES_PER_REQUEST = 12
+"""Peak memory per requested expert of an in-memory replay (ids, step sets, kernel state),
+measured by benchmarks/bench_scale.py; ``auto`` streams a trace that would need more than
+a quarter of this machine's memory."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """One span of whole steps: its requests (step-major, as a :class:`Requests`), the
+    number of its first step and of its first entry in the whole stream."""
+
+    requests: Requests
+    first_step: int
+    first_entry: int
+    scores: np.ndarray | None = None
+    next_steps: np.ndarray | None = None  # per entry: the next step requesting its (layer, expert)
+
+
+@dataclass(eq=False)
+class StreamedTrace:
+    """The requests of a trace file spilled to a folder, read back a span at a time.
+
+    ``header`` is the trace without its tokens (metadata, layers, source) for the checks
+    and reports shared with in-memory replays; the totals per layer are those of
+    :attr:`moecache.requests.Requests.layer_totals`. Close it (or use ``with``) to remove
+    the folder.
+    """
+
+    header: Trace
+    per_token: bool
+    num_tokens: int
+    num_steps: int
+    layer_totals: dict[str, np.ndarray]
+    folder: Path
+    spans: list[tuple[int, int, int, int]] = field(default_factory=list)  # (first step, steps,
+    # first entry, entries) of each span
+    has_scores: bool = False
+    largest_at: tuple[int, int] = (0, 0)
+    _cleanup: Any = field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.header.num_layers
+
+    @property
+    def num_experts(self) -> int:
+        return self.header.num_experts
+
+    @property
+    def num_entries(self) -> int:
+        return sum(span[3] for span in self.spans)
+
+    def largest_set(self) -> tuple[int, int]:
+        """(step, layer index) of the largest step set, the first if several."""
+        return self.largest_at
+
+    def close(self) -> None:
+        """Remove the spilled folder."""
+        if self._cleanup is not None:
+            self._cleanup.cleanup()
+            self._cleanup = None
+
+    def __enter__(self) -> StreamedTrace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read(self, name: str, dtype: type, start: int, count: int) -> np.ndarray:
+        with open(self.folder / name, "rb") as f:
+            return np.fromfile(f, dtype, count, offset=start * np.dtype(dtype).itemsize)
+
+    def iter_spans(self, *, scores: bool = False, future: bool = False) -> Iterator[Span]:
+        """The spans in order; ``scores`` and ``future`` (next steps, see :meth:`Span`) on demand."""
+        if scores and not self.has_scores:
+            raise MoecacheError(f"{self.header.source}: opened without router weights (weights=True)")
+        if future:
+            self._write_next_steps()
+        sets = 0
+        layers = self.num_layers
+        for first_step, steps, first_entry, entries in self.spans:
+            sizes = self._read("sizes.u16", np.uint16, sets, steps * layers)
+            sets += steps * layers
+            offsets = np.zeros(len(sizes) + 1, np.int64)
+            np.cumsum(sizes, out=offsets[1:])
+            ids = self._read("ids.i16", np.int16, first_entry, entries)
+            yield Span(Requests(ids, offsets, layers, self.num_experts, 0), first_step, first_entry,
+                       self._read("scores.f32", np.float32, first_entry, entries) if scores else None,
+                       self._read("next.i64", np.int64, first_entry, entries) if future else None)
+
+    def _write_next_steps(self) -> None:
+        """Each entry's next step requesting its (layer, expert), ``num_steps`` if none: one
+        backward pass over the spans, written once to ``next.i64``."""
+        path = self.folder / "next.i64"
+        if path.exists():
+            return
+        upcoming = np.full(self.num_layers * self.num_experts, self.num_steps, np.int64)
+        set_starts = np.cumsum([0] + [steps * self.num_layers for _, steps, _, _ in self.spans])
+        partial = path.with_suffix(".partial")
+        with open(partial, "wb") as out:
+            out.truncate(self.num_entries * 8)
+            for index in range(len(self.spans) - 1, -1, -1):
+                first_step, steps, first_entry, entries = self.spans[index]
+                sizes = self._read("sizes.u16", np.uint16, int(set_starts[index]), steps * self.num_layers)
+                offsets = np.zeros(len(sizes) + 1, np.int64)
+                np.cumsum(sizes, out=offsets[1:])
+                ids = self._read("ids.i16", np.int16, first_entry, entries)
+                nxt = _next_steps(ids, offsets, self.num_layers, self.num_experts, upcoming, first_step)
+                out.seek(first_entry * 8)
+                nxt.tofile(out)
+        os.replace(partial, path)
+
+
+@njit(cache=True)
+def _next_steps(ids, offsets, num_layers, num_experts, upcoming, first_step):
+    """Backward over a span: per entry the next step requesting its (layer, expert);
+    ``upcoming`` (per key, the earliest step seen so far) carries to the span before."""
+    out = np.empty(ids.shape[0], np.int64)
+    for r in range(offsets.shape[0] - 2, -1, -1):
+        key_base = (r % num_layers) * num_experts
+        t = first_step + r // num_layers
+        for j in range(offsets[r], offsets[r + 1]):
+            out[j] = upcoming[key_base + ids[j]]
+            upcoming[key_base + ids[j]] = t
+    return out
+
+
+def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, weights: bool = False,
+                folder: str | os.PathLike | None = None, span_entries: int = SPAN_ENTRIES) -> StreamedTrace:
+    """Read a trace file once, a batch of rows at a time, checking it as ``Trace.load``
+    does, and spill its requests to a temporary folder (in ``folder``, default the
+    system's temporary directory). ``weights`` keeps the router weight of each entry for
+    the policies that read them. Memory: one batch of about ``span_entries`` requested
+    experts plus the tokens of one step."""
+    reader = TraceReader(path, weights=weights, logits=False, lookahead=False)
+    if weights and "weights" not in reader.grids:
+        raise MoecacheError(f"{reader.source}: the trace has no router weights, which this policy needs "
+                            "(capture or import them with the routing)")
+    meta = reader.meta
+    num_layers, top_k = reader.num_layers, int(meta["top_k"])
+    empty = np.zeros((0, num_layers, top_k), np.int16)
+    header = Trace(experts=empty, step=np.zeros(0, np.int64), seq=np.zeros(0, np.int32),
+                   pos=np.zeros(0, np.int32), token_id=np.zeros(0, np.int32), phase=np.zeros(0, np.int8),
+                   meta=meta, weights=np.zeros(empty.shape, np.float32) if weights else None,
+                   source=reader.source)
+    cleanup = tempfile.TemporaryDirectory(prefix="moecache-stream-", dir=folder)
+    try:
+        spiller = _Spiller(header, per_token, Path(cleanup.name), weights)
+        rows = max(num_layers, span_entries // top_k // num_layers * num_layers)
+        for block in reader.token_blocks(rows):
+            spiller.add(block)
+        return spiller.finish(cleanup)
+    except BaseException:
+        cleanup.cleanup()
+        raise
+
+
+class _Spiller:
+    """Cuts token blocks at step boundaries into spans, validates and writes each."""
+
+    def __init__(self, header: Trace, per_token: bool, folder: Path, weights: bool) -> None:
+        self.header, self.per_token, self.folder, self.weights = header, per_token, folder, weights
+        layers, experts = header.num_layers, header.num_experts
+        self.last_step = np.full(layers * experts, NEVER, np.int64)
+        self.totals = {name: np.zeros(layers, np.int64)
+                       for name in ("requests", "cold_misses", "reuse_hits", "reuse_requests", "largest")}
+        self.largest_at = (0, 0)
+        self.carry: dict[str, np.ndarray] | None = None
+        self.spans: list[tuple[int, int, int, int]] = []
+        self.steps = self.tokens = self.entries = 0
+        self.previous_step = -1  # the last step written
+        self.files = {name: open(folder / name, "wb") for name in ("ids.i16", "sizes.u16", "scores.f32")}
+
+    def add(self, block: dict[str, np.ndarray]) -> None:
+        if self.carry is not None:
+            block = {name: np.concatenate([self.carry[name], values]) for name, values in block.items()}
+        steps = block["step"]
+        cut = len(steps)
+        if not self.per_token:  # the last step may go on in the next block
+            cut = int(np.searchsorted(steps, steps[-1])) if np.all(steps[1:] >= steps[:-1]) else len(steps)
+        self.carry = {name: values[cut:] for name, values in block.items()}
+        if cut:
+            self._write({name: values[:cut] for name, values in block.items()})
+
+    def _write(self, block: dict[str, np.ndarray]) -> None:
+        header = self.header
+        part = Trace(experts=block["experts"], step=block["step"], seq=block["seq"], pos=block["pos"],
+                     token_id=block["token_id"], phase=block["phase"], meta=header.meta,
+                     weights=block.get("weights"), source=header.source)
+        first = int(part.step[0])
+        repeated = first == self.previous_step and not self.per_token  # a step is never cut
+        if first < self.previous_step or repeated:
+            raise MoecacheError(f"{header.source}: steps are not sorted (step {first} "
+                                f"after {self.previous_step})")
+        self.previous_step = int(part.step[-1])
+        req = Requests.from_trace(part, per_token=self.per_token)
+        layers = header.num_layers
+        cold, overlap = routing_counts(req.ids, req.offsets, layers, header.num_experts, self.last_step,
+                                       self.steps)
+        sizes = req.set_sizes
+        totals = self.totals
+        totals["requests"] += sizes.sum(axis=0)
+        totals["cold_misses"] += cold.reshape(-1, layers).sum(axis=0)
+        totals["reuse_hits"] += overlap.reshape(-1, layers).sum(axis=0)
+        totals["reuse_requests"] += sizes[1 if not self.steps else 0:].sum(axis=0)
+        t, li = req.largest_set()
+        if sizes[t, li] > totals["largest"].max():
+            self.largest_at = (self.steps + t, li)
+        np.maximum(totals["largest"], sizes.max(axis=0), out=totals["largest"])
+        req.ids.tofile(self.files["ids.i16"])
+        sizes.astype(np.uint16).tofile(self.files["sizes.u16"])
+        if self.weights:
+            req.scores(part, per_token=self.per_token).tofile(self.files["scores.f32"])
+        self.spans.append((self.steps, req.num_steps, self.entries, len(req.ids)))
+        self.steps += req.num_steps
+        self.tokens += part.num_tokens
+        self.entries += len(req.ids)
+
+    def finish(self, cleanup: Any) -> StreamedTrace:
+        if self.carry is not None and len(self.carry["step"]):
+            self._write(self.carry)
+        for f in self.files.values():
+            f.close()
+        if not self.tokens:
+            raise MoecacheError(f"{self.header.source}: the trace holds no tokens: nothing to replay")
+        return StreamedTrace(self.header, self.per_token, self.tokens, self.steps, self.totals,
+                             Path(cleanup.name), self.spans, self.weights, self.largest_at, cleanup)
+
+
+def replay_stream(stream: StreamedTrace, policy: Any = "lru", capacity: int | None = None,
+                  scope: str = "layer", *, memory: str | int | None = None,
+                  bandwidth: str | float | None = None, latency: str | float = 0.0, seed: int = 0,
+                  policy_args: dict[str, Any] | None = None, workers: int | None = None) -> ReplayResult:
+    """:func:`moecache.replay` of a streamed trace (a demand replay: no prefetch, events
+    or outcomes): the same result, in memory bounded by one span."""
+    checked = plan(stream.header, resolve(policy, policy_args), scope, capacity=capacity, memory=memory,
+                   per_token=stream.per_token, bandwidth=bandwidth, latency=latency, seed=seed,
+                   requests=stream)  # type: ignore[arg-type]
+    caches = [checked.layer_capacities] if scope == "layer" else [(checked.pool, checked.units)]
+    hits = _serve(stream, checked.policy, scope, caches, checked.seed, workers)[0]
+    return summarize(stream.header, stream, hits, checked.policy.label, scope,  # type: ignore[arg-type]
+                     checked.capacity, checked.memory_bytes, checked.bandwidth, checked.latency)
+
+
+def curve_stream(stream: StreamedTrace, policy: Any = "lru", scope: str = "layer", *,
+                 capacities: Any = None, bandwidth: str | float | None = None, latency: str | float = 0.0,
+                 seed: int = 0, policy_args: dict[str, Any] | None = None,
+                 workers: int | None = None) -> list[ReplayResult]:
+    """Replays of a streamed trace at many capacities (checked as :func:`moecache.curve`
+    does), all in one pass over the spans."""
+    checked = plan_range(stream.header, resolve(policy, policy_args), scope, capacities=capacities,
+                         per_token=stream.per_token, bandwidth=bandwidth, latency=latency, seed=seed,
+                         requests=stream)  # type: ignore[arg-type]
+    layers = stream.num_layers
+    caches = [(c,) * layers if scope == "layer" else (c, (1,) * layers) for c in checked.capacities]
+    hits = _serve(stream, checked.policy, scope, caches, checked.seed, workers)
+    return [summarize(stream.header, stream, row, checked.policy.label, scope, c, None,  # type: ignore[arg-type]
+                      checked.bandwidth, checked.latency)
+            for c, row in zip(checked.capacities, hits, strict=True)]
+
+
+def _serve(stream: StreamedTrace, choice: Choice, scope: str, caches: list, seed: int,
+           workers: int | None) -> np.ndarray:
+    """Hits per layer (rows: ``caches``) of one pass over the spans. A cache is the
+    capacities per layer (layer scope) or (pool, units per layer) (global scope); the
+    caches of a span run ``workers`` at a time."""
+    layers, experts = stream.num_layers, stream.num_experts
+    policy = choice.policy
+    if scope == "layer":
+        sessions = [Session(choice, np.ones(experts, np.int64), capacity, seed)
+                    for cache in caches for capacity in cache]
+        total = stream.num_steps
+    else:
+        sessions = [Session(choice, np.repeat(np.asarray(units, np.int64), experts), pool, seed)
+                    for pool, units in caches]
+        total = stream.num_steps * layers
+    hits = np.zeros((len(caches), layers), np.int64)
+    layer_entries = np.zeros(layers, np.int64)  # entries of each layer's stream before the span
+    for span in stream.iter_spans(scores=policy.needs_scores, future=policy.needs_future):
+        streams = _span_streams(span, scope, stream.num_steps, layers)
+        first = span.first_step * (1 if scope == "layer" else layers)
+        starts = layer_entries if scope == "layer" else [span.first_entry]
+
+        def one(index: int, streams=streams, first=first, starts=starts) -> np.ndarray:
+            keys, offsets, scores, future = streams[index % len(streams)]
+            per_request = sessions[index].serve(keys, offsets, first, int(starts[index % len(streams)]),
+                                                total, scores, future)
+            return per_request.reshape(-1, 1 if scope == "layer" else layers).sum(axis=0, dtype=np.int64)
+
+        hits += np.concatenate(map_layers(one, len(sessions), workers)).reshape(len(caches), layers)
+        if scope == "layer":
+            layer_entries += [len(keys) for keys, _, _, _ in streams]
+    return hits
+
+
+def _span_streams(span: Span, scope: str, num_steps: int, layers: int) -> list[tuple]:
+    """The request streams a span feeds: (keys, offsets, scores, next requests) of each
+    layer (layer scope: the next request is the next step) or of the pooled keys (global
+    scope: the next request is step x L + layer, or L x the steps if none)."""
+    req = span.requests
+    if scope == "layer":
+        out = []
+        for layer in range(layers):
+            keys, offsets = req.layer(layer)
+            picks = req.layer_entries(layer)
+            out.append((keys, offsets, None if span.scores is None else span.scores[picks],
+                        None if span.next_steps is None else span.next_steps[picks]))
+        return out
+    keys, offsets = req.pooled()
+    future = None
+    if span.next_steps is not None:
+        layer_of = np.repeat(np.arange(len(offsets) - 1) % layers, np.diff(offsets))
+        never = span.next_steps == num_steps
+        future = np.where(never, num_steps * layers, span.next_steps * layers + layer_of)
+    return [(keys, offsets, span.scores, future)]
