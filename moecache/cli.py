@@ -32,6 +32,7 @@ from .cli_options import (
     per_token_option,
     scope_option,
     seed_option,
+    stream_option,
 )
 from .compare import compare
 from .curve import curve
@@ -47,6 +48,7 @@ from .report import (
     trace_summary,
 )
 from .reroute import reroute
+from .streaming import curve_stream, open_stream, replay_stream, should_stream
 from .sweep import results_paths, sweep
 from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, write_synth
 from .tables import write_table
@@ -101,18 +103,25 @@ def info(trace: str) -> None:
 @scope_option
 @io_options
 @per_token_option
+@stream_option
 @seed_option()
 @click.option("--per-layer", is_flag=True, help="Also print one row per MoE layer.")
 @json_option("Print one JSON object instead of tables.")
 def replay_command(trace: str, policy: str, capacity: int | None, memory: int | None, scope: str,
-                   bandwidth: float | None, latency: float, per_token: bool, seed: int,
+                   bandwidth: float | None, latency: float, per_token: bool, stream: bool | None, seed: int,
                    per_layer: bool, as_json: bool) -> None:
     """Simulate an expert cache over TRACE and report hit rate, reuse and miss I/O."""
     if capacity is None and memory is None:
         raise MoecacheError("give --capacity N (experts) or --memory SIZE (bytes)")
-    loaded = Trace.load(trace, weights=_reads_scores(policy), lookahead=False)
-    result = replay(loaded, policy, capacity, scope, memory=memory, bandwidth=bandwidth,
-                    latency=latency, per_token=per_token, seed=seed)
+    if should_stream(trace, stream):
+        with open_stream(trace, per_token=per_token, weights=_reads_scores(policy)) as streamed:
+            loaded = streamed.header
+            result = replay_stream(streamed, policy, capacity, scope, memory=memory, bandwidth=bandwidth,
+                                   latency=latency, seed=seed)
+    else:
+        loaded = Trace.load(trace, weights=_reads_scores(policy), lookahead=False)
+        result = replay(loaded, policy, capacity, scope, memory=memory, bandwidth=bandwidth,
+                        latency=latency, per_token=per_token, seed=seed)
     if as_json:
         out = result.to_dict()
         out["trace"] = trace
@@ -133,17 +142,24 @@ def replay_command(trace: str, policy: str, capacity: int | None, memory: int | 
 @capacities_option()
 @io_options
 @per_token_option
+@stream_option
 @seed_option()
 @out_option("Write the table (.csv or .parquet).")
 @force_option()
 @json_option()
 def curve_command(trace: str, policy: str, scope: str, capacities: str | None, bandwidth: float | None,
-                  latency: float, per_token: bool, seed: int, out: str | None, force: bool,
-                  as_json: bool) -> None:
-    """Metrics at every capacity: one pass for lru, lfu and opt."""
-    frame = curve(Trace.load(trace, weights=_reads_scores(policy), lookahead=False), policy, scope,
-                  capacities=capacities,
-                  per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed)
+                  latency: float, per_token: bool, stream: bool | None, seed: int, out: str | None,
+                  force: bool, as_json: bool) -> None:
+    """Metrics at every capacity: one pass for lru, lfu and opt (streamed: one pass over
+    the trace for all capacities)."""
+    if should_stream(trace, stream):
+        with open_stream(trace, per_token=per_token, weights=_reads_scores(policy)) as streamed:
+            frame = curve_stream(streamed, policy, scope, capacities=capacities, bandwidth=bandwidth,
+                                 latency=latency, seed=seed)
+    else:
+        frame = curve(Trace.load(trace, weights=_reads_scores(policy), lookahead=False), policy, scope,
+                      capacities=capacities,
+                      per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed)
     frame.insert(0, "trace", trace)
     if out:
         write_table(frame, out, overwrite=force)

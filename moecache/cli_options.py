@@ -87,6 +87,11 @@ def capacities_option(flag: str = "--capacities", default: str | None = None) ->
 
 per_token_option = click.option("--per-token", is_flag=True,
                                 help="Every token is its own step (no prefill or batch unions).")
+stream_option = click.option(
+    "--stream/--no-stream", default=None,
+    help="Read the trace a span of steps at a time, in bounded memory (same numbers, slower). "
+         "Default: stream when an in-memory replay would need more than a quarter of this "
+         "machine's memory.")
 
 # -- I/O time ------------------------------------------------------------------------------------------
 

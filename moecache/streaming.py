@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from numba import njit
 
 from moecache.policies import Choice, Session, resolve
@@ -41,6 +42,17 @@ BYTES_PER_REQUEST = 12
 """Peak memory per requested expert of an in-memory replay (ids, step sets, kernel state),
 measured by benchmarks/bench_scale.py; ``auto`` streams a trace that would need more than
 a quarter of this machine's memory."""
+
+
+def should_stream(path: str | os.PathLike | Location, stream: bool | None = None) -> bool:
+    """``stream`` if given; otherwise whether an in-memory replay of the trace would need
+    more than a quarter of this machine's memory (estimated from the file's footer:
+    BYTES_PER_REQUEST per requested expert)."""
+    if stream is not None:
+        return stream
+    reader = TraceReader(path, weights=False, logits=False, lookahead=False)
+    needed = reader.rows * int(reader.meta["top_k"]) * BYTES_PER_REQUEST
+    return needed > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 @dataclass(frozen=True)
@@ -175,13 +187,8 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
     if weights and "weights" not in reader.grids:
         raise MoecacheError(f"{reader.source}: the trace has no router weights, which this policy needs "
                             "(capture or import them with the routing)")
-    meta = reader.meta
-    num_layers, top_k = reader.num_layers, int(meta["top_k"])
-    empty = np.zeros((0, num_layers, top_k), np.int16)
-    header = Trace(experts=empty, step=np.zeros(0, np.int64), seq=np.zeros(0, np.int32),
-                   pos=np.zeros(0, np.int32), token_id=np.zeros(0, np.int32), phase=np.zeros(0, np.int8),
-                   meta=meta, weights=np.zeros(empty.shape, np.float32) if weights else None,
-                   source=reader.source)
+    header = _header(reader, weights)
+    num_layers, top_k = reader.num_layers, header.top_k
     cleanup = tempfile.TemporaryDirectory(prefix="moecache-stream-", dir=folder)
     try:
         spiller = _Spiller(header, per_token, Path(cleanup.name), weights)
@@ -192,6 +199,19 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
     except BaseException:
         cleanup.cleanup()
         raise
+
+
+def trace_header(path: str | os.PathLike | Location) -> Trace:
+    """The trace without its tokens: its metadata and source, read from the footer."""
+    return _header(TraceReader(path, weights=False, logits=False, lookahead=False), False)
+
+
+def _header(reader: TraceReader, weights: bool) -> Trace:
+    empty = np.zeros((0, reader.num_layers, int(reader.meta["top_k"])), np.int16)
+    return Trace(experts=empty, step=np.zeros(0, np.int64), seq=np.zeros(0, np.int32),
+                 pos=np.zeros(0, np.int32), token_id=np.zeros(0, np.int32), phase=np.zeros(0, np.int8),
+                 meta=reader.meta, weights=np.zeros(empty.shape, np.float32) if weights else None,
+                 source=reader.source)
 
 
 class _Spiller:
@@ -284,18 +304,19 @@ def replay_stream(stream: StreamedTrace, policy: Any = "lru", capacity: int | No
 def curve_stream(stream: StreamedTrace, policy: Any = "lru", scope: str = "layer", *,
                  capacities: Any = None, bandwidth: str | float | None = None, latency: str | float = 0.0,
                  seed: int = 0, policy_args: dict[str, Any] | None = None,
-                 workers: int | None = None) -> list[ReplayResult]:
-    """Replays of a streamed trace at many capacities (checked as :func:`moecache.curve`
-    does), all in one pass over the spans."""
+                 workers: int | None = None) -> pd.DataFrame:
+    """:func:`moecache.curve` of a streamed trace: the same table, every capacity served
+    in one pass over the spans."""
     checked = plan_range(stream.header, resolve(policy, policy_args), scope, capacities=capacities,
                          per_token=stream.per_token, bandwidth=bandwidth, latency=latency, seed=seed,
                          requests=stream)  # type: ignore[arg-type]
     layers = stream.num_layers
     caches = [(c,) * layers if scope == "layer" else (c, (1,) * layers) for c in checked.capacities]
     hits = _serve(stream, checked.policy, scope, caches, checked.seed, workers)
-    return [summarize(stream.header, stream, row, checked.policy.label, scope, c, None,  # type: ignore[arg-type]
-                      checked.bandwidth, checked.latency)
+    rows = [summarize(stream.header, stream, row, checked.policy.label, scope, c, None,  # type: ignore[arg-type]
+                      checked.bandwidth, checked.latency).to_dict()
             for c, row in zip(checked.capacities, hits, strict=True)]
+    return pd.DataFrame(rows).drop(columns=["memory_bytes"])
 
 
 def _serve(stream: StreamedTrace, choice: Choice, scope: str, caches: list, seed: int,

@@ -32,6 +32,7 @@ from .errors import MoecacheError
 from .files import first_line, output_lock
 from .requests import Requests
 from .storage import os_path
+from .streaming import curve_stream, open_stream, should_stream, trace_header
 from .tables import read_table, read_table_meta, write_table
 from .trace import Trace
 from .units import check_seed, parse_bandwidth, parse_duration
@@ -62,19 +63,31 @@ def _load(path: str, per_token: bool, weights: bool) -> tuple[Trace, Requests]:
 def _largest_capacity(path: str, scopes: tuple[str, ...], per_token: bool) -> int:
     """Load and check one trace (as its lru, lfu and opt cells will, so they find it
     cached); the capacity from which every expert fits in the largest of ``scopes``."""
-    trace, _ = _load(path, per_token, False)
-    return max(top_capacity(trace, scope) for scope in scopes)
+    trace = trace_header(path) if should_stream(path) else _load(path, per_token, False)[0]  # a streamed
+    return max(top_capacity(trace, scope) for scope in scopes)  # trace is checked by its cells
 
 
 def run_cell(path: str, policy: str, scope: str, settings: SweepSettings) -> pd.DataFrame:
     """All capacities of one (trace, policy, scope), with the trace's metadata columns."""
-    trace, req = _load(path, settings.per_token, check_policy(policy).policy.needs_scores)
-    checked = plan_range(trace, policy, scope, capacities=settings.capacities, skip_invalid=True,
-                         requests=req)
-    if not checked.capacities:
-        return pd.DataFrame(columns=KEY_COLUMNS)
-    frame = curve(trace, policy, scope, capacities=checked.capacities, bandwidth=settings.bandwidth,
-                  latency=settings.latency, seed=settings.seed, requests=req, workers=1)
+    weights = check_policy(policy).policy.needs_scores
+    if should_stream(path):  # a trace too large for memory: one pass over it for all capacities
+        with open_stream(path, per_token=settings.per_token, weights=weights) as streamed:
+            trace = streamed.header
+            checked = plan_range(trace, policy, scope, capacities=settings.capacities, skip_invalid=True,
+                                 per_token=settings.per_token, requests=streamed)  # type: ignore[arg-type]
+            if not checked.capacities:
+                return pd.DataFrame(columns=KEY_COLUMNS)
+            frame = curve_stream(streamed, policy, scope, capacities=checked.capacities,
+                                 bandwidth=settings.bandwidth, latency=settings.latency, seed=settings.seed,
+                                 workers=1)
+    else:
+        trace, req = _load(path, settings.per_token, weights)
+        checked = plan_range(trace, policy, scope, capacities=settings.capacities, skip_invalid=True,
+                             requests=req)
+        if not checked.capacities:
+            return pd.DataFrame(columns=KEY_COLUMNS)
+        frame = curve(trace, policy, scope, capacities=checked.capacities, bandwidth=settings.bandwidth,
+                      latency=settings.latency, seed=settings.seed, requests=req, workers=1)
     model = trace.meta.get("model") or {}
     info = {"trace": path, "model": model.get("name"), "architecture": model.get("architecture"),
             "router": trace.meta.get("router"), "num_layers": trace.num_layers,

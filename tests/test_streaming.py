@@ -1,0 +1,157 @@
+"""Streaming replay (moecache.streaming): the same numbers as the in-memory replay, for
+every policy, both scopes, many spans; bad input in one line."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moecache as mc
+from moecache.cli import cli
+from moecache.errors import MoecacheError
+from moecache.policies import POLICIES
+from moecache.streaming import curve_stream, open_stream, replay_stream, should_stream
+from moecache.trace_io import TraceWriter
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory):
+    """Three sequences with prefill steps (multi-token step sets) and router weights; layers
+    of different expert sizes, for byte budgets in global scope."""
+    path = tmp_path_factory.mktemp("stream") / "t.parquet"
+    trace = mc.synth(layers=3, experts=16, top_k=2, tokens=500, sequences=3, prompt_len=6, logits=True,
+                     seed=5)
+    trace.meta["expert_bytes"] = [3000, 1000, 2000]
+    trace.save(path)
+    return path
+
+
+def same(a: mc.ReplayResult, b: mc.ReplayResult) -> None:
+    assert a.to_dict() == b.to_dict()
+    assert a.per_layer.equals(b.per_layer)
+
+
+@pytest.mark.parametrize("span", [40, 700, 1 << 23])
+def test_every_policy_equals_the_in_memory_replay(trace_file, span):
+    trace = mc.Trace.load(trace_file)
+    with open_stream(trace_file, weights=True, span_entries=span) as streamed:
+        assert (streamed.num_steps, streamed.num_tokens) == (trace.num_steps, trace.num_tokens)
+        assert len(streamed.spans) > (10 if span == 40 else 0)
+        for policy in POLICIES:
+            for scope, capacity in (("layer", 8), ("global", 20)):
+                expected = mc.replay(trace, policy, capacity, scope)
+                same(expected, replay_stream(streamed, policy, capacity, scope))
+
+
+@pytest.mark.parametrize("policy", ["lru", "opt", "score-lru", "s3fifo", "pinned:train=0.3,n=3"])
+def test_byte_budgets_and_per_token_steps(trace_file, policy):
+    trace = mc.Trace.load(trace_file)
+    for per_token in (False, True):
+        with open_stream(trace_file, weights=True, per_token=per_token, span_entries=64) as streamed:
+            for scope in ("layer", "global"):
+                expected = mc.replay(trace, policy, scope=scope, memory="60KB", per_token=per_token,
+                                     bandwidth="1GB/s", latency="1ms")
+                got = replay_stream(streamed, policy, scope=scope, memory="60KB", bandwidth="1GB/s",
+                                    latency="1ms")
+                same(expected, got)
+
+
+@pytest.mark.parametrize("policy", ["lru", "opt", "fifo"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_curve_equals_the_in_memory_curve(trace_file, policy, scope):
+    trace = mc.Trace.load(trace_file, weights=False)
+    expected = mc.curve(trace, policy, scope, capacities="8:48:5")
+    with open_stream(trace_file, span_entries=100) as streamed:
+        got = curve_stream(streamed, policy, scope, capacities="8:48:5")
+    assert got.columns.tolist() == expected.columns.tolist()
+    assert np.allclose(got.select_dtypes("number"), expected.select_dtypes("number"), equal_nan=True, rtol=0)
+    assert got["hits"].tolist() == expected["hits"].tolist()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), span=st.integers(1, 200), capacity=st.integers(4, 12),
+       policy=st.sampled_from(["lru", "opt", "opt-bypass", "arc", "lfu", "score-lru"]),
+       scope=st.sampled_from(["layer", "global"]), prompt=st.integers(0, 4))
+def test_random_traces_and_spans(tmp_path_factory, seed, span, capacity, policy, scope, prompt):
+    path = tmp_path_factory.mktemp("random") / "t.parquet"
+    trace = mc.synth(layers=2, experts=12, top_k=2, tokens=80, sequences=2, prompt_len=prompt,
+                     logits=True, seed=seed)
+    trace.save(path)
+    capacity = max(capacity, int(mc.Requests.from_trace(trace).layer_totals["largest"].max()))
+    with open_stream(path, weights=True, span_entries=span) as streamed:
+        same(mc.replay(trace, policy, capacity, scope), replay_stream(streamed, policy, capacity, scope))
+
+
+def test_row_groups_split_tokens_and_steps(tmp_path):
+    """A trace written in blocks of 7 tokens (row groups that cut steps) streams as it loads."""
+    whole = mc.synth(layers=2, experts=10, top_k=3, tokens=90, sequences=2, prompt_len=9, seed=1)
+    path = tmp_path / "blocks.parquet"
+    with TraceWriter(path, whole.meta, flush_tokens=7) as writer:
+        for lo in range(0, whole.num_tokens, 7):
+            part = slice(lo, lo + 7)
+            writer.write(whole.experts[part], step=whole.step[part], seq=whole.seq[part],
+                         pos=whole.pos[part], phase=whole.phase[part])
+    loaded = mc.Trace.load(path)
+    with open_stream(path, span_entries=5) as streamed:
+        for policy in ("lru", "opt", "lirs"):
+            same(mc.replay(loaded, policy, 10), replay_stream(streamed, policy, 10))
+
+
+def test_cli_stream_equals_in_memory(trace_file):
+    runner = CliRunner()
+    outputs = []
+    for flag in ("--stream", "--no-stream"):
+        result = runner.invoke(cli, ["replay", str(trace_file), "--policy", "opt", "--capacity", "20",
+                                     "--scope", "global", flag, "--json"])
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads(result.output))
+    assert outputs[0] == outputs[1]
+    curves = [runner.invoke(cli, ["curve", str(trace_file), "--capacities", "8:16", flag, "--json"]).output
+              for flag in ("--stream", "--no-stream")]
+    assert json.loads(curves[0]) == json.loads(curves[1])
+
+
+def test_auto_streams_only_large_traces(trace_file):
+    assert should_stream(trace_file) is False
+    assert should_stream(trace_file, True) is True
+
+
+def test_bad_input_is_one_line(tmp_path, trace_file):
+    plain = tmp_path / "plain.parquet"
+    mc.synth(layers=2, experts=8, top_k=2, tokens=30, seed=2).save(plain)
+    with pytest.raises(MoecacheError, match="no router weights"):
+        open_stream(plain, weights=True)
+
+    class Mine(mc.PythonPolicy):
+        def victim(self, resident, pinned, mark):
+            return int(np.flatnonzero(resident & (pinned != mark))[0])
+
+    with open_stream(trace_file) as streamed:
+        with pytest.raises(MoecacheError, match="cannot stream"):
+            replay_stream(streamed, Mine, 8)
+        with pytest.raises(MoecacheError, match="below the largest step set"):
+            replay_stream(streamed, "lru", 1)
+    result = CliRunner().invoke(cli, ["replay", str(tmp_path / "missing.parquet"), "--capacity", "4",
+                                      "--stream"])
+    assert result.exit_code == 2 and "missing.parquet" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_unsorted_steps_across_spans_are_refused(tmp_path):
+    """Steps that go back in a later row group: the in-memory load and the stream both refuse."""
+    good, bad = tmp_path / "good.parquet", tmp_path / "bad.parquet"
+    mc.synth(layers=2, experts=8, top_k=2, tokens=40, seed=3).save(good)
+    table = pq.read_table(good)
+    step = table["step"].to_numpy().copy()
+    step[60:] -= 20  # token 30 on: steps 10.. again
+    pq.write_table(table.set_column(table.schema.get_field_index("step"), "step", pa.array(step)), bad,
+                   row_group_size=8)
+    with pytest.raises(MoecacheError, match="not sorted"):
+        mc.Trace.load(bad)
+    with pytest.raises(MoecacheError, match="not sorted"):
+        open_stream(bad, span_entries=8)
