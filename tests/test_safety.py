@@ -108,14 +108,11 @@ def trace_file(tmp_path):
 
 # -- interrupted one-shot saves: the old file and nothing else --------------------------------------
 
-@pytest.mark.parametrize("command", ["synth", "import"])
-def test_interrupted_force_keeps_the_old_file_and_nothing_else(tmp_path, markers, trace_file, command):
+def test_interrupted_force_keeps_the_old_file_and_nothing_else(tmp_path, markers, trace_file):
+    """A one-shot save (synth streams instead: an interrupt leaves a partial trace, tests/test_synth.py)."""
     before = trace_file.read_bytes()
-    if command == "synth":
-        args = ("synth", "--out", trace_file, "--force", *SYNTH, "--seed", 7)
-    else:
-        source = save_routing(markers / "routing.npy")
-        args = ("import", source, "--out", trace_file, "--force")
+    source = save_routing(markers / "routing.npy")
+    args = ("import", source, "--out", trace_file, "--force")
     with held_write(markers, *args) as proc:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -209,7 +206,10 @@ def test_one_shot_saves_never_touch_a_part_folder(tmp_path):
     parts = parts_dir(tmp_path / "data")
     parts.mkdir()
     (parts / "notes.txt").write_text("mine")
-    code, _, err = run("synth", "--out", tmp_path / "data", *SYNTH)
+    code, _, err = run("import", save_routing(tmp_path / "r.npy"), "--out", tmp_path / "data")
+    assert code == 0, err
+    assert (parts / "notes.txt").read_text() == "mine"
+    code, _, err = run("synth", "--out", tmp_path / "other", *SYNTH)  # streamed: its own part folder
     assert code == 0, err
     assert (parts / "notes.txt").read_text() == "mine"
 
