@@ -209,7 +209,7 @@ def replay(
                 layer_outcomes = np.zeros(len(keys) + (0 if batch is None else len(batch[0])), np.int8)
             return (len(keys), layer_outcomes, *choice.run(
                 keys, offsets, sizes, checked.layer_capacities[layer], checked.seed, batch, record_events,
-                None if scores is None else req.layer_scores(scores, layer), layer_outcomes))
+                None if scores is None else req.layer_values(scores, layer), layer_outcomes))
 
         # a Python policy holds the GIL: threads would only add their overhead
         parallel = workers if choice.policy.compiled else 1

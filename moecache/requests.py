@@ -211,11 +211,12 @@ class Requests:
             return everything
         return _layer_column(everything, self.offsets, self.num_layers, index, np.int64)[0]
 
-    def layer_scores(self, scores: np.ndarray, index: int) -> np.ndarray:
-        """The l-th MoE layer's entries of ``scores`` (aligned with ``layer(index)``'s keys)."""
+    def layer_values(self, values: np.ndarray, index: int) -> np.ndarray:
+        """The l-th MoE layer's entries of ``values`` (one per entry of ``ids``: scores,
+        next uses), aligned with ``layer(index)``'s keys."""
         if self.num_layers == 1:
-            return scores
-        return _layer_column(scores, self.offsets, self.num_layers, index, np.float32)[0]
+            return values
+        return _layer_column(values, self.offsets, self.num_layers, index, values.dtype)[0]
 
     @property
     def num_steps(self) -> int:

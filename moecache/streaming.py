@@ -362,9 +362,8 @@ def _span_streams(span: Span, scope: str, num_steps: int, layers: int) -> list[t
         out = []
         for layer in range(layers):
             keys, offsets = req.layer(layer)
-            picks = req.layer_entries(layer)
-            out.append((keys, offsets, None if span.scores is None else span.scores[picks],
-                        None if span.next_steps is None else span.next_steps[picks]))
+            out.append((keys, offsets, None if span.scores is None else req.layer_values(span.scores, layer),
+                        None if span.next_steps is None else req.layer_values(span.next_steps, layer)))
         return out
     keys, offsets = req.pooled()
     future = None

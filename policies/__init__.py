@@ -16,7 +16,7 @@ from typing import Any
 from moecache.errors import MoecacheError
 
 from ._state import bit_index
-from .registry import Choice, Hooks, Param, Policy, Session, choose, number, parse_args
+from .registry import Choice, Hooks, Param, Policy, Session, SpanKernel, choose, number, parse_args
 
 
 def _discover() -> dict[str, Policy]:
@@ -80,4 +80,4 @@ def policy_table() -> str:
 
 
 __all__ = ["DEMAND_POLICIES", "KERNELS", "POLICIES", "REGISTRY", "Choice", "Hooks", "Param", "Policy",
-           "Session", "bit_index", "number", "policy_table", "resolve"]
+           "Session", "SpanKernel", "bit_index", "number", "policy_table", "resolve"]

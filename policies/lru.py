@@ -19,8 +19,17 @@ import numpy as np
 from numba import njit, uint64
 
 from ._index import cell
-from ._state import fits_masks, lowest_bits, lowest_rank_victim, no_room, popcount
-from .registry import Hooks, Policy, always_keep, no_evict
+from ._state import (
+    fits_masks,
+    list_append,
+    list_new,
+    list_unlink,
+    lowest_bits,
+    lowest_rank_victim,
+    no_room,
+    popcount,
+)
+from .registry import Hooks, Policy, SpanKernel, always_keep, no_evict
 
 
 @njit(cache=True, nogil=True)
@@ -102,6 +111,55 @@ def simulate_stream(keys, offsets, sizes, capacity):
     return hits
 
 
+# -- spans (the streaming replay): the recency list as a doubly linked list over keys, so
+# the state is per key and carries from one span to the next. Invariant: the list holds
+# the residents in (last request, id) order, oldest first; a request first moves its hits
+# to the newest end (out of the victims' way), evicts from the oldest end, then appends
+# all its keys in ascending id order. ``stamp[k]`` is the last request holding k.
+
+
+@njit(cache=True, nogil=True)
+def span_state(num_keys):
+    prev, nxt, _ = list_new(num_keys)
+    return prev, nxt, np.zeros(num_keys, np.bool_), np.full(num_keys, -1, np.int64), np.zeros(1, np.int64)
+
+
+@njit(cache=True, nogil=True)
+def serve_span(state, keys, offsets, sizes, capacity, first, future):
+    prev, nxt, resident, stamp, scalars = state
+    head = resident.shape[0]
+    used = scalars[0]
+    hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    for r in range(hits.shape[0]):
+        lo, hi = offsets[r], offsets[r + 1]
+        now = first + r
+        need = 0
+        for j in range(lo, hi):
+            key = keys[j]
+            stamp[key] = now
+            if resident[key]:
+                hits[r] += 1
+                list_unlink(prev, nxt, key)
+                list_append(prev, nxt, head, key)
+            else:
+                need += sizes[key]
+        while used + need > capacity:
+            out = nxt[head]
+            if out == head or stamp[out] == now:
+                no_room()
+            list_unlink(prev, nxt, out)
+            resident[out] = False
+            used -= sizes[out]
+        used += need
+        for j in range(lo, hi):
+            key = keys[j]
+            resident[key] = True
+            list_unlink(prev, nxt, key)
+            list_append(prev, nxt, head, key)
+    scalars[0] = used
+    return hits
+
+
 # -- hooks (docs/semantics.md, "Kernel contract"): state = (a request stamp per key,),
 # the last use; a prefetched key counts as used when it is inserted. FIFO shares them.
 
@@ -124,6 +182,6 @@ def access(state, key, now, hit):
 POLICY = Policy(
     name="lru", description="evicts the least recently used expert; ties: smallest id",
     hooks=Hooks(new_stamps, access, stamp, lowest_rank_victim, no_evict, always_keep),
-    kernel=simulate, stack="lru",
+    kernel=simulate, stack="lru", spans=SpanKernel(span_state, serve_span),
     style={"linestyle": "-", "marker": "o"}, rank=10,
     source="Mattson et al., Evaluation techniques for storage hierarchies, IBM Systems Journal 1970")

@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from ._state import PINNED, lowest_rank_victim, lowest_slot, slots_add, slots_new, slots_remove
-from .registry import Hooks, Policy, always_keep, no_admit, no_evict
+from .registry import Hooks, Policy, SpanKernel, always_keep, no_admit, no_evict
 
 
 @njit(cache=True)
@@ -35,11 +35,24 @@ def opt_rank(next_use, key, num_keys):
 @njit(cache=True, nogil=True)
 def simulate(keys, offsets, sizes, capacity, params, seed):
     num_keys = sizes.shape[0]
-    following = next_request(keys, offsets, num_keys)
+    return serve_span(span_state(num_keys), keys, offsets, sizes, capacity, 0,
+                      next_request(keys, offsets, num_keys))
+
+
+@njit(cache=True, nogil=True)
+def span_state(num_keys):
     slots, where, rank = slots_new(num_keys)
-    count = 0
+    return slots, where, rank, np.zeros(2, np.int64)  # and [count, used]
+
+
+@njit(cache=True, nogil=True)
+def serve_span(state, keys, offsets, sizes, capacity, first, following):
+    """The requests of one span (all of them in memory); ``following[j]``: the next request
+    holding ``keys[j]`` (R if none), numbered as the whole stream's."""
+    slots, where, rank, scalars = state
+    num_keys = where.shape[0]
+    count, used = scalars[0], scalars[1]
     hits = np.zeros(offsets.shape[0] - 1, np.int32)
-    used = 0
     for r in range(hits.shape[0]):
         lo, hi = offsets[r], offsets[r + 1]
         need = 0
@@ -62,6 +75,7 @@ def simulate(keys, offsets, sizes, capacity, params, seed):
                 rank[where[key]] = value
             else:
                 count = slots_add(slots, where, rank, count, key, value)
+    scalars[0], scalars[1] = count, used
     return hits
 
 
@@ -117,6 +131,6 @@ POLICY = Policy(
     name="opt", description="Belady: evicts the expert whose next request is farthest (never = infinitely "
     "far); ties: smallest id. The offline optimum under demand admission",
     hooks=Hooks(init, access, no_admit, lowest_rank_victim, no_evict, always_keep),
-    kernel=simulate, stack="opt", resume=resume, needs_future=True,
+    kernel=simulate, stack="opt", resume=resume, needs_future=True, spans=SpanKernel(span_state, serve_span),
     style={"linestyle": "--", "marker": None, "linewidth": 2.2}, legend="opt (Belady, offline optimum)",
     rank=95, source="Belady, A study of replacement algorithms for a virtual-storage computer, 1966")

@@ -63,6 +63,16 @@ def same_state(state, keys, offsets, scores, params, first, first_entry, total, 
     return state
 
 
+class SpanKernel(NamedTuple):
+    """A fast kernel that serves a stream a span at a time (the streaming replay):
+    ``new(num_keys) -> state`` and ``serve(state, keys, offsets, sizes, capacity, first,
+    future) -> hits per request`` (requests numbered from ``first``; ``future`` as for
+    ``resume``, for a policy with ``needs_future``). Equal to the hooks, like ``kernel``."""
+
+    new: Callable
+    serve: Callable
+
+
 @dataclass(frozen=True)
 class Param:
     """One numeric parameter of a policy, passed to its hooks in a float64 array."""
@@ -98,7 +108,7 @@ class Policy:
     policy whose hooks read the stream (its future, its length, its scores) updates its
     state there. ``needs_future`` asks for ``future``: for each entry, the next request
     holding its key (``total`` if none). Policies that never read the stream keep the
-    default, :func:`same_state`.
+    default, :func:`same_state`. ``spans``, optional, serves spans faster than the hooks.
     ``stack`` names the one-pass curve method (``STACKS``) of a stack algorithm. ``rank``
     orders lists, tables and plot legends (online policies first, offline bounds last,
     then by name); ``style`` holds matplotlib line keywords and ``legend`` a longer label.
@@ -115,6 +125,7 @@ class Policy:
     params: tuple[Param, ...] = ()
     resume: Callable = same_state
     needs_future: bool = False
+    spans: SpanKernel | None = None
     style: Mapping[str, Any] = field(default_factory=dict)
     legend: str = ""
     rank: int = 50
@@ -199,6 +210,9 @@ class Session:
             raise MoecacheError(f"policy {p.name}: a Python policy reads the whole stream in reset(), so it "
                                 "cannot stream: load the trace in memory (--no-stream)")
         self.choice, self.sizes, self.capacity = choice, np.asarray(sizes, np.int64), np.int64(capacity)
+        if p.spans is not None:
+            self.state = p.spans.new(len(self.sizes))
+            return
         self.state = p.hooks.init(np.zeros(0, np.int32), np.zeros(1, np.int64), self.sizes, self.capacity,
                                   choice.params, np.int64(seed), np.zeros(0, np.float32))
         self.cache = new_cache(len(self.sizes))
@@ -215,6 +229,9 @@ class Session:
             raise MoecacheError(f"policy {p.name} needs the next use of every request")
         scores = np.zeros(0, np.float32) if scores is None else scores.astype(np.float32, copy=False)
         future = np.zeros(0, np.int64) if future is None else future.astype(np.int64, copy=False)
+        if p.spans is not None:
+            return p.spans.serve(self.state, keys, offsets, self.sizes, self.capacity, np.int64(first),
+                                 future)
         self.state = p.resume(self.state, keys, offsets, scores, self.choice.params, np.int64(first),
                               np.int64(first_entry), np.int64(total), future)
         hooks = p.hooks
