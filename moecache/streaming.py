@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,12 +194,22 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
     try:
         spiller = _Spiller(header, per_token, Path(cleanup.name), weights)
         rows = max(num_layers, span_entries // top_k // num_layers * num_layers)
-        for block in reader.token_blocks(rows):
+        for block in _read_ahead(reader.token_blocks(rows)):
             spiller.add(block)
         return spiller.finish(cleanup)
     except BaseException:
         cleanup.cleanup()
         raise
+
+
+def _read_ahead(blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """``blocks``, the next one read in a thread while the caller works on this one
+    (Parquet decoding releases the GIL): at most two blocks in memory."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecache-read") as pool:
+        upcoming = pool.submit(next, blocks, None)
+        while (block := upcoming.result()) is not None:
+            upcoming = pool.submit(next, blocks, None)
+            yield block
 
 
 def trace_header(path: str | os.PathLike | Location) -> Trace:
