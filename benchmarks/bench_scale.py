@@ -82,7 +82,7 @@ def prepare(directory: Path, requests: int) -> None:
     if not trace_path.exists():
         print(f"writing {trace_path} ({tokens:,} tokens) ...", flush=True)
         write_synth(trace_path, layers=LAYERS, experts=EXPERTS, top_k=TOP_K, tokens=tokens, sequences=100,
-                    seed=0)
+                    seed=0, overwrite=True)  # replaces the parts an interrupted preparation left
     if requests > IN_MEMORY_LIMIT:
         return  # streamed only: no in-memory rows, no libCacheSim file
     if not ids_path.exists():
