@@ -6,6 +6,7 @@ line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -461,19 +462,24 @@ def plot_command(results: str, out: str, traces: tuple[str, ...], window: int, b
 @click.option("--hardware", default="jetson-orin-nx-16gb", show_default=True,
               help="Comma list of hardware profiles for the TPOT rows.")
 @per_token_option
+@stream_option
 @out_option("Also write the table (.csv/.parquet).")
 @force_option()
 @json_option("Print JSON records.")
 def compare_command(base: str, remoe: str, capacities: str, policies: str, scope: str, bandwidths: str,
                     latency: float, compute_ms: float | None, model: str | None, dtype: str | None,
-                    hardware: str, per_token: bool, out: str | None, force: bool, as_json: bool) -> None:
+                    hardware: str, per_token: bool, stream: bool | None, out: str | None, force: bool,
+                    as_json: bool) -> None:
     """Baseline router against a ReMoE router: reuse, hit rates, bytes and I/O per token, and
     predicted decode time per hardware profile."""
-    frame = compare(Trace.load(base, weights=False, lookahead=False),
-                    Trace.load(remoe, weights=False, lookahead=False),
-                    capacities=capacities, policies=_names(policies), scope=scope,
-                    bandwidths=_names(bandwidths), compute_ms=compute_ms, per_token=per_token,
-                    latency=latency, hardware=_names(hardware), model=model, dtype=dtype)
+    with contextlib.ExitStack() as stack:
+        if any(should_stream(path, stream) for path in (base, remoe)):
+            traces = [stack.enter_context(open_stream(path, per_token=per_token)) for path in (base, remoe)]
+        else:
+            traces = [Trace.load(path, weights=False, lookahead=False) for path in (base, remoe)]
+        frame = compare(*traces, capacities=capacities, policies=_names(policies), scope=scope,
+                        bandwidths=_names(bandwidths), compute_ms=compute_ms, per_token=per_token,
+                        latency=latency, hardware=_names(hardware), model=model, dtype=dtype)
     if out:
         write_table(frame, out, overwrite=force)
     click.echo(frame.to_json(orient="records") if as_json else comparison_table(frame))

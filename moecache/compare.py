@@ -9,6 +9,7 @@ import pandas as pd
 
 from .curve import curve
 from .errors import MoecacheError
+from .streaming import StreamedTrace, curve_stream
 from .timeline import timeline, with_model_sizes
 from .trace import Trace
 from .units import bandwidth_profile
@@ -16,8 +17,8 @@ from .validate import check_policy, plan_range
 
 
 def compare(
-    base: Trace,
-    remoe: Trace,
+    base: Trace | StreamedTrace,
+    remoe: Trace | StreamedTrace,
     *,
     capacities: str | Iterable[int] = (16,),
     policies: Iterable[str] = ("lru", "lfu", "opt"),
@@ -43,6 +44,8 @@ def compare(
     from :func:`moecache.timeline` (overlapped I/O, no prefetch). ``capacities`` are
     integers or a text such as ``"16:64:16"`` (ranges stop where every expert fits),
     checked on both traces by :func:`moecache.validate.plan_range` before anything runs.
+    Either trace may be streamed (:func:`moecache.streaming.open_stream`, with the same
+    ``per_token``); decode time then needs them in memory.
     """
     if compute_ms is not None and not (math.isfinite(compute_ms) and compute_ms > 0):
         raise MoecacheError(f"compute time per token (--compute-ms) must be a finite number > 0, "
@@ -54,14 +57,21 @@ def compare(
     if timed and per_token:
         raise MoecacheError("decode time follows the traces' own steps: drop --per-token, or give neither "
                             "--model nor --compute-ms")
+    streams = {id(t): t for t in (base, remoe) if isinstance(t, StreamedTrace)}
+    if timed and streams:
+        raise MoecacheError("decode time (--model or --compute-ms) needs the traces in memory: "
+                            "give --no-stream, or neither --model nor --compute-ms")
+    base, remoe = (t.header if isinstance(t, StreamedTrace) else t for t in (base, remoe))
     _check_compatible(base, remoe)
     if model is not None:  # every byte figure in the model's sizes
         base, remoe = (with_model_sizes(trace, model, dtype) for trace in (base, remoe))
     policies = list(dict.fromkeys([*policies, io_policy]))
     for policy in policies:
         check_policy(policy)
+    sources = [next((t for t in streams.values() if t.header is trace), None) for trace in (base, remoe)]
     plans = [plan_range(trace, io_policy, scope, capacities=capacities, per_token=per_token,
-                        latency=latency) for trace in (base, remoe)]
+                        latency=latency, requests=source)  # type: ignore[arg-type]
+             for trace, source in zip((base, remoe), sources, strict=True)]
     capacities = plans[0].capacities
     profiles = [bandwidth_profile(b) for b in bandwidths]
     rows: list[dict] = []
@@ -75,8 +85,11 @@ def compare(
                      "change_pp": 100 * (after - before) if pp else float("nan")})
 
     def curves(policy: str, bandwidth: float | None = None) -> list[pd.DataFrame]:
-        return [curve(p.trace, policy, scope, capacities=capacities, bandwidth=bandwidth,
-                      latency=p.latency, requests=p.requests).set_index("capacity") for p in plans]
+        return [(curve(p.trace, policy, scope, capacities=capacities, bandwidth=bandwidth, latency=p.latency,
+                       requests=p.requests) if source is None else
+                 curve_stream(source, policy, scope, capacities=capacities, bandwidth=bandwidth,
+                              latency=p.latency)).set_index("capacity")
+                for p, source in zip(plans, sources, strict=True)]
 
     base_label, remoe_label = _labels(base, remoe)
     by_policy = {policy: curves(policy) for policy in policies}

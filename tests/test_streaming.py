@@ -155,3 +155,19 @@ def test_unsorted_steps_across_spans_are_refused(tmp_path):
         mc.Trace.load(bad)
     with pytest.raises(MoecacheError, match="not sorted"):
         open_stream(bad, span_entries=8)
+
+
+def test_compare_streamed_equals_in_memory(tmp_path):
+    base, remoe = tmp_path / "base.parquet", tmp_path / "remoe.parquet"
+    mc.synth(layers=2, experts=16, top_k=2, tokens=300, stickiness=0.2, seed=1).save(base)
+    mc.synth(layers=2, experts=16, top_k=2, tokens=300, stickiness=0.8, seed=2).save(remoe)
+    runner = CliRunner()
+    args = ["compare", str(base), str(remoe), "--capacity", "4,8", "--bandwidth", "ufs4,nvme4", "--json"]
+    outputs = []
+    for flag in ("--stream", "--no-stream"):
+        result = runner.invoke(cli, [*args, flag])
+        assert result.exit_code == 0, result.output
+        outputs.append(json.loads(result.output))
+    assert outputs[0] == outputs[1]
+    result = runner.invoke(cli, [*args, "--stream", "--compute-ms", "20"])
+    assert result.exit_code == 2 and "needs the traces in memory" in result.output
