@@ -229,7 +229,7 @@ def _validate(trace: Trace) -> None:
         where = np.argwhere(ex == high)[0]
         raise TraceError(f"{src}: expert id {high} >= num_experts {num_experts} "
                          f"(token {where[0]}, layer {layers[where[1]]})")
-    _check_distinct(ex, "", layers, src)
+    _check_distinct(ex, "", layers, src, num_experts)
     back = np.flatnonzero(np.diff(trace.step) < 0)
     if len(back):
         at = back[0] + 1
@@ -260,12 +260,12 @@ def _first_repeat(rows, num_ids):
     return -1
 
 
-def _check_distinct(ids: np.ndarray, column: str, layers: list[int], src: str) -> None:
-    """TraceError at the first row of ``ids`` (tokens, layers, K), ids in [0, 2**15),
-    holding an id twice."""
+def _check_distinct(ids: np.ndarray, column: str, layers: list[int], src: str, num_ids: int) -> None:
+    """TraceError at the first row of ``ids`` (tokens, layers, K), ids checked to lie in
+    [0, ``num_ids``), holding an id twice."""
     if ids.shape[2] < 2 or not ids.size:
         return
-    row = _first_repeat(ids.reshape(-1, ids.shape[2]), MAX_EXPERTS)
+    row = _first_repeat(ids.reshape(-1, ids.shape[2]), num_ids)
     if row >= 0:
         t, li = divmod(int(row), ids.shape[1])
         raise TraceError(f"{src}: duplicate expert id in one {column}row "
@@ -297,4 +297,4 @@ def _validate_lookahead(trace: Trace, layers: list[int]) -> None:
         why = (f"{NO_NEXT_LAYER} (no next layer) before the last MoE layer" if value == NO_NEXT_LAYER
                else f"outside [0, num_experts {trace.num_experts})")
         raise TraceError(f"{src}: lookahead id {value} is {why} (token {t}, layer {layers[li]})")
-    _check_distinct(known, "lookahead ", layers, src)
+    _check_distinct(known, "lookahead ", layers, src, trace.num_experts)

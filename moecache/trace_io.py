@@ -344,7 +344,9 @@ def _open_one(path: str | os.PathLike | Location) -> pq.ParquetFile:
         raise TraceError(f"{location.name}: truncated Parquet file (no footer): "
                          "it was not written completely")
     try:
-        return pq.ParquetFile(handle, page_checksum_verification=True)
+        # pre_buffer keeps every range it read for the life of the file: memory would grow with
+        # a streamed trace (pyarrow 26 turns it on by default)
+        return pq.ParquetFile(handle, page_checksum_verification=True, pre_buffer=False)
     except (pa.ArrowException, OSError, UnicodeDecodeError) as err:  # names in a corrupted footer
         raise TraceError(f"{location.name}: unreadable Parquet file: {first_line(err)}") from None
 

@@ -171,3 +171,25 @@ def test_compare_streamed_equals_in_memory(tmp_path):
     assert outputs[0] == outputs[1]
     result = runner.invoke(cli, [*args, "--stream", "--compute-ms", "20"])
     assert result.exit_code == 2 and "needs the traces in memory" in result.output
+
+
+def test_reading_memory_does_not_grow_with_the_trace(tmp_path, monkeypatch):
+    """Arrow holds about one batch, not the file: pyarrow's pre_buffer (on by default) kept
+    every range it read, so a billion-request trace peaked at 1.6 GiB."""
+    import moecache.streaming as streaming
+    from moecache.synth import write_synth
+
+    path = write_synth(tmp_path / "t.parquet", layers=4, experts=32, top_k=4, tokens=1_000_000, seed=1,
+                       block_tokens=20_000)
+    held = []
+    add = streaming._Spiller.add
+
+    def watched(self, block):
+        add(self, block)
+        held.append(pa.total_allocated_bytes())
+
+    monkeypatch.setattr(streaming._Spiller, "add", watched)
+    with open_stream(path, span_entries=100_000):
+        pass
+    assert len(held) > 100
+    assert max(held) < path.stat().st_size / 2  # the file is 10 MB of Parquet
