@@ -123,7 +123,7 @@ class StreamedTrace:
             return np.fromfile(f, dtype, count, offset=start * np.dtype(dtype).itemsize)
 
     def iter_spans(self, *, scores: bool = False, future: bool = False) -> Iterator[Span]:
-        """The spans in order; ``scores`` and ``future`` (next steps, see :meth:`Span`) on demand."""
+        """The spans in order; ``scores`` and ``future`` (next steps, see :class:`Span`) on demand."""
         if scores and not self.has_scores:
             raise MoecacheError(f"{self.header.source}: opened without router weights (weights=True)")
         if future:
