@@ -14,6 +14,7 @@ caches, whatever the length of the trace; the numbers are those of the in-memory
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from numba import njit
 from moecache.policies import Choice, Session, resolve
 
 from .errors import MoecacheError
+from .files import write_errors
 from .parallel import map_layers
 from .replay import ReplayResult, summarize
 from .requests import NEVER, Requests, routing_counts
@@ -122,21 +124,23 @@ class StreamedTrace:
         with open(self.folder / name, "rb") as f:
             return np.fromfile(f, dtype, count, offset=start * np.dtype(dtype).itemsize)
 
+    def _requests(self, first_step: int, steps: int, first_entry: int, entries: int) -> Requests:
+        """One span's step sets read back (the sets before it: ``first_step`` x L)."""
+        layers = self.num_layers
+        sizes = self._read("sizes.u16", np.uint16, first_step * layers, steps * layers)
+        offsets = np.zeros(len(sizes) + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        return Requests(self._read("ids.i16", np.int16, first_entry, entries), offsets, layers,
+                        self.num_experts, 0)
+
     def iter_spans(self, *, scores: bool = False, future: bool = False) -> Iterator[Span]:
         """The spans in order; ``scores`` and ``future`` (next steps, see :class:`Span`) on demand."""
         if scores and not self.has_scores:
             raise MoecacheError(f"{self.header.source}: opened without router weights (weights=True)")
         if future:
             self._write_next_steps()
-        sets = 0
-        layers = self.num_layers
         for first_step, steps, first_entry, entries in self.spans:
-            sizes = self._read("sizes.u16", np.uint16, sets, steps * layers)
-            sets += steps * layers
-            offsets = np.zeros(len(sizes) + 1, np.int64)
-            np.cumsum(sizes, out=offsets[1:])
-            ids = self._read("ids.i16", np.int16, first_entry, entries)
-            yield Span(Requests(ids, offsets, layers, self.num_experts, 0), first_step, first_entry,
+            yield Span(self._requests(first_step, steps, first_entry, entries), first_step, first_entry,
                        self._read("scores.f32", np.float32, first_entry, entries) if scores else None,
                        self._read("next.i64", np.int64, first_entry, entries) if future else None)
 
@@ -147,17 +151,13 @@ class StreamedTrace:
         if path.exists():
             return
         upcoming = np.full(self.num_layers * self.num_experts, self.num_steps, np.int64)
-        set_starts = np.cumsum([0] + [steps * self.num_layers for _, steps, _, _ in self.spans])
         partial = path.with_suffix(".partial")
-        with open(partial, "wb") as out:
+        with write_errors(self.folder), open(partial, "wb") as out:
             out.truncate(self.num_entries * 8)
-            for index in range(len(self.spans) - 1, -1, -1):
-                first_step, steps, first_entry, entries = self.spans[index]
-                sizes = self._read("sizes.u16", np.uint16, int(set_starts[index]), steps * self.num_layers)
-                offsets = np.zeros(len(sizes) + 1, np.int64)
-                np.cumsum(sizes, out=offsets[1:])
-                ids = self._read("ids.i16", np.int16, first_entry, entries)
-                nxt = _next_steps(ids, offsets, self.num_layers, self.num_experts, upcoming, first_step)
+            for first_step, steps, first_entry, entries in reversed(self.spans):
+                req = self._requests(first_step, steps, first_entry, entries)
+                nxt = _next_steps(req.ids, req.offsets, self.num_layers, self.num_experts, upcoming,
+                                  first_step)
                 out.seek(first_entry * 8)
                 nxt.tofile(out)
         os.replace(partial, path)
@@ -190,16 +190,21 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
                             "(capture or import them with the routing)")
     header = _header(reader, weights)
     num_layers, top_k = reader.num_layers, header.top_k
-    cleanup = tempfile.TemporaryDirectory(prefix="moecache-stream-", dir=folder)
-    try:
-        spiller = _Spiller(header, per_token, Path(cleanup.name), weights)
-        rows = max(num_layers, span_entries // top_k // num_layers * num_layers)
-        for block in _read_ahead(reader.token_blocks(rows)):
-            spiller.add(block)
-        return spiller.finish(cleanup)
-    except BaseException:
-        cleanup.cleanup()
-        raise
+    place = folder if folder is not None else tempfile.gettempdir()
+    with write_errors(f"spill folder in {place}"):  # a full disk, or no folder there: one line
+        cleanup = tempfile.TemporaryDirectory(prefix="moecache-stream-", dir=folder)
+        try:
+            spiller = _Spiller(header, per_token, Path(cleanup.name), weights)
+            with contextlib.ExitStack() as files:
+                for f in spiller.files.values():
+                    files.enter_context(f)
+                rows = max(num_layers, span_entries // top_k // num_layers * num_layers)
+                for block in _read_ahead(reader.token_blocks(rows)):
+                    spiller.add(block)
+                return spiller.finish(cleanup)
+        except BaseException:
+            cleanup.cleanup()
+            raise
 
 
 def _read_ahead(blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
@@ -290,7 +295,7 @@ class _Spiller:
         if self.carry is not None and len(self.carry["step"]):
             self._write(self.carry)
         for f in self.files.values():
-            f.close()
+            f.close()  # flushed before the spans are read back
         if not self.tokens:
             raise MoecacheError(f"{self.header.source}: the trace holds no tokens: nothing to replay")
         return StreamedTrace(self.header, self.per_token, self.tokens, self.steps, self.totals,

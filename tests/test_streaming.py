@@ -136,6 +136,8 @@ def test_bad_input_is_one_line(tmp_path, trace_file):
             replay_stream(streamed, Mine, 8)
         with pytest.raises(MoecacheError, match="below the largest step set"):
             replay_stream(streamed, "lru", 1)
+    with pytest.raises(MoecacheError, match=r"spill folder in .*plain.parquet: cannot write: Not a dir"):
+        open_stream(trace_file, folder=plain)  # a file where the spill folder should go
     result = CliRunner().invoke(cli, ["replay", str(tmp_path / "missing.parquet"), "--capacity", "4",
                                       "--stream"])
     assert result.exit_code == 2 and "missing.parquet" in result.output
