@@ -14,7 +14,7 @@ import pandas as pd
 from moecache.policies import REGISTRY, Choice, resolve
 from moecache.policies.stack import LFU, LRU, OPT, depth_histogram
 
-from .parallel import map_layers
+from .parallel import map_parallel
 from .replay import ReplayResult, replay, summarize
 from .requests import Requests
 from .trace import Trace
@@ -47,7 +47,7 @@ def stack_hits(req: Requests, policy: str, scope: str,
     num_layers, num_experts = req.num_layers, req.num_experts
     code = _METHODS[STACK_POLICIES[policy]]
     if scope == "layer":
-        columns = map_layers(lambda layer: depth_histogram(*req.layer(layer), num_experts, code, 1)[:, 0],
+        columns = map_parallel(lambda layer: depth_histogram(*req.layer(layer), num_experts, code, 1)[:, 0],
                              num_layers, workers)
         hist = np.stack(columns, axis=1) if columns else np.zeros((num_experts + 1, 0), np.int64)
     else:

@@ -15,7 +15,7 @@ from moecache.policies import resolve
 from moecache.policies.driver import EVENT_COLUMNS
 
 from .errors import MoecacheError
-from .parallel import map_layers
+from .parallel import map_parallel
 from .requests import Requests
 from .trace import Trace
 from .units import INT64_MAX, format_bytes
@@ -214,7 +214,7 @@ def replay(
         # a Python policy holds the GIL: threads would only add their overhead
         parallel = workers if choice.policy.compiled else 1
         for layer, (demand, layer_outcomes, layer_hits, layer_events, layer_counts) in enumerate(
-                map_layers(one_layer, num_layers, parallel)):
+                map_parallel(one_layer, num_layers, parallel)):
             hits[layer] = layer_hits.sum(dtype=np.int64)
             if record_outcomes:
                 outcomes[req.layer_entries(layer)] = layer_outcomes[:demand]

@@ -17,37 +17,74 @@ from numba import njit
 from moecache.policies import bit_index
 
 from .errors import MoecacheError
+from .parallel import cores, map_parallel, split
 from .trace import Trace
 
 
-@njit(cache=True)
-def _step_unions(experts, step_starts, num_experts):
-    """Union of the step's tokens' experts per (step, layer), ascending; CSR step-major.
+@njit(cache=True, nogil=True)
+def _unions_part(experts, step_starts, num_experts, first, stop, ids, offsets):
+    """The sets of steps [first, stop), ascending, written to ``ids`` from the part's
+    worst-case start ``step_starts[first] * L * K`` (a set holds at most K experts per token
+    of its step, so a part never runs into the next part's start); ``offsets[t * L + l + 1]``
+    = where set (t, l) ends. Returns where the part ends.
 
-    Each set is gathered as a bit mask over the experts (which also merges the tokens
-    of a multi-token step) and read back lowest bit first, i.e. in ascending id order.
+    A one-token step's set is its row, insertion-sorted (a row's ids are distinct); larger
+    steps merge their tokens through a bit mask over the experts, read back lowest bit first.
     """
+    num_layers, top_k = experts.shape[1], experts.shape[2]
+    mask = np.zeros((num_experts + 63) // 64, np.uint64)
+    fill = step_starts[first] * num_layers * top_k
+    for t in range(first, stop):
+        start, end = step_starts[t], step_starts[t + 1]
+        for layer in range(num_layers):
+            if end - start == 1:
+                for k in range(top_k):
+                    e = experts[start, layer, k]
+                    j = fill + k
+                    while j > fill and ids[j - 1] > e:
+                        ids[j] = ids[j - 1]
+                        j -= 1
+                    ids[j] = e
+                fill += top_k
+            else:
+                for token in range(start, end):
+                    for k in range(top_k):
+                        e = experts[token, layer, k]
+                        mask[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
+                for word in range(mask.shape[0]):
+                    bits = mask[word]
+                    mask[word] = 0
+                    while bits:
+                        lowest = bits & (~bits + np.uint64(1))
+                        ids[fill] = word * 64 + bit_index(lowest)
+                        fill += 1
+                        bits ^= lowest
+            offsets[t * num_layers + layer + 1] = fill
+    return fill
+
+
+def step_unions(experts: np.ndarray, step_starts: np.ndarray, num_experts: int,
+                workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Union of the step's tokens' experts per (step, layer), ascending, as a step-major CSR
+    (ids int16, offsets int64); ``experts`` (tokens, layers, K) holds distinct ids per row.
+    The steps are cut into parts of about equal tokens, built side by side (``workers``
+    threads, default every core), then packed together."""
     num_tokens, num_layers, top_k = experts.shape
-    num_steps = step_starts.shape[0] - 1
+    num_steps = len(step_starts) - 1
     ids = np.empty(num_tokens * num_layers * top_k, np.int16)
     offsets = np.zeros(num_steps * num_layers + 1, np.int64)
-    mask = np.zeros((num_experts + 63) // 64, np.uint64)
+    cuts = np.searchsorted(step_starts, [start for start, _ in split(num_tokens, cores(workers))])
+    bounds = np.unique(np.append(np.minimum(cuts, num_steps), num_steps))
+    parts = list(zip(bounds[:-1], bounds[1:], strict=True)) or [(0, 0)]
+    ends = map_parallel(lambda i: _unions_part(experts, step_starts, num_experts, *parts[i], ids, offsets),
+                        len(parts), workers)
     fill = 0
-    for t in range(num_steps):
-        for layer in range(num_layers):
-            for token in range(step_starts[t], step_starts[t + 1]):
-                for k in range(top_k):
-                    e = experts[token, layer, k]
-                    mask[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
-            for word in range(mask.shape[0]):
-                bits = mask[word]
-                mask[word] = 0
-                while bits:
-                    lowest = bits & (~bits + np.uint64(1))
-                    ids[fill] = word * 64 + bit_index(lowest)
-                    fill += 1
-                    bits ^= lowest
-            offsets[t * num_layers + layer + 1] = fill
+    for (first, stop), end in zip(parts, ends, strict=True):
+        start = step_starts[first] * num_layers * top_k
+        if start != fill:  # close the gap left by the sets smaller than their worst case
+            ids[fill:fill + end - start] = ids[start:end]
+            offsets[first * num_layers + 1:stop * num_layers + 1] -= start - fill
+        fill += end - start
     return ids[:fill], offsets
 
 
@@ -80,7 +117,7 @@ def _layer_column(values: np.ndarray, offsets: np.ndarray, num_layers: int, laye
 
 
 @njit(cache=True)
-def _step_scores(experts, weights, step_starts, ids, offsets, num_experts):
+def step_scores(experts, weights, step_starts, ids, offsets, num_experts):
     """Per entry of the step-major CSR: the largest router weight its expert got from any
     token of the step in that layer."""
     num_layers, top_k = experts.shape[1], experts.shape[2]
@@ -118,36 +155,56 @@ def _step_token_counts(experts, step_starts, ids, offsets, num_experts):
     return counts
 
 
-@njit(cache=True)
-def _global_keys(ids, offsets, num_layers, num_experts):
-    """Keys ``layer * E + expert`` for every entry, so (layer, expert) order is key order."""
-    keys = np.empty(ids.shape[0], np.int32)
-    for r in range(offsets.shape[0] - 1):
+@njit(cache=True, nogil=True)
+def _keys_part(ids, offsets, num_layers, num_experts, first, stop, keys):
+    """Keys ``layer * E + expert`` of requests [first, stop)."""
+    for r in range(first, stop):
         base = (r % num_layers) * num_experts
         for j in range(offsets[r], offsets[r + 1]):
             keys[j] = base + ids[j]
+
+
+def global_keys(ids: np.ndarray, offsets: np.ndarray, num_layers: int, num_experts: int,
+                workers: int | None = None) -> np.ndarray:
+    """Keys ``layer * E + expert`` (int32) for every entry of a step-major CSR, so (layer,
+    expert) order is key order."""
+    keys = np.empty(ids.shape[0], np.int32)
+    parts = split(len(offsets) - 1, cores(workers))
+    map_parallel(lambda i: _keys_part(ids, offsets, num_layers, num_experts, *parts[i], keys),
+                 len(parts), workers)
     return keys
 
 
 NEVER = -2  # ``last_step`` of a key not requested yet (not -1: "the step before step 0")
 
 
-@njit(cache=True)
-def routing_counts(ids, offsets, num_layers, num_experts, last_step, first_step):
-    """Per request: cold (first-ever) references and overlap with the same layer's previous
-    step. ``last_step`` (int64, one per layer x E key, NEVER before its first request)
-    carries over from one part of a stream to the next, whose steps start at ``first_step``."""
+@njit(cache=True, nogil=True)
+def _layer_counts(ids, offsets, num_layers, num_experts, last_step, first_step, first, stop, cold, overlap):
+    """``routing_counts`` for layers [first, stop) (whose keys no other layer touches)."""
+    for t in range((offsets.shape[0] - 1) // num_layers):
+        for layer in range(first, stop):
+            r = t * num_layers + layer
+            base = layer * num_experts
+            for j in range(offsets[r], offsets[r + 1]):
+                seen = last_step[base + ids[j]]
+                cold[r] += seen == NEVER
+                overlap[r] += seen == first_step + t - 1
+                last_step[base + ids[j]] = first_step + t
+
+
+def routing_counts(ids: np.ndarray, offsets: np.ndarray, num_layers: int, num_experts: int,
+                   last_step: np.ndarray, first_step: int, workers: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per request of a step-major CSR of whole steps: cold (first-ever) references and
+    overlap with the same layer's previous step (int32 each). ``last_step`` (int64, one per
+    layer x E key, NEVER before its first request) carries over from one part of a stream
+    to the next, whose steps start at ``first_step``. Layers are counted side by side."""
     num_requests = offsets.shape[0] - 1
     cold = np.zeros(num_requests, np.int32)
     overlap = np.zeros(num_requests, np.int32)
-    for r in range(num_requests):
-        base = (r % num_layers) * num_experts
-        t = first_step + r // num_layers
-        for j in range(offsets[r], offsets[r + 1]):
-            seen = last_step[base + ids[j]]
-            cold[r] += seen == NEVER
-            overlap[r] += seen == t - 1
-            last_step[base + ids[j]] = t
+    parts = split(num_layers, cores(workers))
+    map_parallel(lambda i: _layer_counts(ids, offsets, num_layers, num_experts, last_step, first_step,
+                                         *parts[i], cold, overlap), len(parts), workers)
     return cold, overlap
 
 
@@ -174,7 +231,7 @@ class Requests:
             raise MoecacheError(f"{trace.source}: the trace holds no tokens: nothing to replay")
         key = ("requests", per_token)
         if key not in trace.cache:
-            ids, offsets = _step_unions(trace.experts, _starts(trace, per_token), trace.num_experts)
+            ids, offsets = step_unions(trace.experts, _starts(trace, per_token), trace.num_experts)
             trace.cache[key] = cls(ids, offsets, trace.num_layers, trace.num_experts,
                                    trace.num_tokens)
         return trace.cache[key]
@@ -187,7 +244,7 @@ class Requests:
                                 "policy needs (capture or import them with the routing)")
         key = ("scores", per_token)
         if key not in trace.cache:
-            trace.cache[key] = _step_scores(trace.experts, trace.weights, _starts(trace, per_token),
+            trace.cache[key] = step_scores(trace.experts, trace.weights, _starts(trace, per_token),
                                             self.ids, self.offsets, self.num_experts)
         return trace.cache[key]
 
@@ -265,7 +322,7 @@ class Requests:
 
     @cached_property
     def _pooled_keys(self) -> np.ndarray:
-        return _global_keys(self.ids, self.offsets, self.num_layers, self.num_experts)
+        return global_keys(self.ids, self.offsets, self.num_layers, self.num_experts)
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, offsets) of all requests in (step, layer) order, keys = l * E + expert."""

@@ -18,7 +18,6 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from moecache.policies import Choice, Session, resolve
 
 from .errors import MoecacheError
 from .files import write_errors
-from .parallel import map_layers
+from .parallel import map_parallel, read_ahead
 from .replay import ReplayResult, summarize
 from .requests import NEVER, Requests, routing_counts
 from .storage import Location
@@ -199,22 +198,12 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
                 for f in spiller.files.values():
                     files.enter_context(f)
                 rows = max(num_layers, span_entries // top_k // num_layers * num_layers)
-                for block in _read_ahead(reader.token_blocks(rows)):
+                for block in read_ahead(reader.token_blocks(rows)):
                     spiller.add(block)
                 return spiller.finish(cleanup)
         except BaseException:
             cleanup.cleanup()
             raise
-
-
-def _read_ahead(blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-    """``blocks``, the next one read in a thread while the caller works on this one
-    (Parquet decoding releases the GIL): at most two blocks in memory."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecache-read") as pool:
-        upcoming = pool.submit(next, blocks, None)
-        while (block := upcoming.result()) is not None:
-            upcoming = pool.submit(next, blocks, None)
-            yield block
 
 
 def trace_header(path: str | os.PathLike | Location) -> Trace:
@@ -363,7 +352,7 @@ def _serve(stream: StreamedTrace, choice: Choice, scope: str, caches: list, seed
                                                 total, scores, future)
             return per_request.reshape(-1, 1 if scope == "layer" else layers).sum(axis=0, dtype=np.int64)
 
-        hits += np.concatenate(map_layers(one, len(sessions), workers)).reshape(len(caches), layers)
+        hits += np.concatenate(map_parallel(one, len(sessions), workers)).reshape(len(caches), layers)
         if scope == "layer":
             layer_entries += [len(keys) for keys, _, _, _ in streams]
     return hits

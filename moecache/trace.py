@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 from .errors import TraceError
+from .parallel import cores, map_parallel, split
 from .trace_format import DECODE, MAX_EXPERTS, NO_NEXT_LAYER, PREFILL, build_meta, check_meta
 from .trace_io import read_columns, save_trace
 
@@ -220,16 +221,16 @@ def _validate(trace: Trace) -> None:
             raise TraceError(f"{src}: column {name} has {len(getattr(trace, name))} entries for {n} tokens")
     if n == 0:
         return
-    low = int(ex.min())
-    if low < 0:
-        where = np.argwhere(ex == low)[0]
-        raise TraceError(f"{src}: negative expert id {low} (token {where[0]}, layer {layers[where[1]]})")
-    high = int(ex.max())
-    if high >= num_experts:
-        where = np.argwhere(ex == high)[0]
-        raise TraceError(f"{src}: expert id {high} >= num_experts {num_experts} "
-                         f"(token {where[0]}, layer {layers[where[1]]})")
-    _check_distinct(ex, "", layers, src, num_experts)
+    row = _first_bad_row(ex.reshape(-1, top_k), num_experts)
+    if row >= 0:
+        t, li = divmod(row, num_layers)
+        values = ex[t, li]
+        if values.min() < 0:
+            raise TraceError(f"{src}: negative expert id {values.min()} (token {t}, layer {layers[li]})")
+        if values.max() >= num_experts:
+            raise TraceError(f"{src}: expert id {values.max()} >= num_experts {num_experts} "
+                             f"(token {t}, layer {layers[li]})")
+        _raise_repeat(ex, row, "", layers, src)
     back = np.flatnonzero(np.diff(trace.step) < 0)
     if len(back):
         at = back[0] + 1
@@ -247,29 +248,31 @@ def _validate(trace: Trace) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _first_repeat(rows, num_ids):
-    """The first row of ``rows`` (R, K) (ids in [0, num_ids)) holding an id twice, -1 if none.
-    Invariant: ``seen[e] == r + 1`` iff id e already appeared in row r."""
+def _bad_row_part(rows, num_ids, first, stop):
+    """The first of rows [first, stop) of ``rows`` (R, K) holding an id outside [0, num_ids)
+    or an id twice, -1 if none. Invariant: ``seen[e] == r + 1`` iff id e appeared in row r."""
     seen = np.zeros(num_ids, np.int64)
-    for r in range(rows.shape[0]):
+    for r in range(first, stop):
         for k in range(rows.shape[1]):
             e = rows[r, k]
-            if seen[e] == r + 1:
+            if e < 0 or e >= num_ids or seen[e] == r + 1:
                 return r
             seen[e] = r + 1
     return -1
 
 
-def _check_distinct(ids: np.ndarray, column: str, layers: list[int], src: str, num_ids: int) -> None:
-    """TraceError at the first row of ``ids`` (tokens, layers, K), ids checked to lie in
-    [0, ``num_ids``), holding an id twice."""
-    if ids.shape[2] < 2 or not ids.size:
-        return
-    row = _first_repeat(ids.reshape(-1, ids.shape[2]), num_ids)
-    if row >= 0:
-        t, li = divmod(int(row), ids.shape[1])
-        raise TraceError(f"{src}: duplicate expert id in one {column}row "
-                         f"(token {t}, layer {layers[li]}: {ids[t, li].tolist()})")
+def _first_bad_row(rows: np.ndarray, num_ids: int) -> int:
+    """The first row of ``rows`` (R, K) with an id outside [0, ``num_ids``) or an id twice,
+    -1 if none; parts of the rows are checked side by side."""
+    parts = split(len(rows), cores())
+    found = [r for r in map_parallel(lambda i: _bad_row_part(rows, num_ids, *parts[i]), len(parts)) if r >= 0]
+    return int(min(found)) if found else -1
+
+
+def _raise_repeat(ids: np.ndarray, row: int, column: str, layers: list[int], src: str) -> None:
+    t, li = divmod(row, ids.shape[1])
+    raise TraceError(f"{src}: duplicate expert id in one {column}row "
+                     f"(token {t}, layer {layers[li]}: {ids[t, li].tolist()})")
 
 
 def _validate_lookahead(trace: Trace, layers: list[int]) -> None:
@@ -297,4 +300,6 @@ def _validate_lookahead(trace: Trace, layers: list[int]) -> None:
         why = (f"{NO_NEXT_LAYER} (no next layer) before the last MoE layer" if value == NO_NEXT_LAYER
                else f"outside [0, num_experts {trace.num_experts})")
         raise TraceError(f"{src}: lookahead id {value} is {why} (token {t}, layer {layers[li]})")
-    _check_distinct(known, "lookahead ", layers, src, trace.num_experts)
+    row = _first_bad_row(known.reshape(-1, known.shape[2]), trace.num_experts)  # ids checked above
+    if row >= 0:
+        _raise_repeat(known, row, "lookahead ", layers, src)

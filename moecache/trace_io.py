@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from .errors import MoecacheError, TraceError
 from .files import atomic_write, first_line, output_lock, write_errors
+from .parallel import read_ahead
 from .storage import Location, locate
 from .trace_format import (
     DECODE,
@@ -431,10 +432,11 @@ class TraceReader:
                     raise TraceError(f"{self.source}: parts disagree on columns")
                 _check_columns(pf, columns, self.meta, self.source)
                 if batch_rows is None:
-                    batches = (pf.read_row_group(g, columns=columns) for g in range(pf.num_row_groups))
+                    batches = (pf.read_row_group(g, columns=columns, use_threads=False)
+                               for g in range(pf.num_row_groups))
                 else:
                     batches = (pa.Table.from_batches([batch])
-                               for batch in pf.iter_batches(batch_rows, columns=columns))
+                               for batch in pf.iter_batches(batch_rows, columns=columns, use_threads=False))
                 for table in batches:
                     read += table.num_rows
                     if read > self.rows:
@@ -476,7 +478,7 @@ def read_columns(path: str | os.PathLike | Location, *, weights: bool = True, lo
     tokens = {name: np.empty(reader.num_tokens, kind) for name, kind in _TOKEN_TYPES.items()}
     out: dict[str, np.ndarray] = {}
     filled = done = 0
-    for table in reader.tables():
+    for table in read_ahead(reader.tables()):
         for name in grids:
             values = _column(table, name, reader.source)
             if name not in out:
@@ -524,34 +526,54 @@ class _TokenRows:
 
     def add(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The per-token columns of the tokens this batch completes."""
-        if self.carry:
-            columns = {name: np.concatenate([self.carry[name], values]) for name, values in columns.items()}
         width = len(self.layers)
+        folded = []
+        if self.carry:  # finish the token split across batches without copying the batch
+            need = width - len(self.carry["layer"])
+            head = {name: np.concatenate([self.carry[name], values[:need]])
+                    for name, values in columns.items()}
+            columns = {name: values[need:] for name, values in columns.items()}
+            self.carry = {}
+            if len(head["layer"]) < width:
+                self.carry = head
+                return _no_tokens()
+            folded.append(self._fold(head))
         whole = len(columns["layer"]) // width * width
-        self.carry = {name: values[whole:] for name, values in columns.items()}
-        count = whole // width
-        if not count:
-            return {name: np.zeros(0, kind) for name, kind in _TOKEN_TYPES.items()}
-        layer_grid = columns["layer"][:whole].reshape(count, width)
-        bad = np.flatnonzero((layer_grid != self.layers).any(axis=1))
-        if len(bad):
-            row = (self.done + bad[0]) * width
+        if whole < len(columns["layer"]):
+            self.carry = {name: values[whole:].copy() for name, values in columns.items()}
+        if whole:
+            folded.append(self._fold({name: values[:whole] for name, values in columns.items()}))
+        if len(folded) < 2:
+            return folded[0] if folded else _no_tokens()
+        return {name: np.concatenate([part[name] for part in folded]) for name in _TOKEN_TYPES}
+
+    def _fold(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The per-token columns of rows that hold whole tokens, checked."""
+        width = len(self.layers)
+        count = len(columns["layer"]) // width
+        layer_grid = columns["layer"].reshape(count, width)
+        if not np.array_equal(layer_grid, np.broadcast_to(self.layers, layer_grid.shape)):
+            bad = np.flatnonzero((layer_grid != self.layers).any(axis=1))[0]
+            row = (self.done + bad) * width
             raise TraceError(
                 f"{self.source}: token rows {row}..{row + width - 1} hold layers "
-                f"{layer_grid[bad[0]].tolist()}, expected the MoE layers {self.layers.tolist()} in order")
+                f"{layer_grid[bad].tolist()}, expected the MoE layers {self.layers.tolist()} in order")
         for name in ("token", "step", "seq", "pos"):
-            grid = columns[name][:whole].reshape(count, width)
-            split = np.flatnonzero((grid != grid[:, :1]).any(axis=1))
-            if len(split):
-                raise TraceError(f"{self.source}: rows of token {grid[split[0], 0]} disagree on {name}")
-        tokens = columns["token"][:whole:width]
+            grid = columns[name].reshape(count, width)
+            if not np.array_equal(grid[:, 1:], np.broadcast_to(grid[:, :1], (count, width - 1))):
+                split = np.flatnonzero((grid != grid[:, :1]).any(axis=1))[0]
+                raise TraceError(f"{self.source}: rows of token {grid[split, 0]} disagree on {name}")
+        tokens = columns["token"][::width]
         previous = [] if self.last_token is None else [self.last_token]
         if np.any(np.diff(np.concatenate([previous, tokens])) <= 0):
             raise TraceError(f"{self.source}: rows are not sorted by token")
         self.last_token = int(tokens[-1])
         self.done += count
-        return {name: columns[name][:whole:width].astype(kind, copy=False)
-                for name, kind in _TOKEN_TYPES.items()}
+        return {name: columns[name][::width].astype(kind, copy=False) for name, kind in _TOKEN_TYPES.items()}
+
+
+def _no_tokens() -> dict[str, np.ndarray]:
+    return {name: np.zeros(0, kind) for name, kind in _TOKEN_TYPES.items()}
 
 
 def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
@@ -561,11 +583,12 @@ def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
         coded = col if pa.types.is_dictionary(col.type) else col.dictionary_encode()
         words = coded.dictionary.to_pylist()
         indices = coded.indices.fill_null(len(words)).to_numpy(zero_copy_only=False)
-        used = np.unique(indices)
-        unknown = sorted(str(words[i]) if i < len(words) else "None" for i in used
-                         if i >= len(words) or words[i] not in PHASES)
-        if unknown:
-            raise TraceError(f"{source}: unknown phase {unknown[0]!r} (expected prefill or decode)")
+        if coded.null_count or any(word not in PHASES for word in words):  # which are used?
+            used = np.unique(indices)
+            unknown = sorted(str(words[i]) if i < len(words) else "None" for i in used
+                             if i >= len(words) or words[i] not in PHASES)
+            if unknown:
+                raise TraceError(f"{source}: unknown phase {unknown[0]!r} (expected prefill or decode)")
         is_decode = np.array([word == PHASES[DECODE] for word in words] + [False], np.int8)
         return is_decode[indices]
     if name == "token_id":

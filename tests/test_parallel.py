@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moecache as mc
-from moecache.parallel import map_layers
+from moecache.parallel import map_parallel
 from moecache.policies import REGISTRY
+from moecache.requests import NEVER, global_keys, routing_counts, step_unions
 from tests.strategies import make_trace, routings
 
 
@@ -32,9 +33,9 @@ def test_threads_equal_one_thread(routing, policy, workers):
     assert curve_one.equals(curve_many)
 
 
-def test_map_layers_order_and_errors():
-    assert map_layers(lambda i: i * i, 7, 3) == [0, 1, 4, 9, 16, 25, 36]
-    assert map_layers(lambda i: i, 0, 3) == []
+def test_map_parallel_order_and_errors():
+    assert map_parallel(lambda i: i * i, 7, 3) == [0, 1, 4, 9, 16, 25, 36]
+    assert map_parallel(lambda i: i, 0, 3) == []
 
     def fail(i):
         if i == 2:
@@ -42,5 +43,29 @@ def test_map_layers_order_and_errors():
         return i
 
     with pytest.raises(mc.MoecacheError, match="layer 2 is bad"):
-        map_layers(fail, 5, 2)
-    assert np.array_equal(map_layers(np.arange, 3, 1)[2], np.arange(2))
+        map_parallel(fail, 5, 2)
+    assert np.array_equal(map_parallel(np.arange, 3, 1)[2], np.arange(2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(routings(max_layers=4, max_experts=130, max_tokens=40), st.integers(1, 5))
+def test_request_passes_in_parts_equal_a_slow_reference(routing, workers):
+    """Step sets, global keys and routing counts built in 1..5 parts (cut across one- and
+    many-token steps) equal sets and counts computed one (step, layer) at a time."""
+    trace = make_trace(*routing)
+    starts, (num_tokens, num_layers, _) = trace.step_starts(), trace.experts.shape
+    sets = [sorted({int(e) for token in range(starts[t], starts[t + 1]) for e in trace.experts[token, layer]})
+            for t in range(len(starts) - 1) for layer in range(num_layers)]
+    ids, offsets = step_unions(trace.experts, starts, trace.num_experts, workers)
+    assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)] == sets
+    assert ids.dtype == np.int16 and offsets[0] == 0 and offsets[-1] == len(ids)
+    keys = global_keys(ids, offsets, num_layers, trace.num_experts, workers)
+    assert keys.tolist() == [r % num_layers * trace.num_experts + e for r, s in enumerate(sets) for e in s]
+    last = np.full(num_layers * trace.num_experts, NEVER, np.int64)
+    cold, overlap = routing_counts(ids, offsets, num_layers, trace.num_experts, last, 0, workers)
+    seen: set[int] = set()
+    for r, s in enumerate(sets):
+        before = sets[r - num_layers] if r >= num_layers else []
+        layer_keys = {r % num_layers * trace.num_experts + e for e in s}
+        assert cold[r] == len(layer_keys - seen) and overlap[r] == len(set(s) & set(before))
+        seen |= layer_keys

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from moecache.errors import MoecacheError
-from moecache.requests import _step_scores, _step_unions
+from moecache.requests import step_scores, step_unions
 
 from ._select import top_batches
 from .base import Lookahead, Prefetcher
@@ -27,13 +27,13 @@ def batches(view: Lookahead):
     if len(starts) - 1 != steps or trace.num_layers != layers:
         raise MoecacheError(f"prefetcher {NAME}: the requests are not the trace's steps")
     ahead = np.ascontiguousarray(trace.lookahead[:, :-1])  # serves layers 1..L-1
-    ids, offsets = _step_unions(ahead, starts, req.num_experts)
+    ids, offsets = step_unions(ahead, starts, req.num_experts)
     if trace.lookahead_weights is not None:
         weights = np.ascontiguousarray(trace.lookahead_weights[:, :-1])
     else:  # rank order: the best rank any token gave the expert
         weights = np.ascontiguousarray(np.broadcast_to(
             -np.arange(trace.top_k, dtype=np.float32), ahead.shape))
-    rank = _step_scores(ahead, weights, starts, ids, offsets, req.num_experts)
+    rank = step_scores(ahead, weights, starts, ids, offsets, req.num_experts)
     sizes = np.zeros((steps, layers), np.int64)
     sizes[:, 1:] = np.diff(offsets).reshape(steps, layers - 1)
     return top_batches(ids, np.concatenate([[0], np.cumsum(sizes)]), rank, view.budget, layers)
