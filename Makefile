@@ -9,12 +9,17 @@ include experiments/config.mk
 
 CORE := $(VENV)/.core-installed
 FULL := $(VENV)/.full-installed
+GGUF := $(VENV)/.gguf-installed
+# llama-cpp-python for GGUF capture; keep in step with the gguf extra in setup.cfg
+LLAMA_CPP_PIN ?= 0.3.36
+GGUF_SRC := $(VENV)/gguf-src
+GGUF_SDIST := $(GGUF_SRC)/llama_cpp_python-$(LLAMA_CPP_PIN).tar.gz
 MC := $(BIN)/moecache
 
 .PHONY: env run test lint bench bench-scale bench-capture sweep plots compare pipeline sample-traces toy-model \
 	remoe-experiment clean clean-cache
 
-env: $(FULL)
+env: $(FULL) $(GGUF)
 
 $(CORE): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +31,22 @@ $(FULL): $(CORE)
 	$(BIN)/pip install -q -e '.[capture,dev]'
 	touch $@
 
+# llama-cpp-python's source distribution, kept: it carries llama.cpp's converter
+# (vendor/llama.cpp/convert_hf_to_gguf.py), which the GGUF tests run offline.
+$(GGUF_SDIST): | $(CORE)
+	mkdir -p $(GGUF_SRC)
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PIN) -d $(GGUF_SRC)
+	tar xzf $@ -C $(GGUF_SRC) \
+	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/conversion \
+	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/gguf-py
+
+# Built from that source once (about 6 min on 2 cores; pip caches the wheel).
+$(GGUF): $(FULL) $(GGUF_SDIST)
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(BIN)/pip install -q $(GGUF_SDIST)
+	$(BIN)/pip install -q -e '.[capture,dev,gguf]'
+	touch $@
+
 # The main job on the shipped traces: describe, replay, compare baseline with ReMoE-like routing.
 run: $(CORE)
 	$(MC) info $(BASE_TRACE)
@@ -35,7 +56,7 @@ run: $(CORE)
 	$(MC) compare $(BASE_TRACE) $(REMOE_TRACE) --capacity $(COMPARE_CAPACITIES) \
 	    --bandwidth $(COMPARE_BANDWIDTHS) --model $(MODEL) --dtype $(DTYPE) --hardware $(HARDWARE)
 
-test: $(FULL)
+test: $(FULL) $(GGUF)
 	$(BIN)/python -m pytest
 
 lint: $(FULL)
@@ -48,7 +69,7 @@ bench: $(FULL)
 bench-scale: $(FULL)
 	$(BIN)/python benchmarks/bench_scale.py
 
-bench-capture: $(FULL)
+bench-capture: $(FULL) $(GGUF)
 	$(BIN)/python benchmarks/bench_capture.py
 
 # -- experiments (settings in experiments/config.mk) -----------------------------------

@@ -45,6 +45,7 @@ from ..remoe.checkpoint import router_label as default_router_label
 from ..trace_format import DECODE, PREFILL, build_meta, now_iso
 from ..trace_io import TraceWriter, check_output
 from ..units import check_seed
+from .gguf_capture import capture_gguf, is_gguf
 from .prompts import Prompts, load_prompts
 from .torch_env import dtype_name, input_device, load_model, require_torch, seed_torch
 
@@ -93,7 +94,19 @@ def capture(
     Output is streamed crash-safely: if the run is interrupted (KeyboardInterrupt or an
     error) the trace of every completed step is written with metadata ``partial: true``
     and the exception propagates. Returns the path written.
+
+    A ``model_path`` ending in ``.gguf`` runs in llama.cpp instead
+    (:func:`.gguf_capture.capture_gguf`; batch_size, dtype, save_logits, lookahead and
+    chat_template must keep their defaults there).
     """
+    if is_gguf(model_path):
+        out = default_out(model_path, mode) if out is None else out
+        return capture_gguf(
+            model_path, prompts, out, mode=mode, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, seed=seed, device=device,
+            router_label=router_label or default_router_label(model_path), limit=limit,
+            overwrite=overwrite, progress=progress, batch_size=batch_size, dtype=dtype,
+            save_logits=save_logits, lookahead=lookahead, chat_template=chat_template)
     check_options(mode=mode, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, seed=seed)
     prompt_set = load_prompts(prompts, limit=limit)
     out = default_out(model_path, mode) if out is None else Path(out)
@@ -188,9 +201,9 @@ def check_options(*, mode: str = "generate", max_new_tokens: int = 1, batch_size
 
 
 def default_out(model_path: str | os.PathLike, mode: str = "generate") -> Path:
-    """``traces/<model folder name>[-forward].parquet``."""
+    """``traces/<model folder or GGUF file name>[-forward].parquet``."""
     path = Path(str(model_path).rstrip("/\\"))
-    name = path.name or "model"
+    name = (path.stem if is_gguf(path) else path.name) or "model"
     if path.parent.name == "snapshots":  # HF cache: models--Org--Name/snapshots/<sha>
         name = path.parent.parent.name.split("--")[-1] or name
     return Path("traces") / f"{name}{'-forward' if mode == 'forward' else ''}.parquet"

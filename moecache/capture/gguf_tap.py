@@ -1,0 +1,187 @@
+"""Read the experts llama.cpp selected out of its compute graph, through ``cb_eval``.
+
+llama.cpp's MoE FFN (``build_moe_ffn`` in ``llama-graph.cpp``) names, per layer ``il``,
+``ffn_moe_topk-il``: the ids of the K selected experts of every token (int32; a strided
+view of the arg-sorted scores, so each token's row is read with the tensor's own
+stride), and ``ffn_moe_weights-il``, the gate weights, followed when the architecture
+has them by ``ffn_moe_weights_softmax``, ``_norm`` and ``_scaled``: the last of these in
+the graph is what multiplies the experts' outputs, and is what is recorded.
+
+The graph scheduler calls the callback twice per graph node: ``ask=True`` (answer
+whether this node is wanted) and, for wanted nodes, once more when it is computed. The
+ask path only compares the name's first bytes, read from the tensor struct; see
+:class:`_Tensor` for the layout, checked against ``ggml_get_name`` at first use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MoecacheError
+
+_TOPK = b"ffn_moe_topk-"
+_WEIGHTS = (b"ffn_moe_weights-", b"ffn_moe_weights_softmax-", b"ffn_moe_weights_norm-",
+            b"ffn_moe_weights_scaled-")
+_PREFIX = b"ffn_moe_"
+_I32, _F32 = 26, 0  # ggml_type ids (GGML_TYPE_I32, GGML_TYPE_F32)
+
+
+class _Tensor(ctypes.Structure):
+    """The head of ``struct ggml_tensor`` (ggml.h): type, buffer, ne[4], nb[4], ..., name.
+
+    GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10, GGML_MAX_NAME 64.
+    """
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4),
+                ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+                ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p),
+                ("name", ctypes.c_char * 64)]
+
+
+_NAME_OFFSET = _Tensor.name.offset
+
+
+def _ggml_base():
+    """``libggml-base`` as loaded by llama_cpp (ggml_get_name, ggml_nbytes, tensor reads)."""
+    import llama_cpp
+
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    found = sorted(folder.glob("libggml-base.*")) + sorted(folder.glob("ggml-base.*"))
+    if not found:
+        raise MoecacheError(f"{folder}: no libggml-base library beside llama_cpp")
+    lib = ctypes.CDLL(str(found[0]))
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                            ctypes.c_size_t]
+    return lib
+
+
+class MoeTap:
+    """The ``cb_eval`` callback and what it collected since the last :meth:`take`.
+
+    ``layers`` are the MoE block indices (ascending); :meth:`take` returns the routing of
+    every token decoded since the previous call, in batch order.
+    """
+
+    def __init__(self, layers: list[int], top_k: int):
+        import llama_cpp
+
+        self.layers = list(layers)
+        self.column = {layer: number for number, layer in enumerate(self.layers)}
+        self.top_k = top_k
+        self._lib = _ggml_base()
+        self._experts: list[list[np.ndarray]] = [[] for _ in self.layers]
+        self._weights: dict[int, list[np.ndarray]] = {}
+        self._checked = False
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
+        self.error: BaseException | None = None
+
+    # -- the callback ------------------------------------------------------------------
+    def _eval(self, tensor: int, ask: bool, _user_data) -> bool:
+        if ask:  # hot path: every graph node
+            return ctypes.string_at(tensor + _NAME_OFFSET, 8) == _PREFIX
+        try:
+            self._collect(tensor)
+        except BaseException as err:  # an exception cannot cross the C callback: keep it
+            self.error = err
+            return False
+        return True
+
+    def _collect(self, tensor: int) -> None:
+        if not self._checked:
+            self._check_layout(tensor)
+        name = ctypes.string_at(tensor + _NAME_OFFSET)
+        head, _, layer = name.rpartition(b"-")
+        if not layer.isdigit():  # views of these tensors: "ffn_moe_weights-0 (reshaped)"
+            return
+        head += b"-"
+        if head == _TOPK:
+            self._experts[self._layer(name, layer)].append(self._read(tensor, np.int32, _I32))
+        elif head in _WEIGHTS:
+            number = self._layer(name, layer)
+            weights = self._read(tensor, np.float32, _F32)
+            chunks = self._weights.setdefault(number, [])
+            if head == _WEIGHTS[0]:  # the first weights of a new ubatch
+                chunks.append(weights)
+            else:  # a later transform of the same ubatch's weights
+                chunks[-1] = weights
+
+    def _layer(self, name: bytes, text: bytes) -> int:
+        try:
+            return self.column[int(text)]
+        except (KeyError, ValueError):
+            raise MoecacheError(f"llama.cpp graph tensor {name.decode()} names no MoE layer "
+                                f"of the file's routers (blocks {self.layers})") from None
+
+    def _check_layout(self, tensor: int) -> None:
+        """The struct head above must agree with the library's own accessor."""
+        if ctypes.string_at(tensor + _NAME_OFFSET) != self._lib.ggml_get_name(tensor):
+            raise MoecacheError("llama.cpp's ggml_tensor layout differs from the one moecache "
+                                "reads (ggml.h changed): update moecache.capture.gguf_tap")
+        self._checked = True
+
+    def _read(self, tensor: int, dtype, ggml_type: int) -> np.ndarray:
+        """A (tokens, K) array of the tensor's first K values per token, read by stride.
+
+        Expert ids: ne = (K, tokens), row stride nb[1]. Weights: ne = (1, K, tokens) or
+        (K, tokens), token stride the last used nb.
+        """
+        head = _Tensor.from_address(tensor)
+        if head.type != ggml_type:
+            raise MoecacheError(f"llama.cpp tensor {head.name.decode()} has ggml type "
+                                f"{head.type}, expected {ggml_type}")
+        ne, nb = list(head.ne), list(head.nb)
+        if ne[0] == 1 and ne[1] == self.top_k:  # (1, K, tokens): weights from get_rows
+            k_stride, tokens, t_stride = nb[1], ne[2], nb[2]
+        elif ne[0] == self.top_k:
+            k_stride, tokens, t_stride = nb[0], ne[1], nb[1]
+        else:
+            raise MoecacheError(f"llama.cpp tensor {head.name.decode()} has shape {ne[:3]}, "
+                                f"expected K={self.top_k} values per token")
+        size = self._lib.ggml_nbytes(tensor)  # spans exactly the strided view
+        raw = np.empty(size, np.uint8)
+        self._lib.ggml_backend_tensor_get(tensor, raw.ctypes.data, 0, size)
+        return np.ndarray((tokens, self.top_k), dtype, raw, 0, (t_stride, k_stride)).copy()
+
+    # -- steps -------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget what was collected (before a decode whose rows are not wanted)."""
+        self._experts = [[] for _ in self.layers]
+        self._weights = {}
+        self.error = None
+
+    def take(self, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """``experts`` (tokens, L, K) int16 and ``weights`` (tokens, L, K) float32 of the
+        ``tokens`` decoded since the last call, each token's K by descending weight."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        experts = np.empty((tokens, len(self.layers), self.top_k), np.int16)
+        weights = np.empty((tokens, len(self.layers), self.top_k), np.float32)
+        for number, layer in enumerate(self.layers):
+            ids = self._experts[number]
+            got = sum(len(chunk) for chunk in ids)
+            if got != tokens:
+                what = "no ffn_moe_topk tensor" if not ids else f"{got} tokens"
+                raise MoecacheError(f"llama.cpp's graph gave {what} for MoE layer {layer} "
+                                    f"in a decode of {tokens} tokens: capture cannot read "
+                                    "this architecture's routing")
+            chunks = self._weights.get(number, [])
+            if sum(len(chunk) for chunk in chunks) != tokens:
+                raise MoecacheError(f"llama.cpp's graph gave no ffn_moe_weights for MoE layer "
+                                    f"{layer}: capture cannot read this architecture's routing")
+            layer_w = np.concatenate(chunks)
+            order = np.argsort(-layer_w, axis=1, kind="stable")  # descending, ties in llama.cpp's order
+            weights[:, number] = np.take_along_axis(layer_w, order, axis=1)
+            experts[:, number] = np.take_along_axis(np.concatenate(ids), order, axis=1)
+        self.reset()
+        return experts, weights
