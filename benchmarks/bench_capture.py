@@ -56,8 +56,19 @@ Methodology
 The 5% goal is judged on the full run only: ``--quick`` (a smoke run: fewer prompts,
 tokens and rounds) prints the same report but its ratio is indicative.
 
+GGUF (``--gguf``): the same random model (its tokenizer a small byte-level BPE, which
+llama.cpp loads), converted by llama.cpp's own converter (``--gguf-type``, default f32),
+or ``--gguf-model FILE.gguf``. (a) plain llama.cpp generation: load the model, tokenize,
+decode each prompt and greedily generate exactly as the capture does (same stop rule,
+same context sizes), through the same ``LlamaRuntime`` calls without the ``cb_eval``
+tap, logits of the last prompt token only. (b) ``capture_gguf(...)``, everything
+included (file metadata, the tap on every graph node, logits of every prompt token,
+trace writing). Both greedy; the check compares the trace's decode tokens with the
+plain run's. Threads: ``--gguf-threads`` (default llama.cpp's) for both.
+
 Run: ``python benchmarks/bench_capture.py`` (CPU, about 2 minutes on 2 cores),
-``--device cuda`` on a GPU machine, ``--quick`` for a smoke run.
+``--device cuda`` on a GPU machine, ``--quick`` for a smoke run, ``--gguf`` for the
+llama.cpp side.
 """
 
 from __future__ import annotations
@@ -405,6 +416,12 @@ def parse_args(argv=None):
     parser.add_argument("--repeat", type=int, default=7, help="timed rounds (best of N)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the instrumented run")
+    parser.add_argument("--gguf", action="store_true",
+                        help="benchmark the GGUF capture through llama.cpp instead")
+    parser.add_argument("--gguf-model", help="a GGUF file for --gguf (default: convert the random model)")
+    parser.add_argument("--gguf-type", default="f32", help="converter --outtype for --gguf (f32, q8_0, ...)")
+    parser.add_argument("--gguf-threads", type=int, help="llama.cpp CPU threads for --gguf "
+                        "(default: llama.cpp's)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 4 prompts, 16 new tokens, 2 rounds (ratio indicative only)")
     args = parser.parse_args(argv)
@@ -418,8 +435,128 @@ def parse_args(argv=None):
     return args
 
 
+# -- GGUF: capture through llama.cpp vs plain llama.cpp generation ---------------------------
+
+
+def gguf_model(args, folder: Path) -> Path:
+    """``--gguf-model``, or the random model with a byte-level BPE tokenizer, converted by
+    llama.cpp's converter (found as the tests find it)."""
+    if args.gguf_model:
+        return Path(args.gguf_model)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_gguf import build_bpe_tokenizer, convert
+
+    tokenizer = build_bpe_tokenizer()
+    config = build_config(args, max(args.vocab_size, len(tokenizer)))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, name, getattr(tokenizer, name))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    out = folder / f"model-{args.gguf_type}.gguf"
+    convert([(folder / "hf", out, args.gguf_type)])
+    return out
+
+
+def gguf_plain(path: Path, args) -> list[list[int]]:
+    """Plain llama.cpp generation as the capture runs it, without the tap; the tokens fed."""
+    from moecache.capture.gguf_runtime import LlamaRuntime
+
+    with LlamaRuntime(path, vocab_only=True) as vocab:
+        token_lists = [vocab.tokenize(text) for text in args.prompts]
+    longest = max(map(len, token_lists))
+    fed = []
+    with LlamaRuntime(path, n_ctx=longest + args.max_new_tokens, n_batch=longest,
+                      device=args.device, threads=args.gguf_threads) as runtime:
+        for tokens in token_lists:
+            runtime.clear()
+            runtime.decode(tokens, 0, every_output=False)
+            fed.append(list(tokens))
+            for _ in range(args.max_new_tokens - 1):
+                token = runtime.sample()
+                if runtime.is_end(token):
+                    break
+                runtime.decode([token], len(fed[-1]), every_output=False)
+                fed[-1].append(token)
+    return fed
+
+
+def gguf_main(args) -> int:
+    from moecache.capture.gguf_capture import capture_gguf
+    from moecache.capture.gguf_file import read_gguf
+    from moecache.capture.gguf_runtime import llama_cpp_version
+
+    with tempfile.TemporaryDirectory(prefix="bench_capture_gguf_") as tmp:
+        folder = Path(tmp)
+        path = gguf_model(args, folder)
+        info = read_gguf(path)
+        out = folder / "trace.parquet"
+
+        def plain():
+            return gguf_plain(path, args)
+
+        def capture():
+            return capture_gguf(path, args.prompts, out, max_new_tokens=args.max_new_tokens,
+                                device=args.device, threads=args.gguf_threads, overwrite=True,
+                                progress=False)
+
+        print(f"bench_capture --gguf: llama-cpp-python {llama_cpp_version()}, "
+              f"device {args.device}, "
+              + (f"{args.gguf_threads} threads" if args.gguf_threads else "llama.cpp's default threads"))
+        print(f"model: {path.name} ({info.architecture}, {info.num_layers} blocks, "
+              f"{len(info.moe_layers)} MoE, E={info.num_experts}, top-{info.top_k}, "
+              f"experts {'+'.join(info.expert_types)}, {path.stat().st_size / 2**20:.1f} MiB)")
+        variants = {"llama.cpp": plain, "capture": capture}
+        fed = plain()
+        trace = pq.read_table(capture(), columns=["seq", "pos", "token_id", "layer"])
+        first = trace.column("layer").to_numpy() == info.moe_layers[0]
+        got = {}
+        for seq, pos, token in zip(trace.column("seq").to_numpy()[first],
+                                   trace.column("pos").to_numpy()[first],
+                                   trace.column("token_id").to_numpy()[first], strict=True):
+            got.setdefault(int(seq), {})[int(pos)] = int(token)
+        same = all([got.get(n, {}).get(i) for i in range(len(tokens))] == tokens
+                   and len(got.get(n, {})) == len(tokens) for n, tokens in enumerate(fed))
+        tokens_run = sum(map(len, fed))
+        print(f"workload: {len(fed)} prompts, {tokens_run} tokens fed per run "
+              f"(prompts + generated, max_new_tokens {args.max_new_tokens}); "
+              f"best of {args.repeat} interleaved rounds")
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        stall, start = cpu_stall_us(), time.perf_counter()
+        for round_number in range(args.repeat):
+            order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
+            for name in order:
+                seconds, _, _ = timed(variants[name], torch.device("cpu"))
+                times[name].append(seconds)
+    best = {name: min(values) for name, values in times.items()}
+    overhead = best["capture"] / best["llama.cpp"] - 1
+    print(f"\n{'variant':<10} {'best s':>9} {'median s':>9} {'tok/s':>9}  wall time of each round (s)")
+    for name, values in times.items():
+        print(f"{name:<10} {best[name]:9.3f} {statistics.median(values):9.3f} "
+              f"{tokens_run / best[name]:9.1f}  " + " ".join(f"{t:.3f}" for t in values))
+    print(f"overhead (capture / llama.cpp - 1): {overhead:+.2%} best-of-{args.repeat} wall, "
+          f"{statistics.median(times['capture']) / statistics.median(times['llama.cpp']) - 1:+.2%} "
+          f"median-of-{args.repeat} wall")
+    print("check: " + ("the trace holds exactly the tokens plain llama.cpp fed" if same
+                       else "CHECK FAILED: the trace's tokens differ from plain llama.cpp's"))
+    if stall is not None:
+        share = (cpu_stall_us() - stall) / 1e6 / (time.perf_counter() - start)
+        print(f"CPU contention during the rounds: a task waited for a CPU {share:.0%} of the time "
+              "(Linux PSI)")
+    passed = overhead <= GOAL
+    print(f"{'PASS' if passed else 'FAIL'}: GGUF capture overhead {overhead:+.2%} vs goal <= "
+          f"{GOAL:.0%}" + (" (quick run: indicative only)" if args.quick else ""))
+    if not same:
+        return 1
+    return 0 if passed or args.quick else 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.gguf:
+        return gguf_main(args)
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # model save / load bars

@@ -197,13 +197,13 @@ def test_bad_files(models, prompts, tmp_path):
 
 
 def test_tap_names_missing_moe_tensors(models):
-    """An architecture whose graph does not name ffn_moe_topk for a router layer is refused
+    """An architecture whose graph names no MoE weights for a router layer is refused
     (here: a tap told of a MoE block 5 the 2-block model does not have)."""
     path = models["olmoe"][1]
     tap = MoeTap([0, 1, 5], 2)
     with LlamaRuntime(path, n_ctx=32, n_batch=16, cb_eval=tap.callback, device="cpu") as run_:
         run_.decode(run_.tokenize("hello world"), 0, every_output=True)
-        with pytest.raises(MoecacheError, match="no ffn_moe_topk tensor for MoE layer 5"):
+        with pytest.raises(MoecacheError, match="no ffn_moe_weights tensor for MoE layer 5"):
             tap.take(len(run_.tokenize("hello world")))
 
 

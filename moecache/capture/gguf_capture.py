@@ -60,6 +60,7 @@ def capture_gguf(
     do_sample: bool = False,
     seed: int = 0,
     device: str = "auto",
+    threads: int | None = None,
     router_label: str = "baseline",
     limit: int | None = None,
     overwrite: bool = False,
@@ -70,7 +71,8 @@ def capture_gguf(
 
     The options mean what they mean for :func:`moecache.capture.capture`; those that do
     not apply to llama.cpp (``unsupported``: batch_size, dtype, save_logits, lookahead,
-    chat_template) must keep their defaults. Interrupted runs keep every completed step
+    chat_template) must keep their defaults. ``threads`` sets llama.cpp's CPU threads
+    (default: llama.cpp's own). Interrupted runs keep every completed step
     (metadata ``partial: true``). Returns the path written.
     """
     from tqdm.auto import tqdm
@@ -85,6 +87,8 @@ def capture_gguf(
     if unsupported:
         raise TypeError(f"capture_gguf: unexpected options {sorted(unsupported)}")
     check_options(mode=mode, max_new_tokens=max_new_tokens, seed=seed)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise MoecacheError(f"threads must be a positive integer, got {threads!r}")
     prompt_set = load_prompts(prompts, limit=limit)
     out = Path(out)
     check_output(out, overwrite=overwrite, streaming=True)
@@ -100,7 +104,7 @@ def capture_gguf(
     longest = max(len(t) for t in token_lists)
     n_ctx = longest + (max_new_tokens if mode == "generate" else 0)
     with LlamaRuntime(model_path, n_ctx=n_ctx, n_batch=longest, cb_eval=tap.callback,
-                      device=device, do_sample=do_sample, seed=seed) as runtime:
+                      device=device, do_sample=do_sample, seed=seed, threads=threads) as runtime:
         meta = _meta(info, prompt_set, runtime.end_ids(), mode=mode,
                      max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
                      device=device, router_label=router_label, model_name=str(model_path))

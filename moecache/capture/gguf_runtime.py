@@ -48,12 +48,12 @@ class LlamaRuntime:
     ``cb_eval`` (a ``ggml_backend_sched_eval_callback``) sees the graph's tensors.
     ``device`` auto offloads every layer a GPU build can take, cpu none. Sampling draws
     from the full softmax (llama.cpp's dist sampler seeded by ``seed``) or takes the
-    argmax (greedy).
+    argmax (greedy). ``threads``: llama.cpp's CPU threads (default: its own default).
     """
 
     def __init__(self, path: str | Path, *, n_ctx: int = 0, n_batch: int = 1, cb_eval=None,
                  device: str = "auto", do_sample: bool = False, seed: int = 0,
-                 vocab_only: bool = False):
+                 threads: int | None = None, vocab_only: bool = False):
         lib = self.lib = require_llama_cpp()
         self.path = Path(path)
         self.model = self.ctx = self.sampler = self.batch = None
@@ -73,6 +73,8 @@ class LlamaRuntime:
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = min(n_batch, 512)
         ctx_params.no_perf = True
+        if threads is not None:
+            ctx_params.n_threads = ctx_params.n_threads_batch = threads
         if cb_eval is not None:
             ctx_params.cb_eval = cb_eval
         self.ctx = lib.llama_init_from_model(self.model, ctx_params)

@@ -8,9 +8,14 @@ has them by ``ffn_moe_weights_softmax``, ``_norm`` and ``_scaled``: the last of 
 the graph is what multiplies the experts' outputs, and is what is recorded.
 
 The graph scheduler calls the callback twice per graph node: ``ask=True`` (answer
-whether this node is wanted) and, for wanted nodes, once more when it is computed. The
-ask path only compares the name's first bytes, read from the tensor struct; see
-:class:`_Tensor` for the layout, checked against ``ggml_get_name`` at first use.
+whether this node is wanted) and, for wanted nodes, once more when it is computed; each
+wanted node splits the graph's computation there. So one node per MoE layer is asked
+for: the last weights variant (learned in the first decode, which asks for all of
+them). The ids are read through its sources: ``ffn_moe_weights`` is
+``get_rows(probs, ffn_moe_topk)``, and the ids' memory is still live then (the expert
+matmuls that follow read it too). The ask path compares the name's first bytes, read
+from the tensor struct; see :class:`_Tensor` for the layout, checked against
+``ggml_get_name`` at first use.
 """
 
 from __future__ import annotations
@@ -80,15 +85,23 @@ class MoeTap:
         self.top_k = top_k
         self._lib = _ggml_base()
         self._experts: list[list[np.ndarray]] = [[] for _ in self.layers]
-        self._weights: dict[int, list[np.ndarray]] = {}
+        self._weights: list[list[np.ndarray]] = [[] for _ in self.layers]
+        self._last: dict[int, bytes] = {}  # layer column: name of its last weights variant
+        self._final: set[bytes] | None = None  # those names, once learned
         self._checked = False
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
         self.error: BaseException | None = None
 
     # -- the callback ------------------------------------------------------------------
     def _eval(self, tensor: int, ask: bool, _user_data) -> bool:
-        if ask:  # hot path: every graph node
-            return ctypes.string_at(tensor + _NAME_OFFSET, 8) == _PREFIX
+        if ask:  # hot path: every graph node; only one node per MoE layer is asked for
+            if ctypes.string_at(tensor + _NAME_OFFSET, 8) != _PREFIX:
+                return False
+            name = ctypes.string_at(tensor + _NAME_OFFSET)
+            if self._final is not None:
+                return name in self._final
+            head, _, layer = name.rpartition(b"-")  # learning: every weights variant
+            return head + b"-" in _WEIGHTS and layer.isdigit()
         try:
             self._collect(tensor)
         except BaseException as err:  # an exception cannot cross the C callback: keep it
@@ -97,23 +110,39 @@ class MoeTap:
         return True
 
     def _collect(self, tensor: int) -> None:
+        """Read a weights tensor and, through its sources, the expert ids it was gathered by."""
         if not self._checked:
             self._check_layout(tensor)
         name = ctypes.string_at(tensor + _NAME_OFFSET)
         head, _, layer = name.rpartition(b"-")
-        if not layer.isdigit():  # views of these tensors: "ffn_moe_weights-0 (reshaped)"
-            return
-        head += b"-"
-        if head == _TOPK:
-            self._experts[self._layer(name, layer)].append(self._read(tensor, np.int32, _I32))
-        elif head in _WEIGHTS:
-            number = self._layer(name, layer)
-            weights = self._read(tensor, np.float32, _F32)
-            chunks = self._weights.setdefault(number, [])
-            if head == _WEIGHTS[0]:  # the first weights of a new ubatch
-                chunks.append(weights)
-            else:  # a later transform of the same ubatch's weights
-                chunks[-1] = weights
+        number = self._layer(name, layer)
+        weights = self._read(tensor, np.float32, _F32)
+        ids = self._read(self._topk(tensor, b"%s%s" % (_WEIGHTS[0], layer)), np.int32, _I32)
+        if self._final is None:  # learning the last variant: later ones replace earlier ones
+            self._last[number] = name
+            if head + b"-" != _WEIGHTS[0]:
+                self._experts[number].pop()
+                self._weights[number].pop()
+        self._experts[number].append(ids)
+        self._weights[number].append(weights)
+
+    def _topk(self, tensor: int, gathered: bytes) -> int:
+        """The ``ffn_moe_topk`` tensor of the layer: the ids ``ffn_moe_weights`` (a get_rows,
+        reached from ``tensor`` through first sources) gathered by. Its memory is still
+        live: the expert matmuls after the weights read it too."""
+        node = tensor
+        for _ in range(8):
+            if ctypes.string_at(node + _NAME_OFFSET) == gathered:
+                ids = _Tensor.from_address(node).src[1]
+                if ids and ctypes.string_at(ids + _NAME_OFFSET).startswith(_TOPK):
+                    return ids
+                break
+            node = _Tensor.from_address(node).src[0]
+            if not node:
+                break
+        raise MoecacheError(f"llama.cpp graph: {ctypes.string_at(tensor + _NAME_OFFSET).decode()} "
+                            f"does not lead to {gathered.decode()}(probs, ffn_moe_topk): capture "
+                            "cannot read this architecture's routing")
 
     def _layer(self, name: bytes, text: bytes) -> int:
         try:
@@ -156,7 +185,7 @@ class MoeTap:
     def reset(self) -> None:
         """Forget what was collected (before a decode whose rows are not wanted)."""
         self._experts = [[] for _ in self.layers]
-        self._weights = {}
+        self._weights = [[] for _ in self.layers]
         self.error = None
 
     def take(self, tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,17 +200,15 @@ class MoeTap:
             ids = self._experts[number]
             got = sum(len(chunk) for chunk in ids)
             if got != tokens:
-                what = "no ffn_moe_topk tensor" if not ids else f"{got} tokens"
+                what = "no ffn_moe_weights tensor" if not ids else f"{got} tokens"
                 raise MoecacheError(f"llama.cpp's graph gave {what} for MoE layer {layer} "
                                     f"in a decode of {tokens} tokens: capture cannot read "
                                     "this architecture's routing")
-            chunks = self._weights.get(number, [])
-            if sum(len(chunk) for chunk in chunks) != tokens:
-                raise MoecacheError(f"llama.cpp's graph gave no ffn_moe_weights for MoE layer "
-                                    f"{layer}: capture cannot read this architecture's routing")
-            layer_w = np.concatenate(chunks)
+            layer_w = np.concatenate(self._weights[number])
             order = np.argsort(-layer_w, axis=1, kind="stable")  # descending, ties in llama.cpp's order
             weights[:, number] = np.take_along_axis(layer_w, order, axis=1)
             experts[:, number] = np.take_along_axis(np.concatenate(ids), order, axis=1)
+        if self._final is None:
+            self._final = set(self._last.values())
         self.reset()
         return experts, weights
