@@ -28,37 +28,26 @@ def _unions_part(experts, step_starts, num_experts, first, stop, ids, offsets):
     of its step, so a part never runs into the next part's start); ``offsets[t * L + l + 1]``
     = where set (t, l) ends. Returns where the part ends.
 
-    A one-token step's set is its row, insertion-sorted (a row's ids are distinct); larger
-    steps merge their tokens through a bit mask over the experts, read back lowest bit first.
+    Each set is gathered as a bit mask over the experts (which also merges the tokens of a
+    multi-token step) and read back lowest bit first, i.e. in ascending id order.
     """
     num_layers, top_k = experts.shape[1], experts.shape[2]
     mask = np.zeros((num_experts + 63) // 64, np.uint64)
     fill = step_starts[first] * num_layers * top_k
     for t in range(first, stop):
-        start, end = step_starts[t], step_starts[t + 1]
         for layer in range(num_layers):
-            if end - start == 1:
+            for token in range(step_starts[t], step_starts[t + 1]):
                 for k in range(top_k):
-                    e = experts[start, layer, k]
-                    j = fill + k
-                    while j > fill and ids[j - 1] > e:
-                        ids[j] = ids[j - 1]
-                        j -= 1
-                    ids[j] = e
-                fill += top_k
-            else:
-                for token in range(start, end):
-                    for k in range(top_k):
-                        e = experts[token, layer, k]
-                        mask[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
-                for word in range(mask.shape[0]):
-                    bits = mask[word]
-                    mask[word] = 0
-                    while bits:
-                        lowest = bits & (~bits + np.uint64(1))
-                        ids[fill] = word * 64 + bit_index(lowest)
-                        fill += 1
-                        bits ^= lowest
+                    e = experts[token, layer, k]
+                    mask[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
+            for word in range(mask.shape[0]):
+                bits = mask[word]
+                mask[word] = 0
+                while bits:
+                    lowest = bits & (~bits + np.uint64(1))
+                    ids[fill] = word * 64 + bit_index(lowest)
+                    fill += 1
+                    bits ^= lowest
             offsets[t * num_layers + layer + 1] = fill
     return fill
 
@@ -66,7 +55,7 @@ def _unions_part(experts, step_starts, num_experts, first, stop, ids, offsets):
 def step_unions(experts: np.ndarray, step_starts: np.ndarray, num_experts: int,
                 workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Union of the step's tokens' experts per (step, layer), ascending, as a step-major CSR
-    (ids int16, offsets int64); ``experts`` (tokens, layers, K) holds distinct ids per row.
+    (ids int16, offsets int64).
     The steps are cut into parts of about equal tokens, built side by side (``workers``
     threads, default every core), then packed together."""
     num_tokens, num_layers, top_k = experts.shape

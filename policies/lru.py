@@ -21,9 +21,6 @@ from numba import njit, uint64
 from ._index import cell
 from ._state import (
     fits_masks,
-    list_append,
-    list_new,
-    list_unlink,
     lowest_bits,
     lowest_rank_victim,
     no_room,
@@ -111,52 +108,65 @@ def simulate_stream(keys, offsets, sizes, capacity):
     return hits
 
 
-# -- spans (the streaming replay): the recency list as a doubly linked list over keys, so
-# the state is per key and carries from one span to the next. Invariant: the list holds
-# the residents in (last request, id) order, oldest first; a request first moves its hits
-# to the newest end (out of the victims' way), evicts from the oldest end, then appends
-# all its keys in ascending id order. ``stamp[k]`` is the last request holding k.
+# -- spans (the streaming replay): the stream algorithm above, over a span's entries
+# preceded by the entries carried from the spans before: those still live (latest use of
+# a resident key), in their order, at most one per key. Positions count from the first
+# carried entry; the invariant of the stream algorithm holds over that joined sequence.
 
 
 @njit(cache=True, nogil=True)
 def span_state(num_keys):
-    prev, nxt, _ = list_new(num_keys)
-    return prev, nxt, np.zeros(num_keys, np.bool_), np.full(num_keys, -1, np.int64), np.zeros(1, np.int64)
+    """(latest position per key, resident per key, carried keys, [bytes used, carried])."""
+    return (np.full(num_keys, -1, np.int64), np.zeros(num_keys, np.int64), np.empty(num_keys, np.int32),
+            np.zeros(2, np.int64))
 
 
 @njit(cache=True, nogil=True)
 def serve_span(state, keys, offsets, sizes, capacity, first, future):
-    prev, nxt, resident, stamp, scalars = state
-    head = resident.shape[0]
-    used = scalars[0]
+    latest, resident, carry, scalars = state
+    used, carried = scalars[0], scalars[1]
     hits = np.zeros(offsets.shape[0] - 1, np.int32)
+    pointer = 0
     for r in range(hits.shape[0]):
         lo, hi = offsets[r], offsets[r + 1]
-        now = first + r
+        found = 0
         need = 0
         for j in range(lo, hi):
             key = keys[j]
-            stamp[key] = now
-            if resident[key]:
-                hits[r] += 1
-                list_unlink(prev, nxt, key)
-                list_append(prev, nxt, head, key)
-            else:
-                need += sizes[key]
+            here = resident[key]
+            found += here
+            need += (1 - here) * sizes[key]
+            latest[key] = carried + j
+            resident[key] = 1
+        hits[r] = found
         while used + need > capacity:
-            out = nxt[head]
-            if out == head or stamp[out] == now:
-                no_room()
-            list_unlink(prev, nxt, out)
-            resident[out] = False
-            used -= sizes[out]
+            while pointer < carried and latest[carry[pointer]] != pointer:
+                pointer += 1
+            if pointer >= carried:  # past the carried entries: the span's own
+                while latest[keys[pointer - carried]] != pointer:
+                    pointer += 1
+                if pointer >= carried + lo:
+                    no_room()
+                key = keys[pointer - carried]
+            else:
+                key = carry[pointer]
+            resident[key] = 0
+            used -= sizes[key]
+            pointer += 1
         used += need
-        for j in range(lo, hi):
-            key = keys[j]
-            resident[key] = True
-            list_unlink(prev, nxt, key)
-            list_append(prev, nxt, head, key)
-    scalars[0] = used
+    live = 0  # compacted in place: position ``live`` <= ``position`` was already read
+    for position in range(pointer, carried):
+        if latest[carry[position]] == position:
+            carry[live] = carry[position]
+            latest[carry[live]] = live
+            live += 1
+    for position in range(max(pointer, carried), carried + keys.shape[0]):
+        key = keys[position - carried]
+        if latest[key] == position:
+            carry[live] = key
+            latest[key] = live
+            live += 1
+    scalars[0], scalars[1] = used, live
     return hits
 
 
