@@ -201,6 +201,10 @@ def capture_command(model: str, prompts: str, out: str | None, mode: str, max_ne
                     chat_template: bool, force: bool) -> None:
     """Run a local Hugging Face MoE MODEL over prompts and record its routing as a trace.
 
+    A MODEL file ending in .gguf runs in llama.cpp (the gguf extra) and records the
+    experts llama.cpp selects; --batch-size, --dtype, --save-logits, --lookahead and
+    --chat-template do not apply there.
+
     Ctrl-C or SIGTERM stops cleanly: the trace then holds every completed step and is
     marked partial.
     """

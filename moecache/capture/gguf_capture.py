@@ -149,7 +149,10 @@ class _Steps:
                 ) -> None:
         count = len(tokens)
         self.tap.reset()
-        self.runtime.decode(tokens, start, every_output=True)
+        try:
+            self.runtime.decode(tokens, start, every_output=True)
+        finally:  # what stopped the graph inside the callback (a Ctrl-C) comes first
+            self.tap.check()
         experts, weights = self.tap.take(count)
         if one_step:
             step = np.full(count, self.step, np.int64)

@@ -4,6 +4,9 @@ sample. Shared by the capture (with its ``cb_eval`` tap) and the overhead benchm
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,7 @@ class LlamaRuntime:
         ctx_params.no_perf = True
         if threads is not None:
             ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        self.deferring = cb_eval is not None
         if cb_eval is not None:
             ctx_params.cb_eval = cb_eval
         self.ctx = lib.llama_init_from_model(self.model, ctx_params)
@@ -146,7 +150,8 @@ class LlamaRuntime:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = every_output or i == count - 1
-        status = self.lib.llama_decode(self.ctx, batch)
+        with deferred_signals() if self.deferring else contextlib.nullcontext():
+            status = self.lib.llama_decode(self.ctx, batch)
         if status != 0:
             raise MoecacheError(f"{self.path}: llama_decode failed with status {status} "
                                 f"({_last_error()})")
@@ -154,6 +159,36 @@ class LlamaRuntime:
     def sample(self) -> int:
         """The next token from the last decoded token's logits."""
         return int(self.lib.llama_sampler_sample(self.sampler, self.ctx, -1))
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold SIGINT / SIGTERM until the block ends, then run their handlers.
+
+    A Python signal handler runs in whatever Python code runs next: during a decode that
+    is the ``cb_eval`` callback, where its KeyboardInterrupt would be printed and dropped
+    by ctypes. Outside the main thread (no handlers run there) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, _frame: caught.append(number))
+                for sig in _DEFERRED}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for number in caught:
+            handler = previous[number]
+            if callable(handler):
+                handler(number, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(number)
 
 
 def _last_error() -> str:

@@ -94,20 +94,29 @@ class MoeTap:
 
     # -- the callback ------------------------------------------------------------------
     def _eval(self, tensor: int, ask: bool, _user_data) -> bool:
-        if ask:  # hot path: every graph node; only one node per MoE layer is asked for
-            if ctypes.string_at(tensor + _NAME_OFFSET, 8) != _PREFIX:
-                return False
-            name = ctypes.string_at(tensor + _NAME_OFFSET)
-            if self._final is not None:
-                return name in self._final
-            head, _, layer = name.rpartition(b"-")  # learning: every weights variant
-            return head + b"-" in _WEIGHTS and layer.isdigit()
+        # An exception cannot cross the C callback (ctypes would print and drop it, a
+        # Ctrl-C included): it is kept for check(), and the graph told to stop.
         try:
+            if ask:  # hot path: every graph node; one node per MoE layer is asked for
+                if ctypes.string_at(tensor + _NAME_OFFSET, 8) != _PREFIX:
+                    return False
+                name = ctypes.string_at(tensor + _NAME_OFFSET)
+                if self._final is not None:
+                    return name in self._final
+                head, _, layer = name.rpartition(b"-")  # learning: every weights variant
+                return head + b"-" in _WEIGHTS and layer.isdigit()
             self._collect(tensor)
-        except BaseException as err:  # an exception cannot cross the C callback: keep it
-            self.error = err
+            return True
+        except BaseException as err:
+            if self.error is None:
+                self.error = err
             return False
-        return True
+
+    def check(self) -> None:
+        """Raise what the callback caught (KeyboardInterrupt included), if anything."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
     def _collect(self, tensor: int) -> None:
         """Read a weights tensor and, through its sources, the expert ids it was gathered by."""
@@ -183,7 +192,7 @@ class MoeTap:
 
     # -- steps -------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget what was collected (before a decode whose rows are not wanted)."""
+        """Forget what was collected (before each decode)."""
         self._experts = [[] for _ in self.layers]
         self._weights = [[] for _ in self.layers]
         self.error = None
@@ -191,9 +200,7 @@ class MoeTap:
     def take(self, tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """``experts`` (tokens, L, K) int16 and ``weights`` (tokens, L, K) float32 of the
         ``tokens`` decoded since the last call, each token's K by descending weight."""
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        self.check()
         experts = np.empty((tokens, len(self.layers), self.top_k), np.int16)
         weights = np.empty((tokens, len(self.layers), self.top_k), np.float32)
         for number, layer in enumerate(self.layers):
