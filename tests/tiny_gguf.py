@@ -119,3 +119,13 @@ def convert(jobs: list[tuple[str | Path, str | Path, str]]) -> None:
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"convert_hf_to_gguf failed:\n{done.stderr[-3000:]}")
+
+
+if __name__ == "__main__":  # python -m tests.tiny_gguf ARCH OUT.gguf [OUTTYPE]: a GGUF to try
+    import tempfile
+
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in GGUF_ARCHS:
+        sys.exit(f"usage: python -m tests.tiny_gguf {{{','.join(GGUF_ARCHS)}}} OUT.gguf [f32|q8_0|...]")
+    with tempfile.TemporaryDirectory() as folder:
+        convert([(save_tiny_hf(sys.argv[1], folder), sys.argv[2], (sys.argv[3:] or ["f32"])[0])])
+    print(sys.argv[2])
