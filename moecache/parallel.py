@@ -6,9 +6,10 @@ too) overlaps the work on what was read."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -28,17 +29,53 @@ def split(count: int, parts: int) -> list[tuple[int, int]]:
 
 def map_parallel(work: Callable[[int], T], count: int, workers: int | None = None) -> list[T]:
     """``[work(0), ..., work(count - 1)]``, ``workers`` at a time (default: every core; 1 runs
-    them in this thread). The first error is raised as soon as it is collected; on an
-    error or Ctrl-C the items not yet started are cancelled."""
+    them in this thread) on threads kept for the process. Work that itself calls this runs
+    its items in its own thread (no nesting, so no deadlock). The first error is raised as
+    soon as it happens; on an error or Ctrl-C the items not yet started are dropped."""
     workers = min(count, cores(workers))
-    if workers <= 1:
+    if workers <= 1 or getattr(_worker, "busy", False):
         return [work(index) for index in range(count)]
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moecache-layer")
+    results: list[Any] = [None] * count
+    upcoming = iter(range(count))
+    taking, stop = threading.Lock(), threading.Event()
+
+    def drain() -> None:
+        _worker.busy = True
+        try:
+            while not stop.is_set():
+                with taking:
+                    index = next(upcoming, None)
+                if index is None:
+                    return
+                results[index] = work(index)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            _worker.busy = False
+
+    futures = [_threads().submit(drain) for _ in range(workers)]
     try:
-        futures = [pool.submit(work, index) for index in range(count)]
-        return [future.result() for future in futures]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)  # all of them, unless one failed
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        stop.set()
+    return results
+
+
+_worker = threading.local()  # ``busy`` inside map_parallel's work
+_pool: list[ThreadPoolExecutor] = []
+_pool_lock = threading.Lock()
+
+
+def _threads() -> ThreadPoolExecutor:
+    """The process's worker threads (started as needed, kept between calls)."""
+    with _pool_lock:
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(max_workers=64, thread_name_prefix="moecache-worker"))
+        return _pool[0]
 
 
 def read_ahead(items: Iterator[T]) -> Iterator[T]:

@@ -198,8 +198,9 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
                 for f in spiller.files.values():
                     files.enter_context(f)
                 rows = max(num_layers, span_entries // top_k // num_layers * num_layers)
-                for block in read_ahead(reader.token_blocks(rows)):
-                    spiller.add(block)
+                # three stages side by side: decoding, checking and step sets, counting and spilling
+                for part, req in read_ahead(spiller.parts(read_ahead(reader.token_blocks(rows)))):
+                    spiller.write(part, req)
                 return spiller.finish(cleanup)
         except BaseException:
             cleanup.cleanup()
@@ -220,7 +221,8 @@ def _header(reader: TraceReader, weights: bool) -> Trace:
 
 
 class _Spiller:
-    """Cuts token blocks at step boundaries into spans, validates and writes each."""
+    """Cuts token blocks at step boundaries into parts, checks them and builds their step
+    sets (``parts``), then counts and writes each (``write``)."""
 
     def __init__(self, header: Trace, per_token: bool, folder: Path, weights: bool) -> None:
         self.header, self.per_token, self.folder, self.weights = header, per_token, folder, weights
@@ -229,24 +231,29 @@ class _Spiller:
         self.totals = {name: np.zeros(layers, np.int64)
                        for name in ("requests", "cold_misses", "reuse_hits", "reuse_requests", "largest")}
         self.largest_at = (0, 0)
-        self.carry: dict[str, np.ndarray] | None = None
         self.spans: list[tuple[int, int, int, int]] = []
         self.steps = self.tokens = self.entries = 0
-        self.previous_step = -1  # the last step written
+        self.previous_step = -1  # the last step checked
         self.files = {name: open(folder / name, "wb") for name in ("ids.i16", "sizes.u16", "scores.f32")}
 
-    def add(self, block: dict[str, np.ndarray]) -> None:
-        if self.carry is not None:
-            block = {name: np.concatenate([self.carry[name], values]) for name, values in block.items()}
-        steps = block["step"]
-        cut = len(steps)
-        if not self.per_token:  # the last step may go on in the next block
-            cut = int(np.searchsorted(steps, steps[-1])) if np.all(steps[1:] >= steps[:-1]) else len(steps)
-        self.carry = {name: values[cut:] for name, values in block.items()}
-        if cut:
-            self._write({name: values[:cut] for name, values in block.items()})
+    def parts(self, blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[tuple[Trace, Requests]]:
+        """The blocks cut after their last whole step (the rest goes on with the next
+        block), each checked as a Trace, with its step sets."""
+        carry: dict[str, np.ndarray] | None = None
+        for block in blocks:
+            if carry is not None:
+                block = {name: np.concatenate([carry[name], values]) for name, values in block.items()}
+            steps = block["step"]
+            cut = len(steps)
+            if not self.per_token and np.all(steps[1:] >= steps[:-1]):  # the last step may go on
+                cut = int(np.searchsorted(steps, steps[-1]))
+            carry = {name: values[cut:] for name, values in block.items()}
+            if cut:
+                yield self._part({name: values[:cut] for name, values in block.items()})
+        if carry is not None and len(carry["step"]):
+            yield self._part(carry)
 
-    def _write(self, block: dict[str, np.ndarray]) -> None:
+    def _part(self, block: dict[str, np.ndarray]) -> tuple[Trace, Requests]:
         header = self.header
         part = Trace(experts=block["experts"], step=block["step"], seq=block["seq"], pos=block["pos"],
                      token_id=block["token_id"], phase=block["phase"], meta=header.meta,
@@ -258,6 +265,13 @@ class _Spiller:
                                 f"after {self.previous_step})")
         self.previous_step = int(part.step[-1])
         req = Requests.from_trace(part, per_token=self.per_token)
+        if self.weights:
+            req.scores(part, per_token=self.per_token)  # cached on the part
+        return part, req
+
+    def write(self, part: Trace, req: Requests) -> None:
+        """Count a part's requests into the totals and spill its step sets."""
+        header = self.header
         layers = header.num_layers
         cold, overlap = routing_counts(req.ids, req.offsets, layers, header.num_experts, self.last_step,
                                        self.steps)
@@ -281,8 +295,6 @@ class _Spiller:
         self.entries += len(req.ids)
 
     def finish(self, cleanup: Any) -> StreamedTrace:
-        if self.carry is not None and len(self.carry["step"]):
-            self._write(self.carry)
         for f in self.files.values():
             f.close()  # flushed before the spans are read back
         if not self.tokens:
@@ -341,8 +353,9 @@ def _serve(stream: StreamedTrace, choice: Choice, scope: str, caches: list, seed
         total = stream.num_steps * layers
     hits = np.zeros((len(caches), layers), np.int64)
     layer_entries = np.zeros(layers, np.int64)  # entries of each layer's stream before the span
-    for span in stream.iter_spans(scores=policy.needs_scores, future=policy.needs_future):
-        streams = _span_streams(span, scope, stream.num_steps, layers)
+    spans = ((span, _span_streams(span, scope, stream.num_steps, layers))  # the next one read while
+             for span in stream.iter_spans(scores=policy.needs_scores, future=policy.needs_future))
+    for span, streams in read_ahead(spans):  # the caches serve this one
         first = span.first_step * (1 if scope == "layer" else layers)
         starts = layer_entries if scope == "layer" else [span.first_entry]
 
