@@ -36,13 +36,13 @@ $(FULL): $(CORE)
 $(GGUF_SDIST): | $(CORE)
 	mkdir -p $(GGUF_SRC)
 	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PIN) -d $(GGUF_SRC)
-	tar xzf $@ -C $(GGUF_SRC) \
-	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/convert_hf_to_gguf.py \
-	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/conversion \
-	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/gguf-py
 
 # Built from that source once (about 6 min on 2 cores; pip caches the wheel).
 $(GGUF): $(FULL) $(GGUF_SDIST)
+	tar xzf $(GGUF_SDIST) -C $(GGUF_SRC) \
+	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/conversion \
+	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/gguf-py
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(BIN)/pip install -q $(GGUF_SDIST)
 	$(BIN)/pip install -q -e '.[capture,dev,gguf]'
 	touch $@

@@ -231,10 +231,27 @@ def test_tap_names_missing_moe_tensors(models):
     (here: a tap told of a MoE block 5 the 2-block model does not have)."""
     path = models["olmoe"][1]
     tap = MoeTap([0, 1, 5], 2)
-    with LlamaRuntime(path, n_ctx=32, n_batch=16, cb_eval=tap.callback, device="cpu") as run_:
+    with LlamaRuntime(path, n_ctx=32, n_batch=16, cb_eval=tap.callback,
+                      cb_eval_user_data=tap.user_data, device="cpu") as run_:
         run_.decode(run_.tokenize("hello world"), 0, every_output=True)
         with pytest.raises(MoecacheError, match="no ffn_moe_weights tensor for MoE layer 5"):
             tap.take(len(run_.tokenize("hello world")))
+
+
+def test_without_compiler_the_python_callback_records_the_same(models, prompts, tmp_path,
+                                                               monkeypatch):
+    from moecache.capture import gguf_native
+
+    fast = gguf_trace(models["qwen2_moe"][1], prompts, tmp_path / "fast.parquet")
+    assert fast.meta["capture"]["notes"] == []  # the compiled prefilter was used here
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built there
+    monkeypatch.setattr(gguf_native, "_LOADED", {})
+    monkeypatch.setattr(gguf_native, "_compiler", lambda: None)
+    slow = gguf_trace(models["qwen2_moe"][1], prompts, tmp_path / "slow.parquet")
+    assert "no C compiler" in slow.meta["capture"]["notes"][0]
+    np.testing.assert_array_equal(slow.experts, fast.experts)
+    np.testing.assert_array_equal(slow.weights, fast.weights)
+    np.testing.assert_array_equal(slow.token_id, fast.token_id)
 
 
 def test_read_gguf_layout(models):

@@ -104,8 +104,9 @@ def capture_gguf(
     longest = max(len(t) for t in token_lists)
     n_ctx = longest + (max_new_tokens if mode == "generate" else 0)
     with LlamaRuntime(model_path, n_ctx=n_ctx, n_batch=longest, cb_eval=tap.callback,
-                      device=device, do_sample=do_sample, seed=seed, threads=threads) as runtime:
-        meta = _meta(info, prompt_set, runtime.end_ids(), mode=mode,
+                      cb_eval_user_data=tap.user_data, device=device, do_sample=do_sample,
+                      seed=seed, threads=threads) as runtime:
+        meta = _meta(info, prompt_set, runtime.end_ids(), prefiltered=tap.prefiltered, mode=mode,
                      max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
                      device=device, router_label=router_label, model_name=str(model_path))
         total = sum(len(t) for t in token_lists) if mode == "forward" else None
@@ -167,7 +168,7 @@ class _Steps:
         self.bar.update(count)
 
 
-def _meta(info: GGUFInfo, prompts: Prompts, end_ids: list[int], *, mode: str,
+def _meta(info: GGUFInfo, prompts: Prompts, end_ids: list[int], *, prefiltered: bool, mode: str,
           max_new_tokens: int, do_sample: bool, seed: int, device: str, router_label: str,
           model_name: str) -> dict[str, Any]:
     from .gguf_runtime import llama_cpp_version
@@ -208,7 +209,8 @@ def _meta(info: GGUFInfo, prompts: Prompts, end_ids: list[int], *, mode: str,
             "llama_cpp_python_version": llama_cpp_version(),
             "python": platform.python_version(),
             "date": now_iso(),
-            "notes": [],
+            "notes": [] if prefiltered else [
+                "no C compiler: every graph node went through the Python callback (slower)"],
         },
     })
 

@@ -48,13 +48,15 @@ class LlamaRuntime:
 
     ``vocab_only`` loads the vocabulary alone (for :meth:`tokenize`). ``n_ctx`` is the
     longest sequence, ``n_batch`` the most tokens decoded at once;
-    ``cb_eval`` (a ``ggml_backend_sched_eval_callback``) sees the graph's tensors.
+    ``cb_eval`` (a ``ggml_backend_sched_eval_callback``, called with
+    ``cb_eval_user_data``) sees the graph's tensors.
     ``device`` auto offloads every layer a GPU build can take, cpu none. Sampling draws
     from the full softmax (llama.cpp's dist sampler seeded by ``seed``) or takes the
     argmax (greedy). ``threads``: llama.cpp's CPU threads (default: its own default).
     """
 
     def __init__(self, path: str | Path, *, n_ctx: int = 0, n_batch: int = 1, cb_eval=None,
+                 cb_eval_user_data=None,
                  device: str = "auto", do_sample: bool = False, seed: int = 0,
                  threads: int | None = None, vocab_only: bool = False):
         lib = self.lib = require_llama_cpp()
@@ -81,6 +83,7 @@ class LlamaRuntime:
         self.deferring = cb_eval is not None
         if cb_eval is not None:
             ctx_params.cb_eval = cb_eval
+            ctx_params.cb_eval_user_data = cb_eval_user_data
         self.ctx = lib.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             self.close()

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MoecacheError
+from .gguf_native import prefiltered
 
 _TOPK = b"ffn_moe_topk-"
 _WEIGHTS = (b"ffn_moe_weights-", b"ffn_moe_weights_softmax-", b"ffn_moe_weights_norm-",
@@ -89,8 +90,14 @@ class MoeTap:
         self._last: dict[int, bytes] = {}  # layer column: name of its last weights variant
         self._final: set[bytes] | None = None  # those names, once learned
         self._checked = False
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
         self.error: BaseException | None = None
+        # cb_eval and its user data: the compiled prefilter in front of _eval where it
+        # builds (see .gguf_native), else _eval itself
+        self._python = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
+        native = prefiltered(_NAME_OFFSET, llama_cpp.ggml_backend_sched_eval_callback)
+        self.prefiltered = native is not None
+        self.callback = native if native is not None else self._python
+        self.user_data = ctypes.cast(self._python, ctypes.c_void_p) if native is not None else None
 
     # -- the callback ------------------------------------------------------------------
     def _eval(self, tensor: int, ask: bool, _user_data) -> bool:
@@ -201,21 +208,24 @@ class MoeTap:
         """``experts`` (tokens, L, K) int16 and ``weights`` (tokens, L, K) float32 of the
         ``tokens`` decoded since the last call, each token's K by descending weight."""
         self.check()
-        experts = np.empty((tokens, len(self.layers), self.top_k), np.int16)
-        weights = np.empty((tokens, len(self.layers), self.top_k), np.float32)
         for number, layer in enumerate(self.layers):
-            ids = self._experts[number]
-            got = sum(len(chunk) for chunk in ids)
+            got = sum(len(chunk) for chunk in self._experts[number])
             if got != tokens:
-                what = "no ffn_moe_weights tensor" if not ids else f"{got} tokens"
+                what = f"{got} tokens" if got else "no ffn_moe_weights tensor"
                 raise MoecacheError(f"llama.cpp's graph gave {what} for MoE layer {layer} "
                                     f"in a decode of {tokens} tokens: capture cannot read "
                                     "this architecture's routing")
-            layer_w = np.concatenate(self._weights[number])
-            order = np.argsort(-layer_w, axis=1, kind="stable")  # descending, ties in llama.cpp's order
-            weights[:, number] = np.take_along_axis(layer_w, order, axis=1)
-            experts[:, number] = np.take_along_axis(np.concatenate(ids), order, axis=1)
+        ids = np.stack([_joined(chunks) for chunks in self._experts], axis=1)  # (tokens, L, K)
+        weights = np.stack([_joined(chunks) for chunks in self._weights], axis=1)
+        order = np.argsort(-weights, axis=2, kind="stable")  # descending, ties in llama.cpp's order
+        weights = np.take_along_axis(weights, order, axis=2)
+        experts = np.take_along_axis(ids, order, axis=2).astype(np.int16)
         if self._final is None:
             self._final = set(self._last.values())
         self.reset()
         return experts, weights
+
+
+def _joined(chunks: list[np.ndarray]) -> np.ndarray:
+    """The ubatches of one layer in order (one without a copy)."""
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
