@@ -35,7 +35,6 @@ from .cli_options import (
     seed_option,
     stream_option,
 )
-from .compare import compare
 from .curve import curve
 from .errors import MoecacheError
 from .prefetchers import REGISTRY as PREFETCHERS
@@ -50,9 +49,7 @@ from .report import (
 )
 from .reroute import reroute
 from .streaming import curve_stream, open_stream, replay_stream, should_stream
-from .sweep import results_paths, sweep
 from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, write_synth
-from .tables import write_table
 from .timeline import timeline
 from .trace import Trace
 from .trace_io import open_parquet_files, storage_stats
@@ -153,6 +150,8 @@ def curve_command(trace: str, policy: str, scope: str, capacities: str | None, b
                   force: bool, as_json: bool) -> None:
     """Metrics at every capacity: one pass for lru, lfu and opt (streamed: one pass over
     the trace for all capacities)."""
+    from .tables import write_table
+
     if should_stream(trace, stream):
         with open_stream(trace, per_token=per_token, weights=_reads_scores(policy)) as streamed:
             frame = curve_stream(streamed, policy, scope, capacities=capacities, bandwidth=bandwidth,
@@ -353,6 +352,8 @@ def sweep_command(traces: tuple[str, ...], policies: str, scopes: str, capacitie
                   per_token: bool, seed: int, executor: str, scheduler: str | None,
                   workers: int | None) -> None:
     """Replay TRACES under every policy, scope and capacity into one tidy table."""
+    from .sweep import results_paths, sweep
+
     table = sweep(traces, _names(policies), _names(scopes), capacities, out=out,
                   resume=resume, overwrite=force, per_token=per_token, bandwidth=bandwidth,
                   latency=latency, seed=seed, executor=executor, scheduler=scheduler,
@@ -476,6 +477,9 @@ def compare_command(base: str, remoe: str, capacities: str, policies: str, scope
                     as_json: bool) -> None:
     """Baseline router against a ReMoE router: reuse, hit rates, bytes and I/O per token, and
     predicted decode time per hardware profile."""
+    from .compare import compare
+    from .tables import write_table
+
     with contextlib.ExitStack() as stack:
         if any(should_stream(path, stream) for path in (base, remoe)):
             traces = [stack.enter_context(open_stream(path, per_token=per_token)) for path in (base, remoe)]

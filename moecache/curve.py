@@ -6,10 +6,9 @@ import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from moecache.policies import REGISTRY, Choice, resolve
 from moecache.policies.stack import LFU, LRU, OPT, depth_histogram
@@ -19,6 +18,9 @@ from .replay import ReplayResult, replay, summarize
 from .requests import Requests
 from .trace import Trace
 from .validate import plan_range
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # the registered stack algorithms, by name: their one-pass method (Policy.stack)
 STACK_POLICIES = {name: p.stack for name, p in REGISTRY.items() if p.stack is not None}
@@ -90,6 +92,8 @@ def curve(
     ``opt``) take one pass whatever the number of capacities; other policies (and LFU
     past about 3e9 requested experts) replay each capacity, ``workers`` at a time.
     """
+    import pandas as pd
+
     checked = plan_range(trace, resolve(policy, policy_args), scope, capacities=capacities,
                          per_token=per_token, bandwidth=bandwidth, latency=latency, seed=seed,
                          requests=requests)
@@ -123,6 +127,8 @@ def _columns(trace: Trace, base: ReplayResult, hits: np.ndarray, capacities: lis
     """The table for ``base`` (the routing-only figures) with the hits of each capacity,
     rows of ``stack_hits``: one ReplayResult whose per-capacity fields are arrays, so its
     properties compute every column at once."""
+    import pandas as pd
+
     total = hits.sum(axis=1)
     sizes = trace.expert_bytes
     miss_bytes = None if sizes is None else \

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from moecache.policies import resolve
 from moecache.policies.driver import EVENT_COLUMNS
@@ -21,10 +21,14 @@ from .trace import Trace
 from .units import INT64_MAX, format_bytes
 from .validate import plan
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 @dataclass
 class ReplayResult:
-    """Pooled metrics of one replay (docs/semantics.md); ``per_layer`` has one row per layer."""
+    """Pooled metrics of one replay (docs/semantics.md); ``per_layer`` has one row per layer
+    (built on first use from ``layer_columns``, so a replay does not import pandas)."""
 
     policy: str
     scope: str
@@ -40,7 +44,7 @@ class ReplayResult:
     steps: int
     bandwidth: float | None = None
     latency: float = 0.0
-    per_layer: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    layer_columns: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     prefetched: int | None = None  # the prefetch fields are None for a replay without prefetch
     prefetch_used: int | None = None
     prefetch_wasted: int | None = None
@@ -54,6 +58,13 @@ class ReplayResult:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else math.nan
+
+    @cached_property
+    def per_layer(self) -> pd.DataFrame:
+        """One row per MoE layer: ``layer_columns`` as a table."""
+        import pandas as pd
+
+        return pd.DataFrame(self.layer_columns)
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -240,6 +251,8 @@ def replay(
                        checked.memory_bytes, checked.bandwidth, checked.latency,
                        None if prefetch is None else counts)
     if record_events:
+        import pandas as pd
+
         frame = pd.DataFrame(events.reshape(-1, len(EVENT_COLUMNS)), columns=list(EVENT_COLUMNS))
         frame.insert(0, "step", np.repeat(np.arange(req.num_steps), num_layers))
         frame.insert(1, "layer", np.tile(trace.layers, req.num_steps))
@@ -256,17 +269,18 @@ def summarize(trace: Trace, req: Requests, layer_hits: np.ndarray, policy: str, 
     """The result object for given hits per MoE layer; everything else comes from ``req``
     (``prefetch_counts``: rows PREFETCH_KEYS, one column per layer)."""
     totals = req.layer_totals
-    per_layer = pd.DataFrame({
-        "layer": trace.layers,
+    columns: dict[str, np.ndarray] = {
+        "layer": np.asarray(trace.layers),
         "requests": totals["requests"],
-        "hits": layer_hits,
+        "hits": np.asarray(layer_hits),
         "cold_misses": totals["cold_misses"],
         "reuse_hits": totals["reuse_hits"],
         "reuse_requests": totals["reuse_requests"],
-    })
-    per_layer["misses"] = per_layer["requests"] - per_layer["hits"]
-    per_layer["hit_rate"] = per_layer["hits"] / per_layer["requests"]
-    per_layer["reuse_rate"] = per_layer["reuse_hits"] / per_layer["reuse_requests"]
+    }
+    columns["misses"] = columns["requests"] - columns["hits"]
+    with np.errstate(divide="ignore", invalid="ignore"):  # a layer without requests: NaN
+        columns["hit_rate"] = columns["hits"] / columns["requests"]
+        columns["reuse_rate"] = columns["reuse_hits"] / columns["reuse_requests"]
     expert_bytes = trace.expert_bytes
     miss_bytes = None
     if expert_bytes is not None:
@@ -274,26 +288,26 @@ def summarize(trace: Trace, req: Requests, layer_hits: np.ndarray, policy: str, 
             raise MoecacheError(f"{trace.source}: metadata expert_bytes (up to "
                                 f"{format_bytes(int(expert_bytes.max()))}) is too large: the miss bytes "
                                 "of this trace could exceed 2**63")
-        per_layer["miss_bytes"] = per_layer["misses"] * expert_bytes
-        miss_bytes = int(per_layer["miss_bytes"].sum())
+        columns["miss_bytes"] = columns["misses"] * expert_bytes
+        miss_bytes = int(columns["miss_bytes"].sum())
     prefetch: dict[str, int] = {}
     if prefetch_counts is not None:
         for name, row in zip(PREFETCH_KEYS, prefetch_counts, strict=True):
-            per_layer[name] = row
-        prefetch = {name: int(per_layer[name].sum()) for name in PREFETCH_KEYS}
+            columns[name] = row
+        prefetch = {name: int(columns[name].sum()) for name in PREFETCH_KEYS}
         if expert_bytes is not None:  # Python integers: no overflow
             for name, column in (("prefetch_bytes", "prefetched"), ("wasted_bytes", "prefetch_wasted")):
-                pairs = zip(per_layer[column], expert_bytes, strict=True)
+                pairs = zip(columns[column], expert_bytes, strict=True)
                 prefetch[name] = sum(int(n) * int(b) for n, b in pairs)
-    totals = per_layer[["requests", "hits", "misses", "cold_misses", "reuse_hits",
-                        "reuse_requests"]].sum()
-    reuse_den = int(totals["reuse_requests"])
+    totals = {name: int(columns[name].sum()) for name in ("requests", "hits", "misses", "cold_misses",
+                                                           "reuse_hits", "reuse_requests")}
+    reuse_den = totals["reuse_requests"]
     return ReplayResult(
         policy=policy, scope=scope,
         capacity=None if capacity is None else int(capacity), memory_bytes=memory_bytes,
-        requests=int(totals["requests"]), hits=int(totals["hits"]),
-        misses=int(totals["misses"]), cold_misses=int(totals["cold_misses"]),
-        reuse_rate=int(totals["reuse_hits"]) / reuse_den if reuse_den else math.nan,
+        requests=totals["requests"], hits=totals["hits"], misses=totals["misses"],
+        cold_misses=totals["cold_misses"],
+        reuse_rate=totals["reuse_hits"] / reuse_den if reuse_den else math.nan,
         miss_bytes=miss_bytes, tokens=req.num_tokens, steps=req.num_steps,
-        bandwidth=bandwidth, latency=latency, per_layer=per_layer, **prefetch,
+        bandwidth=bandwidth, latency=latency, layer_columns=columns, **prefetch,
     )

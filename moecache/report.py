@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .replay import ReplayResult
 from .timeline import TimelineResult
 from .trace import Trace
 from .trace_format import DECODE, OPTIONAL_COLUMNS, PREFILL
 from .units import format_bytes
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _pct(value: float | None) -> str:
@@ -113,6 +116,8 @@ def result_summary(result: ReplayResult, source: str | None = None, partial: boo
 
 
 def per_layer_table(result: ReplayResult) -> str:
+    import pandas as pd
+
     frame = result.per_layer[["layer", "requests", "hits", "misses", "cold_misses"]].copy()
     frame["hit_rate"] = result.per_layer["hit_rate"].map(_pct)
     frame["reuse_rate"] = result.per_layer["reuse_rate"].map(_pct)
@@ -121,6 +126,8 @@ def per_layer_table(result: ReplayResult) -> str:
 
 def curve_table(frame: pd.DataFrame) -> str:
     """Capacity, hits, rates and (when known) bytes and I/O per token, one row per capacity."""
+    import pandas as pd
+
     shown = pd.DataFrame({"capacity": frame["capacity"], "hits": frame["hits"],
                           "misses": frame["misses"], "hit_rate": frame["hit_rate"].map(_pct),
                           "reuse_rate": frame["reuse_rate"].map(_pct)})
@@ -133,6 +140,8 @@ def curve_table(frame: pd.DataFrame) -> str:
 
 def comparison_table(frame: pd.DataFrame) -> str:
     """The `moecache compare` table: base and ReMoE side by side with their change."""
+    import pandas as pd
+
     base, remoe = frame.columns[4], frame.columns[5]
     lines = []
     for row in frame.itertuples(index=False):

@@ -20,10 +20,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from numba import njit
 
 from moecache.policies import Choice, Session, resolve
@@ -37,6 +36,9 @@ from .storage import Location
 from .trace import Trace
 from .trace_io import TraceReader
 from .validate import plan, plan_range
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPAN_ENTRIES = 1 << 23
 """Requested experts read per batch (about 16 MB of ids): a span holds one batch's whole steps."""
@@ -324,6 +326,8 @@ def curve_stream(stream: StreamedTrace, policy: Any = "lru", scope: str = "layer
                  workers: int | None = None) -> pd.DataFrame:
     """:func:`moecache.curve` of a streamed trace: the same table, every capacity served
     in one pass over the spans."""
+    import pandas as pd
+
     checked = plan_range(stream.header, resolve(policy, policy_args), scope, capacities=capacities,
                          per_token=stream.per_token, bandwidth=bandwidth, latency=latency, seed=seed,
                          requests=stream)  # type: ignore[arg-type]

@@ -12,10 +12,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import reduce
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from moecache.policies import Choice
 from moecache.policies import resolve as resolve_policy
@@ -29,6 +28,9 @@ from .splits import split_by_sequence
 from .timeline_engine import RESIDENT, simulate
 from .trace import Trace
 from .units import INT64_MAX, format_bytes
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MISS_HANDLING = ("fetch", "host")
 # bytes per weight of the dtypes a trace's metadata may name
@@ -179,6 +181,8 @@ def timeline(
     fills ``events``: every span of compute and transfer (for :func:`moecache.plots.
     timeline_figure`).
     """
+    import pandas as pd
+
     box = hardware if isinstance(hardware, profiles.Hardware) else profiles.hardware(hardware)
     spec = model if isinstance(model, profiles.Model) or model is None else profiles.model(model)
     lower = resolve_policy(tier_policy)  # checked before any work, tiers or not
@@ -300,6 +304,8 @@ def _events(trace: Trace, entries: tuple[np.ndarray, ...], dense: np.ndarray, en
     """Every span of the walk: resource (device, host or a link), kind, step, layer, expert,
     start, end (seconds). ``entries``: (key, position, source) of each demand entry;
     ``batch_entries``: (key, source, position) of each inserted prefetch entry."""
+    import pandas as pd
+
     num_layers, num_experts = trace.num_layers, trace.num_experts
     positions = np.arange(len(ends))
     starts = np.concatenate([[0.0], ends[:-1]])
