@@ -90,6 +90,8 @@ class MoeTap:
         self._last: dict[int, bytes] = {}  # layer column: name of its last weights variant
         self._final: set[bytes] | None = None  # those names, once learned
         self._checked = False
+        self._scratch = np.empty(4096, np.uint8)  # tensor bytes land here, then are copied out
+        self._scratch_at = self._scratch.ctypes.data
         self.error: BaseException | None = None
         # cb_eval and its user data: the compiled prefilter in front of _eval where it
         # builds (see .gguf_native), else _eval itself
@@ -193,9 +195,12 @@ class MoeTap:
             raise MoecacheError(f"llama.cpp tensor {head.name.decode()} has shape {ne[:3]}, "
                                 f"expected K={self.top_k} values per token")
         size = self._lib.ggml_nbytes(tensor)  # spans exactly the strided view
-        raw = np.empty(size, np.uint8)
-        self._lib.ggml_backend_tensor_get(tensor, raw.ctypes.data, 0, size)
-        return np.ndarray((tokens, self.top_k), dtype, raw, 0, (t_stride, k_stride)).copy()
+        if size > len(self._scratch):
+            self._scratch = np.empty(max(size, 2 * len(self._scratch)), np.uint8)
+            self._scratch_at = self._scratch.ctypes.data
+        self._lib.ggml_backend_tensor_get(tensor, self._scratch_at, 0, size)
+        return np.ndarray((tokens, self.top_k), dtype, self._scratch, 0,
+                          (t_stride, k_stride)).copy()
 
     # -- steps -------------------------------------------------------------------------
     def reset(self) -> None:
@@ -217,9 +222,11 @@ class MoeTap:
                                     "this architecture's routing")
         ids = np.stack([_joined(chunks) for chunks in self._experts], axis=1)  # (tokens, L, K)
         weights = np.stack([_joined(chunks) for chunks in self._weights], axis=1)
-        order = np.argsort(-weights, axis=2, kind="stable")  # descending, ties in llama.cpp's order
-        weights = np.take_along_axis(weights, order, axis=2)
-        experts = np.take_along_axis(ids, order, axis=2).astype(np.int16)
+        if (weights[..., :-1] < weights[..., 1:]).any():  # not already by descending weight
+            order = np.argsort(-weights, axis=2, kind="stable")  # ties in llama.cpp's order
+            weights = np.take_along_axis(weights, order, axis=2)
+            ids = np.take_along_axis(ids, order, axis=2)
+        experts = ids.astype(np.int16)
         if self._final is None:
             self._final = set(self._last.values())
         self.reset()
