@@ -111,7 +111,7 @@ def replay_command(trace: str, policy: str, capacity: int | None, memory: int | 
     """Simulate an expert cache over TRACE and report hit rate, reuse and miss I/O."""
     if capacity is None and memory is None:
         raise MoecacheError("give --capacity N (experts) or --memory SIZE (bytes)")
-    if should_stream(trace, stream):
+    if should_stream(trace, stream, policy):
         with open_stream(trace, per_token=per_token, weights=_reads_scores(policy)) as streamed:
             loaded = streamed.header
             result = replay_stream(streamed, policy, capacity, scope, memory=memory, bandwidth=bandwidth,

@@ -48,15 +48,28 @@ measured by benchmarks/bench_scale.py; ``auto`` streams a trace that would need 
 a quarter of this machine's memory."""
 
 
-def should_stream(path: str | os.PathLike | Location, stream: bool | None = None) -> bool:
+STREAM_LRU_ABOVE = 4 * SPAN_ENTRIES
+"""Requested experts above which ``auto`` streams a replay whose policy has a span kernel
+and reads no future (lru): streamed, it is as fast and needs a third of the memory."""
+
+
+def should_stream(path: str | os.PathLike | Location, stream: bool | None = None,
+                  policy: Any = None) -> bool:
     """``stream`` if given; otherwise whether an in-memory replay of the trace would need
     more than a quarter of this machine's memory (estimated from the file's footer:
-    BYTES_PER_REQUEST per requested expert)."""
+    BYTES_PER_REQUEST per requested expert), or, for a replay under ``policy``, whether
+    that policy streams as fast as it replays in memory and the trace holds more than
+    STREAM_LRU_ABOVE requested experts."""
     if stream is not None:
         return stream
     reader = TraceReader(path, weights=False, logits=False, lookahead=False)
-    needed = reader.rows * int(reader.meta["top_k"]) * BYTES_PER_REQUEST
-    return needed > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    requests = reader.rows * int(reader.meta["top_k"])
+    if requests * BYTES_PER_REQUEST > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4:
+        return True
+    if policy is None or requests <= STREAM_LRU_ABOVE:
+        return False
+    chosen = resolve(policy).policy
+    return chosen.compiled and chosen.spans is not None and not chosen.needs_future
 
 
 @dataclass(frozen=True)

@@ -116,9 +116,17 @@ def test_cli_stream_equals_in_memory(trace_file):
     assert json.loads(curves[0]) == json.loads(curves[1])
 
 
-def test_auto_streams_only_large_traces(trace_file):
+def test_auto_streams_only_large_traces(trace_file, monkeypatch):
+    import moecache.streaming as streaming
+
     assert should_stream(trace_file) is False
     assert should_stream(trace_file, True) is True
+    assert should_stream(trace_file, policy="lru") is False  # a small trace: in memory
+    monkeypatch.setattr(streaming, "STREAM_LRU_ABOVE", 10)
+    assert should_stream(trace_file, policy="lru") is True  # lru streams as fast, in less memory
+    assert should_stream(trace_file, policy="opt") is False  # opt is faster in memory
+    assert should_stream(trace_file, policy="arc") is False  # hooks: faster in memory
+    assert should_stream(trace_file, False, policy="lru") is False
 
 
 def test_bad_input_is_one_line(tmp_path, trace_file):
