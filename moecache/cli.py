@@ -48,7 +48,7 @@ from .report import (
     trace_summary,
 )
 from .reroute import reroute
-from .streaming import curve_stream, open_stream, replay_stream, should_stream
+from .streaming import curve_stream, open_stream, replay_stream, scan, should_stream
 from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, write_synth
 from .timeline import timeline
 from .trace import Trace
@@ -86,11 +86,15 @@ def cli() -> None:
 @cli.command()
 @click.argument("trace", type=click.Path(dir_okay=True))
 def info(trace: str) -> None:
-    """Describe a trace: model, layers, experts, K, steps, tokens, size on disk."""
-    loaded = Trace.load(trace, weights=False, lookahead=False)
+    """Describe a trace: model, layers, experts, K, steps, tokens, size on disk. A trace too
+    large for memory is read a block at a time, checked as when loaded."""
+    if should_stream(trace):
+        loaded, tokens = scan(trace)
+    else:
+        loaded, tokens = Trace.load(trace, weights=False, lookahead=False), None
     files, _, _ = open_parquet_files(trace)
     size, id_bytes = storage_stats(trace)
-    click.echo(trace_summary(loaded, trace, size, id_bytes, files[0].schema_arrow.names))
+    click.echo(trace_summary(loaded, trace, size, id_bytes, files[0].schema_arrow.names, tokens))
 
 
 @cli.command("replay")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,12 +29,17 @@ def _rows(pairs: list[tuple[str, object]]) -> str:
 
 
 def trace_summary(trace: Trace, path: str | Path | None = None, size: int | None = None,
-                  id_bytes: float | None = None, columns: list[str] | None = None) -> str:
-    """What `moecache info` prints."""
+                  id_bytes: float | None = None, columns: list[str] | None = None,
+                  tokens: Mapping[str, np.ndarray] | None = None) -> str:
+    """What `moecache info` prints; ``tokens`` (step, seq, phase) stand for the tokens of a
+    trace read without them (``moecache.streaming.scan``)."""
     meta = trace.meta
     model = meta.get("model") or {}
     sizes = trace.expert_bytes
-    phases = np.bincount(trace.phase, minlength=2)
+    if tokens is None:
+        tokens = {"step": trace.step, "seq": trace.seq, "phase": trace.phase}
+    step = tokens["step"]
+    phases = np.bincount(tokens["phase"], minlength=2)
     pairs: list[tuple[str, object]] = [
         ("trace", path or trace.source),
         ("status", "PARTIAL (interrupted capture: holds every completed step)"
@@ -45,10 +51,10 @@ def trace_summary(trace: Trace, path: str | Path | None = None, size: int | None
                     f"shared = {meta.get('num_shared_experts', 0)}"),
         ("expert size", "-" if sizes is None else _sizes(sizes)),
         ("dtype", meta.get("dtype") or "-"),
-        ("sequences", int(len(np.unique(trace.seq)))),
-        ("steps", trace.num_steps),
+        ("sequences", int(len(np.unique(tokens["seq"])))),
+        ("steps", int(np.count_nonzero(np.diff(step))) + 1 if len(step) else 0),
         *_import_steps(meta.get("capture")),
-        ("tokens", f"{trace.num_tokens} ({phases[PREFILL]} prefill, {phases[DECODE]} decode)"),
+        ("tokens", f"{len(step)} ({phases[PREFILL]} prefill, {phases[DECODE]} decode)"),
         ("optional columns", ", ".join(
             c for c in OPTIONAL_COLUMNS
             if c in (columns or []) or getattr(trace, c) is not None) or "none"),

@@ -15,6 +15,7 @@ caches, whatever the length of the trace; the numbers are those of the in-memory
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -203,7 +204,6 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
         raise MoecacheError(f"{reader.source}: the trace has no router weights, which this policy needs "
                             "(capture or import them with the routing)")
     header = _header(reader, weights)
-    num_layers, top_k = reader.num_layers, header.top_k
     place = folder if folder is not None else tempfile.gettempdir()
     with write_errors(f"spill folder in {place}"):  # a full disk, or no folder there: one line
         cleanup = tempfile.TemporaryDirectory(prefix="moecache-stream-", dir=folder)
@@ -212,14 +212,20 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
             with contextlib.ExitStack() as files:
                 for f in spiller.files.values():
                     files.enter_context(f)
-                rows = max(num_layers, span_entries // top_k // num_layers * num_layers)
                 # three stages side by side: decoding, checking and step sets, counting and spilling
-                for part, req in read_ahead(spiller.parts(read_ahead(reader.token_blocks(rows)))):
+                blocks = reader.token_blocks(_batch_rows(reader, span_entries))
+                for part, req in read_ahead(spiller.parts(read_ahead(blocks))):
                     spiller.write(part, req)
                 return spiller.finish(cleanup)
         except BaseException:
             cleanup.cleanup()
             raise
+
+
+def _batch_rows(reader: TraceReader, span_entries: int) -> int:
+    """Rows (whole tokens) of a batch of about ``span_entries`` requested experts."""
+    layers = reader.num_layers
+    return max(layers, span_entries // int(reader.meta["top_k"]) // layers * layers)
 
 
 def trace_header(path: str | os.PathLike | Location) -> Trace:
@@ -235,6 +241,54 @@ def _header(reader: TraceReader, weights: bool) -> Trace:
                  source=reader.source)
 
 
+def checked_parts(header: Trace, blocks: Iterator[dict[str, np.ndarray]], per_token: bool = False
+                  ) -> Iterator[Trace]:
+    """Token blocks cut after their last whole step (the rest goes on with the next block;
+    ``per_token``: every token is a step), each checked as a Trace, and the steps checked
+    to ascend from one part to the next."""
+    carry: dict[str, np.ndarray] | None = None
+    previous_step = -1
+    for block in itertools.chain(blocks, [None]):
+        if block is None:  # the end: what is left
+            if carry is None or not len(carry["step"]):
+                return
+            block, cut = carry, len(carry["step"])
+        else:
+            if carry is not None:
+                block = {name: np.concatenate([carry[name], values]) for name, values in block.items()}
+            steps = block["step"]
+            cut = len(steps)
+            if not per_token and np.all(steps[1:] >= steps[:-1]):  # the last step may go on
+                cut = int(np.searchsorted(steps, steps[-1]))
+            carry = {name: values[cut:] for name, values in block.items()}
+            if not cut:
+                continue
+        part = Trace(experts=block["experts"][:cut], step=block["step"][:cut], seq=block["seq"][:cut],
+                     pos=block["pos"][:cut], token_id=block["token_id"][:cut], phase=block["phase"][:cut],
+                     meta=header.meta, weights=None if "weights" not in block else block["weights"][:cut],
+                     source=header.source)
+        first = int(part.step[0])
+        if first < previous_step or (first == previous_step and not per_token):  # a step is never cut
+            raise MoecacheError(f"{header.source}: steps are not sorted (step {first} after {previous_step})")
+        previous_step = int(part.step[-1])
+        yield part
+
+
+def scan(path: str | os.PathLike | Location, span_entries: int = SPAN_ENTRIES
+         ) -> tuple[Trace, dict[str, np.ndarray]]:
+    """Check a trace file a block at a time, as ``Trace.load`` checks it, keeping only its
+    per-token columns: (the trace without tokens, {"step", "seq", "phase"}). Memory: a
+    block of about ``span_entries`` requested experts and those columns."""
+    reader = TraceReader(path, weights=False, logits=False, lookahead=False)
+    header = _header(reader, False)
+    kept: dict[str, list[np.ndarray]] = {"step": [], "seq": [], "phase": []}
+    for part in checked_parts(header, read_ahead(reader.token_blocks(_batch_rows(reader, span_entries)))):
+        for name, values in kept.items():
+            values.append(getattr(part, name))
+    return header, {name: np.concatenate(values) if values else getattr(header, name)
+                    for name, values in kept.items()}
+
+
 class _Spiller:
     """Cuts token blocks at step boundaries into parts, checks them and builds their step
     sets (``parts``), then counts and writes each (``write``)."""
@@ -248,41 +302,15 @@ class _Spiller:
         self.largest_at = (0, 0)
         self.spans: list[tuple[int, int, int, int]] = []
         self.steps = self.tokens = self.entries = 0
-        self.previous_step = -1  # the last step checked
         self.files = {name: open(folder / name, "wb") for name in ("ids.i16", "sizes.u16", "scores.f32")}
 
     def parts(self, blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[tuple[Trace, Requests]]:
-        """The blocks cut after their last whole step (the rest goes on with the next
-        block), each checked as a Trace, with its step sets."""
-        carry: dict[str, np.ndarray] | None = None
-        for block in blocks:
-            if carry is not None:
-                block = {name: np.concatenate([carry[name], values]) for name, values in block.items()}
-            steps = block["step"]
-            cut = len(steps)
-            if not self.per_token and np.all(steps[1:] >= steps[:-1]):  # the last step may go on
-                cut = int(np.searchsorted(steps, steps[-1]))
-            carry = {name: values[cut:] for name, values in block.items()}
-            if cut:
-                yield self._part({name: values[:cut] for name, values in block.items()})
-        if carry is not None and len(carry["step"]):
-            yield self._part(carry)
-
-    def _part(self, block: dict[str, np.ndarray]) -> tuple[Trace, Requests]:
-        header = self.header
-        part = Trace(experts=block["experts"], step=block["step"], seq=block["seq"], pos=block["pos"],
-                     token_id=block["token_id"], phase=block["phase"], meta=header.meta,
-                     weights=block.get("weights"), source=header.source)
-        first = int(part.step[0])
-        repeated = first == self.previous_step and not self.per_token  # a step is never cut
-        if first < self.previous_step or repeated:
-            raise MoecacheError(f"{header.source}: steps are not sorted (step {first} "
-                                f"after {self.previous_step})")
-        self.previous_step = int(part.step[-1])
-        req = Requests.from_trace(part, per_token=self.per_token)
-        if self.weights:
-            req.scores(part, per_token=self.per_token)  # cached on the part
-        return part, req
+        """The checked parts of the blocks (:func:`checked_parts`), with their step sets."""
+        for part in checked_parts(self.header, blocks, self.per_token):
+            req = Requests.from_trace(part, per_token=self.per_token)
+            if self.weights:
+                req.scores(part, per_token=self.per_token)  # cached on the part
+            yield part, req
 
     def write(self, part: Trace, req: Requests) -> None:
         """Count a part's requests into the totals and spill its step sets."""

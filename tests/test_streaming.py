@@ -15,7 +15,7 @@ import moecache as mc
 from moecache.cli import cli
 from moecache.errors import MoecacheError
 from moecache.policies import POLICIES
-from moecache.streaming import curve_stream, open_stream, replay_stream, should_stream
+from moecache.streaming import curve_stream, open_stream, replay_stream, scan, should_stream
 from moecache.trace_io import TraceWriter
 
 
@@ -100,6 +100,41 @@ def test_row_groups_split_tokens_and_steps(tmp_path):
     with open_stream(path, span_entries=5) as streamed:
         for policy in ("lru", "opt", "lirs"):
             same(mc.replay(loaded, policy, 10), replay_stream(streamed, policy, 10))
+
+
+def test_info_of_a_scanned_trace_equals_the_loaded_one(tmp_path, monkeypatch):
+    """`moecache info` on a trace too large for memory checks it block by block (blocks
+    that cut tokens and steps) and prints what it prints for the loaded trace."""
+    import moecache.cli as cli_module
+    from moecache.report import trace_summary
+
+    whole = mc.synth(layers=2, experts=10, top_k=3, tokens=90, sequences=2, prompt_len=9, seed=1)
+    path = tmp_path / "blocks.parquet"
+    with TraceWriter(path, whole.meta, flush_tokens=7) as writer:
+        for lo in range(0, whole.num_tokens, 7):
+            part = slice(lo, lo + 7)
+            writer.write(whole.experts[part], step=whole.step[part], seq=whole.seq[part],
+                         pos=whole.pos[part], phase=whole.phase[part])
+    header, tokens = scan(path, span_entries=5)
+    assert header.num_tokens == 0 and len(tokens["step"]) == 90
+    loaded = mc.Trace.load(path)
+    assert trace_summary(header, path, tokens=tokens) == trace_summary(loaded, path)
+    runner = CliRunner()
+    in_memory = runner.invoke(cli, ["info", str(path)])
+    monkeypatch.setattr(cli_module, "should_stream", lambda *args, **kwargs: True)
+    scanned = runner.invoke(cli, ["info", str(path)])
+    assert scanned.exit_code == in_memory.exit_code == 0 and scanned.output == in_memory.output
+    bad = tmp_path / "bad.parquet"
+    mc.synth(layers=2, experts=8, top_k=2, tokens=40, seed=3).save(bad)
+    table = pq.read_table(bad)
+    experts = table["experts"].to_pylist()
+    experts[50] = [1, 1]  # a duplicate id, in the middle of the file
+    column = pa.array(experts, table.schema.field("experts").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("experts"), "experts", column), bad,
+                   row_group_size=8)
+    result = runner.invoke(cli, ["info", str(bad)])  # scanned (should_stream still patched)
+    assert result.exit_code == 2 and "duplicate expert id" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_cli_stream_equals_in_memory(trace_file):
