@@ -524,21 +524,27 @@ def gguf_main(args) -> int:
               f"(prompts + generated, max_new_tokens {args.max_new_tokens}); "
               f"best of {args.repeat} interleaved rounds")
         times: dict[str, list[float]] = {name: [] for name in variants}
+        cpu_times: dict[str, list[float]] = {name: [] for name in variants}
         stall, start = cpu_stall_us(), time.perf_counter()
         for round_number in range(args.repeat):
             order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
             for name in order:
-                seconds, _, _ = timed(variants[name], torch.device("cpu"))
+                seconds, cpu, _ = timed(variants[name], torch.device("cpu"))
                 times[name].append(seconds)
+                cpu_times[name].append(cpu)
     best = {name: min(values) for name, values in times.items()}
+    best_cpu = {name: min(values) for name, values in cpu_times.items()}
     overhead = best["capture"] / best["llama.cpp"] - 1
-    print(f"\n{'variant':<10} {'best s':>9} {'median s':>9} {'tok/s':>9}  wall time of each round (s)")
+    print(f"\n{'variant':<10} {'best s':>9} {'median s':>9} {'tok/s':>9} {'cpu s':>8}  "
+          "wall time of each round (s)")
     for name, values in times.items():
         print(f"{name:<10} {best[name]:9.3f} {statistics.median(values):9.3f} "
-              f"{tokens_run / best[name]:9.1f}  " + " ".join(f"{t:.3f}" for t in values))
+              f"{tokens_run / best[name]:9.1f} {best_cpu[name]:8.3f}  "
+              + " ".join(f"{t:.3f}" for t in values))
     print(f"overhead (capture / llama.cpp - 1): {overhead:+.2%} best-of-{args.repeat} wall, "
           f"{statistics.median(times['capture']) / statistics.median(times['llama.cpp']) - 1:+.2%} "
-          f"median-of-{args.repeat} wall")
+          f"median-of-{args.repeat} wall, "
+          f"{best_cpu['capture'] / best_cpu['llama.cpp'] - 1:+.2%} best process CPU time")
     print("check: " + ("the trace holds exactly the tokens plain llama.cpp fed" if same
                        else "CHECK FAILED: the trace's tokens differ from plain llama.cpp's"))
     if stall is not None:
