@@ -582,7 +582,7 @@ def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
     if name == "phase":  # codes through the (small) dictionary, never a Python string per row
         coded = col if pa.types.is_dictionary(col.type) else col.dictionary_encode()
         words = coded.dictionary.to_pylist()
-        indices = coded.indices.fill_null(len(words)).to_numpy(zero_copy_only=False)
+        indices = as_numpy(coded.indices, null=len(words))
         if coded.null_count or any(word not in PHASES for word in words):  # which are used?
             used = np.unique(indices)
             unknown = sorted(str(words[i]) if i < len(words) else "None" for i in used
@@ -592,17 +592,48 @@ def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
         is_decode = np.array([word == PHASES[DECODE] for word in words] + [False], np.int8)
         return is_decode[indices]
     if name == "token_id":
-        return col.fill_null(-1).to_numpy(zero_copy_only=False)
+        return as_numpy(col, null=-1)
     if pa.types.is_fixed_size_list(col.type):
-        if name in ("experts", "lookahead") and (col.null_count or col.flatten().null_count):
+        width = col.type.list_size
+        values = col.values.slice(col.offset * width, len(col) * width)  # the child's values of these rows
+        if name in ("experts", "lookahead") and (col.null_count or values.null_count):
             where = "" if name == "experts" else f" of {name}"
             raise TraceError(f"{source}: null expert id in some row{where}")
-        if col.null_count:
-            col = col.fill_null(pa.scalar([float("nan")] * col.type.list_size, col.type))
-        return col.flatten().to_numpy(zero_copy_only=False)
+        flat = as_numpy(values, null=np.nan)
+        if col.null_count:  # a row without weights: NaN throughout
+            flat = flat.copy()
+            flat.reshape(len(col), width)[~_valid(col)] = np.nan
+        return flat
     if col.null_count:
         raise TraceError(f"{source}: column {name!r} has nulls")
-    return col.to_numpy(zero_copy_only=False)
+    return as_numpy(col)
+
+
+_NUMPY_TYPES = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
+                pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.uint64(): np.uint64,
+                pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64}
+
+
+def as_numpy(array: pa.Array, null: float | None = None) -> np.ndarray:
+    """A fixed-width number Arrow array as NumPy: a view of its buffer, or with ``null``
+    where it holds nulls; other arrays through ``to_numpy`` (which imports pandas, half
+    a second of a load that needs none)."""
+    kind = _NUMPY_TYPES.get(array.type)
+    if kind is None or (array.null_count and null is None):
+        return array.to_numpy(zero_copy_only=False)
+    itemsize = np.dtype(kind).itemsize
+    values = np.frombuffer(array.buffers()[1], kind, count=len(array), offset=array.offset * itemsize)
+    if array.null_count:
+        values = np.where(_valid(array), values, np.asarray(null).astype(kind))
+    return values
+
+
+def _valid(array: pa.Array) -> np.ndarray:
+    """True where ``array`` holds a value (its validity bitmap, unpacked)."""
+    if array.buffers()[0] is None:
+        return np.ones(len(array), bool)
+    bits = np.unpackbits(np.frombuffer(array.buffers()[0], np.uint8), bitorder="little")
+    return bits[array.offset:array.offset + len(array)].astype(bool)
 
 
 def storage_stats(path: str | os.PathLike | Location) -> tuple[int, float]:

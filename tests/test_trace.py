@@ -1,6 +1,8 @@
 """Trace format v1: round trips, validation, streaming and crash safety."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -222,6 +224,41 @@ def test_null_ids_are_an_error_not_zero(tmp_path, trace):
         return _with_experts(table, pa.FixedSizeListArray.from_arrays(pa.array(ids, pa.int16()), 4))
     with pytest.raises(mc.TraceError, match="null expert id in some row"):
         mc.Trace.load(_rewrite(tmp_path, trace, edit))
+
+
+def test_nulls_read_as_their_stand_ins_without_pandas(tmp_path, trace):
+    """Null weights read as NaN (a whole row, or one weight), null token ids as -1, a null
+    phase is an error; read from the buffers, so loading does not import pandas."""
+    rows = 50 * 3
+
+    def edit(table):
+        weights = table.column("weights").combine_chunks()
+        flat = weights.values.to_numpy().astype(object)
+        flat[5 * 4 + 1] = None  # row 5, second weight
+        valid = np.ones(rows, bool)
+        valid[7] = False  # row 7: no weights
+        column = pa.FixedSizeListArray.from_arrays(pa.array(flat.tolist(), pa.float32()), 4,
+                                                   mask=pa.array(~valid))
+        return table.set_column(table.schema.get_field_index("weights"), "weights", column)
+    back = mc.Trace.load(_rewrite(tmp_path, trace, edit))
+    expected = trace.weights.reshape(rows, 4).copy()
+    expected[5, 1] = np.nan
+    expected[7] = np.nan
+    np.testing.assert_array_equal(back.weights.reshape(rows, 4), expected)
+    np.testing.assert_array_equal(back.token_id, trace.token_id)  # -1 is stored as null
+    phase = pq.read_table(trace.save(tmp_path / "p.parquet"))
+    words = phase.column("phase").to_pylist()
+    words[4 * 3:5 * 3] = [None] * 3
+    bad = tmp_path / "null-phase.parquet"
+    pq.write_table(phase.set_column(phase.schema.get_field_index("phase"), "phase",
+                                    pa.array(words).dictionary_encode().cast(phase.schema.field("phase").type)),
+                   bad)
+    with pytest.raises(mc.TraceError, match="unknown phase 'None'"):
+        mc.Trace.load(bad)
+    script = (f"import sys, moecache as mc; mc.Trace.load({str(tmp_path / 'p.parquet')!r}); "
+              "print('pandas' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
 
 def test_other_columns_of_another_type_are_an_error(tmp_path, trace):
