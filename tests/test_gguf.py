@@ -230,7 +230,7 @@ def test_tap_names_missing_moe_tensors(models):
     """An architecture whose graph names no MoE weights for a router layer is refused
     (here: a tap told of a MoE block 5 the 2-block model does not have)."""
     path = models["olmoe"][1]
-    tap = MoeTap([0, 1, 5], 2)
+    tap = MoeTap([0, 1, 5], 2, capacity=16)
     with LlamaRuntime(path, n_ctx=32, n_batch=16, cb_eval=tap.callback,
                       cb_eval_user_data=tap.user_data, device="cpu") as run_:
         run_.decode(run_.tokenize("hello world"), 0, every_output=True)
@@ -243,7 +243,7 @@ def test_without_compiler_the_python_callback_records_the_same(models, prompts, 
     from moecache.capture import gguf_native
 
     fast = gguf_trace(models["qwen2_moe"][1], prompts, tmp_path / "fast.parquet")
-    assert fast.meta["capture"]["notes"] == []  # the compiled prefilter was used here
+    assert fast.meta["capture"]["notes"] == []  # the compiled tap was used here
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built there
     monkeypatch.setattr(gguf_native, "_LOADED", {})
     monkeypatch.setattr(gguf_native, "_compiler", lambda: None)

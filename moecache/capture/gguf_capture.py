@@ -94,7 +94,6 @@ def capture_gguf(
     check_output(out, overwrite=overwrite, streaming=True)
     info = read_gguf(model_path)
     require_llama_cpp()
-    tap = MoeTap(info.moe_layers, info.top_k)
     # tokenize first (the vocabulary alone) to size the context
     with LlamaRuntime(model_path, vocab_only=True) as probe:
         token_lists = [probe.tokenize(text) for text in prompt_set.texts]
@@ -102,11 +101,12 @@ def capture_gguf(
         if not tokens:
             raise MoecacheError(f"prompt {number} is empty after tokenization")
     longest = max(len(t) for t in token_lists)
+    tap = MoeTap(info.moe_layers, info.top_k, capacity=longest)
     n_ctx = longest + (max_new_tokens if mode == "generate" else 0)
     with LlamaRuntime(model_path, n_ctx=n_ctx, n_batch=longest, cb_eval=tap.callback,
                       cb_eval_user_data=tap.user_data, device=device, do_sample=do_sample,
                       seed=seed, threads=threads) as runtime:
-        meta = _meta(info, prompt_set, runtime.end_ids(), prefiltered=tap.prefiltered, mode=mode,
+        meta = _meta(info, prompt_set, runtime.end_ids(), compiled=tap.compiled, mode=mode,
                      max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
                      device=device, router_label=router_label, model_name=str(model_path))
         total = sum(len(t) for t in token_lists) if mode == "forward" else None
@@ -168,7 +168,7 @@ class _Steps:
         self.bar.update(count)
 
 
-def _meta(info: GGUFInfo, prompts: Prompts, end_ids: list[int], *, prefiltered: bool, mode: str,
+def _meta(info: GGUFInfo, prompts: Prompts, end_ids: list[int], *, compiled: bool, mode: str,
           max_new_tokens: int, do_sample: bool, seed: int, device: str, router_label: str,
           model_name: str) -> dict[str, Any]:
     from .gguf_runtime import llama_cpp_version
@@ -209,8 +209,8 @@ def _meta(info: GGUFInfo, prompts: Prompts, end_ids: list[int], *, prefiltered: 
             "llama_cpp_python_version": llama_cpp_version(),
             "python": platform.python_version(),
             "date": now_iso(),
-            "notes": [] if prefiltered else [
-                "no C compiler: every graph node went through the Python callback (slower)"],
+            "notes": [] if compiled else [
+                "no C compiler: the graph was read by the Python callback (slower)"],
         },
     })
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MoecacheError
-from .gguf_native import prefiltered
+from .gguf_native import ERRORS, TapState, compiled_tap
 
 _TOPK = b"ffn_moe_topk-"
 _WEIGHTS = (b"ffn_moe_weights-", b"ffn_moe_weights_softmax-", b"ffn_moe_weights_norm-",
@@ -78,7 +78,7 @@ class MoeTap:
     every token decoded since the previous call, in batch order.
     """
 
-    def __init__(self, layers: list[int], top_k: int):
+    def __init__(self, layers: list[int], top_k: int, capacity: int):
         import llama_cpp
 
         self.layers = list(layers)
@@ -93,13 +93,38 @@ class MoeTap:
         self._scratch = np.empty(4096, np.uint8)  # tensor bytes land here, then are copied out
         self._scratch_at = self._scratch.ctypes.data
         self.error: BaseException | None = None
-        # cb_eval and its user data: the compiled prefilter in front of _eval where it
-        # builds (see .gguf_native), else _eval itself
-        self._python = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
-        native = prefiltered(_NAME_OFFSET, llama_cpp.ggml_backend_sched_eval_callback)
-        self.prefiltered = native is not None
-        self.callback = native if native is not None else self._python
-        self.user_data = ctypes.cast(self._python, ctypes.c_void_p) if native is not None else None
+        # cb_eval and its user data: the compiled tap (see .gguf_native) where it builds,
+        # writing into arrays of this object, else _eval
+        callback_type = llama_cpp.ggml_backend_sched_eval_callback
+        self._python = callback_type(self._eval)
+        built = compiled_tap(_NAME_OFFSET, _Tensor.src.offset, callback_type)
+        self.compiled = built is not None
+        if built is None:
+            self.callback, self.user_data = self._python, None
+        else:
+            self.callback, self._release = built
+            self._state, self._arrays = self._compiled_state(capacity)
+            self.user_data = ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p)
+
+    def _compiled_state(self, capacity: int) -> tuple[TapState, dict[str, np.ndarray]]:
+        layers, top_k = len(self.layers), self.top_k
+        column = np.full(max(self.layers) + 1, -1, np.int32)
+        column[self.layers] = np.arange(layers, dtype=np.int32)
+        arrays = {"column": column,
+                  "ids": np.zeros((layers, capacity, top_k), np.int32),
+                  "weights": np.zeros((layers, capacity, top_k), np.float32),
+                  "count": np.zeros(layers, np.int32), "start": np.zeros(layers, np.int32),
+                  "last": np.full(layers, -1, np.int8), "final": np.full(layers, -1, np.int8)}
+        state = TapState(
+            get=ctypes.cast(self._lib.ggml_backend_tensor_get, ctypes.c_void_p).value,
+            nbytes=ctypes.cast(self._lib.ggml_nbytes, ctypes.c_void_p).value,
+            top_k=top_k, columns=layers, capacity=capacity, max_layer=len(column) - 1,
+            **{name: array.ctypes.data for name, array in arrays.items()})
+        return state, arrays
+
+    def __del__(self) -> None:
+        if getattr(self, "compiled", False):
+            self._release(ctypes.byref(self._state))
 
     # -- the callback ------------------------------------------------------------------
     def _eval(self, tensor: int, ask: bool, _user_data) -> bool:
@@ -208,20 +233,37 @@ class MoeTap:
         self._experts = [[] for _ in self.layers]
         self._weights = [[] for _ in self.layers]
         self.error = None
+        if self.compiled:
+            self._arrays["count"][:] = 0
+            self._state.error = 0
 
     def take(self, tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """``experts`` (tokens, L, K) int16 and ``weights`` (tokens, L, K) float32 of the
         ``tokens`` decoded since the last call, each token's K by descending weight."""
         self.check()
-        for number, layer in enumerate(self.layers):
-            got = sum(len(chunk) for chunk in self._experts[number])
+        if self.compiled:
+            if self._state.error:
+                raise MoecacheError(
+                    f"llama.cpp's weights tensor of block {self._state.error_layer} "
+                    f"{ERRORS.get(self._state.error, 'could not be read')}: capture cannot read "
+                    "this architecture's routing")
+            counts = self._arrays["count"]
+        else:
+            counts = [sum(len(chunk) for chunk in chunks) for chunks in self._experts]
+        for layer, got in zip(self.layers, counts, strict=True):
             if got != tokens:
                 what = f"{got} tokens" if got else "no ffn_moe_weights tensor"
                 raise MoecacheError(f"llama.cpp's graph gave {what} for MoE layer {layer} "
                                     f"in a decode of {tokens} tokens: capture cannot read "
                                     "this architecture's routing")
-        ids = np.stack([_joined(chunks) for chunks in self._experts], axis=1)  # (tokens, L, K)
-        weights = np.stack([_joined(chunks) for chunks in self._weights], axis=1)
+        if self.compiled:
+            ids = self._arrays["ids"][:, :tokens].transpose(1, 0, 2)  # (tokens, L, K)
+            weights = self._arrays["weights"][:, :tokens].transpose(1, 0, 2).copy()
+            if self._arrays["final"][0] < 0:  # learned: from now on ask for these variants
+                self._arrays["final"][:] = self._arrays["last"]
+        else:
+            ids = np.stack([_joined(chunks) for chunks in self._experts], axis=1)
+            weights = np.stack([_joined(chunks) for chunks in self._weights], axis=1)
         if (weights[..., :-1] < weights[..., 1:]).any():  # not already by descending weight
             order = np.argsort(-weights, axis=2, kind="stable")  # ties in llama.cpp's order
             weights = np.take_along_axis(weights, order, axis=2)
