@@ -170,7 +170,7 @@ def _library(name_offset: int, src_offset: int) -> ctypes.CDLL | None:
     digest = hashlib.sha256(source_text.encode()).hexdigest()[:16]
     if digest in _LOADED:
         return _LOADED[digest]
-    target = _cache_dir() / f"gguf_filter-{digest}-{sys.platform}.so"
+    target = _cache_dir() / f"gguf_tap-{digest}-{sys.platform}.so"
     if not target.is_file():
         compiler = _compiler()
         if compiler is None:
