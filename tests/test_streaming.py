@@ -87,8 +87,8 @@ def test_random_traces_and_spans(tmp_path_factory, seed, span, capacity, policy,
         same(mc.replay(trace, policy, capacity, scope), replay_stream(streamed, policy, capacity, scope))
 
 
-def test_row_groups_split_tokens_and_steps(tmp_path):
-    """A trace written in blocks of 7 tokens (row groups that cut steps) streams as it loads."""
+def _written_in_blocks(tmp_path):
+    """A trace with prefill steps written in blocks of 7 tokens: row groups that cut steps."""
     whole = mc.synth(layers=2, experts=10, top_k=3, tokens=90, sequences=2, prompt_len=9, seed=1)
     path = tmp_path / "blocks.parquet"
     with TraceWriter(path, whole.meta, flush_tokens=7) as writer:
@@ -96,6 +96,12 @@ def test_row_groups_split_tokens_and_steps(tmp_path):
             part = slice(lo, lo + 7)
             writer.write(whole.experts[part], step=whole.step[part], seq=whole.seq[part],
                          pos=whole.pos[part], phase=whole.phase[part])
+    return path
+
+
+def test_row_groups_split_tokens_and_steps(tmp_path):
+    """A trace written in blocks of 7 tokens (row groups that cut steps) streams as it loads."""
+    path = _written_in_blocks(tmp_path)
     loaded = mc.Trace.load(path)
     with open_stream(path, span_entries=5) as streamed:
         for policy in ("lru", "opt", "lirs"):
@@ -108,13 +114,7 @@ def test_info_of_a_scanned_trace_equals_the_loaded_one(tmp_path, monkeypatch):
     import moecache.cli as cli_module
     from moecache.report import trace_summary
 
-    whole = mc.synth(layers=2, experts=10, top_k=3, tokens=90, sequences=2, prompt_len=9, seed=1)
-    path = tmp_path / "blocks.parquet"
-    with TraceWriter(path, whole.meta, flush_tokens=7) as writer:
-        for lo in range(0, whole.num_tokens, 7):
-            part = slice(lo, lo + 7)
-            writer.write(whole.experts[part], step=whole.step[part], seq=whole.seq[part],
-                         pos=whole.pos[part], phase=whole.phase[part])
+    path = _written_in_blocks(tmp_path)
     header, tokens = scan(path, span_entries=5)
     assert header.num_tokens == 0 and len(tokens["step"]) == 90
     loaded = mc.Trace.load(path)
