@@ -37,13 +37,16 @@ $(GGUF_SDIST): | $(CORE)
 	mkdir -p $(GGUF_SRC)
 	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PIN) -d $(GGUF_SRC)
 
-# Built from that source once (about 6 min on 2 cores; pip caches the wheel).
+# Built from that source once per venv (about 6 min on 2 cores; skipped while that
+# version is installed: pip would rebuild a local archive every time).
 $(GGUF): $(FULL) $(GGUF_SDIST)
 	tar xzf $(GGUF_SDIST) -C $(GGUF_SRC) \
 	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/convert_hf_to_gguf.py \
 	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/conversion \
 	    llama_cpp_python-$(LLAMA_CPP_PIN)/vendor/llama.cpp/gguf-py
-	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(BIN)/pip install -q $(GGUF_SDIST)
+	$(BIN)/python -c "import importlib.metadata as m, sys; \
+	    sys.exit(m.version('llama_cpp_python') != '$(LLAMA_CPP_PIN)')" 2>/dev/null || \
+	    CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(BIN)/pip install -q $(GGUF_SDIST)
 	$(BIN)/pip install -q -e '.[capture,dev,gguf]'
 	touch $@
 
