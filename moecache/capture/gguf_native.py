@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -164,13 +165,13 @@ def _compiler() -> str | None:
 
 
 def _library(name_offset: int, src_offset: int) -> ctypes.CDLL | None:
-    """The compiled filter (built once, then loaded from the cache), or None."""
+    """The compiled tap (built once, then loaded from the cache), or None."""
     source_text = (f"#define NAME_OFFSET {int(name_offset)}\n"
                    f"#define SRC_OFFSET {int(src_offset)}\n{_SOURCE}")
     digest = hashlib.sha256(source_text.encode()).hexdigest()[:16]
     if digest in _LOADED:
         return _LOADED[digest]
-    target = _cache_dir() / f"gguf_tap-{digest}-{sys.platform}.so"
+    target = _cache_dir() / f"gguf_tap-{digest}-{sys.platform}-{platform.machine()}.so"
     if not target.is_file():
         compiler = _compiler()
         if compiler is None:
@@ -178,9 +179,9 @@ def _library(name_offset: int, src_offset: int) -> ctypes.CDLL | None:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as folder:
-                source = Path(folder) / "filter.c"
+                source = Path(folder) / "tap.c"
                 source.write_text(source_text)
-                built = Path(folder) / "filter.so"
+                built = Path(folder) / "tap.so"
                 done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(source), "-o",
                                        str(built)], capture_output=True)
                 if done.returncode:
