@@ -78,7 +78,7 @@ def capture_gguf(
     from tqdm.auto import tqdm
 
     from .driver import check_options
-    from .gguf_runtime import LlamaRuntime, require_llama_cpp
+    from .gguf_runtime import HeldSignals, LlamaRuntime, require_llama_cpp
     from .gguf_tap import MoeTap
 
     for flag, (name, default) in _NOT_FOR_GGUF.items():
@@ -112,8 +112,9 @@ def capture_gguf(
         total = sum(len(t) for t in token_lists) if mode == "forward" else None
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"capture {mode}",
                    disable=not progress, dynamic_ncols=True)
-        with bar, TraceWriter(out, meta, with_weights=True, overwrite=overwrite) as writer:
-            steps = _Steps(runtime, tap, writer, bar)
+        with (bar, TraceWriter(out, meta, with_weights=True, overwrite=overwrite) as writer,
+              HeldSignals() as held):
+            steps = _Steps(runtime, tap, writer, bar, held)
             for seq, tokens in enumerate(token_lists):
                 if mode == "generate":
                     steps.generate(seq, tokens, max_new_tokens)
@@ -126,8 +127,9 @@ def capture_gguf(
 class _Steps:
     """Decodes through ``runtime`` and writes each decode's routing as trace steps."""
 
-    def __init__(self, runtime, tap, writer: TraceWriter, bar):
+    def __init__(self, runtime, tap, writer: TraceWriter, bar, held):
         self.runtime, self.tap, self.writer, self.bar = runtime, tap, writer, bar
+        self.held = held  # signals that arrive during a decode act once it returns
         self.step = 0
 
     def generate(self, seq: int, tokens: list[int], max_new_tokens: int) -> None:
@@ -152,7 +154,8 @@ class _Steps:
         self.tap.reset()
         try:
             self.runtime.decode(tokens, start, every_output=True)
-        finally:  # what stopped the graph inside the callback (a Ctrl-C) comes first
+        finally:  # a signal, then what stopped the graph inside the Python callback
+            self.held.deliver()
             self.tap.check()
         experts, weights = self.tap.take(count)
         if one_step:

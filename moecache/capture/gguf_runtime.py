@@ -4,7 +4,6 @@ sample. Shared by the capture (with its ``cb_eval`` tap) and the overhead benchm
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 from collections import deque
@@ -80,7 +79,6 @@ class LlamaRuntime:
         ctx_params.no_perf = True
         if threads is not None:
             ctx_params.n_threads = ctx_params.n_threads_batch = threads
-        self.deferring = cb_eval is not None
         if cb_eval is not None:
             ctx_params.cb_eval = cb_eval
             ctx_params.cb_eval_user_data = cb_eval_user_data
@@ -153,8 +151,7 @@ class LlamaRuntime:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = every_output or i == count - 1
-        with deferred_signals() if self.deferring else contextlib.nullcontext():
-            status = self.lib.llama_decode(self.ctx, batch)
+        status = self.lib.llama_decode(self.ctx, batch)
         if status != 0:
             raise MoecacheError(f"{self.path}: llama_decode failed with status {status} "
                                 f"({_last_error()})")
@@ -164,30 +161,46 @@ class LlamaRuntime:
         return int(self.lib.llama_sampler_sample(self.sampler, self.ctx, -1))
 
 
-_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+_HELD = (signal.SIGINT, signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def deferred_signals():
-    """Hold SIGINT / SIGTERM until the block ends, then run their handlers.
+class HeldSignals:
+    """While entered, SIGINT and SIGTERM are recorded instead of handled; :meth:`deliver`
+    (call it between decodes) runs the handlers of those recorded, as does leaving.
 
     A Python signal handler runs in whatever Python code runs next: during a decode that
     is the ``cb_eval`` callback, where its KeyboardInterrupt would be printed and dropped
     by ctypes. Outside the main thread (no handlers run there) this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda number, _frame: caught.append(number))
-                for sig in _DEFERRED}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
+
+    def __enter__(self) -> HeldSignals:
+        self.caught: list[int] = []
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._record) for sig in _HELD}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deliver()
+        self._restore()
+
+    def _record(self, number: int, _frame) -> None:
+        self.caught.append(number)
+
+    def _restore(self) -> None:
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
+
+    def deliver(self) -> None:
+        """Run the handlers of the signals recorded so far (they are handled normally
+        from then on)."""
+        if not self.caught:
+            return
+        previous, caught, self.caught = self.previous, self.caught, []
+        self._restore()
         for number in caught:
-            handler = previous[number]
+            handler = previous.get(number)
             if callable(handler):
                 handler(number, None)
             elif handler == signal.SIG_DFL:
