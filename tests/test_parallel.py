@@ -53,7 +53,7 @@ def test_request_passes_in_parts_equal_a_slow_reference(routing, workers):
     """Step sets, global keys and routing counts built in 1..5 parts (cut across one- and
     many-token steps) equal sets and counts computed one (step, layer) at a time."""
     trace = make_trace(*routing)
-    starts, (num_tokens, num_layers, _) = trace.step_starts(), trace.experts.shape
+    starts, num_layers = trace.step_starts(), trace.num_layers
     sets = [sorted({int(e) for token in range(starts[t], starts[t + 1]) for e in trace.experts[token, layer]})
             for t in range(len(starts) - 1) for layer in range(num_layers)]
     ids, offsets = step_unions(trace.experts, starts, trace.num_experts, workers)
