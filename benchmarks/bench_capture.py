@@ -20,7 +20,7 @@ Methodology
   at a time, left padded, exactly as the capture driver batches them.
 * (a) ``generate``: tokenization (``encode_prompts``), the driver's batching
   (``_Batch``) and ``model.generate(input_ids, attention_mask, generation_config=...)``
-  with the very ``GenerationConfig`` the driver builds (``driver._generation_config``:
+  with the very ``GenerationConfig`` the driver builds (``driver.generation_config``:
   greedy, ``max_new_tokens``, KV cache, one beam, no compile).
   (b) ``capture``: the public ``capture_model(model, tokenizer, prompts, out,
   progress=False)`` call, everything included: the router probe forward, metadata,
@@ -93,6 +93,7 @@ from moecache.capture import capture_model, encode_prompts, load_model
 from moecache.capture import driver as capture_driver
 from moecache.capture import recorder as capture_recorder
 from moecache.capture import routers as capture_routers
+from moecache.capture.torch_env import input_device
 from moecache.errors import MoecacheError
 
 GOAL = 0.05  # capture may cost at most 5% more than plain generate (CPU, hidden >= 256)
@@ -195,10 +196,10 @@ def sync(device: torch.device) -> None:
 def run_generate(model, tokenizer, args) -> list[tuple[object, torch.Tensor]]:
     """Plain ``generate`` over the prompts, batched and configured as the capture driver does."""
     torch.manual_seed(0)  # capture_model seeds too (greedy: no effect on the tokens)
-    eos = capture_driver._eos_ids(model, tokenizer)
-    pad = capture_driver._pad_id(model, tokenizer)
-    device = capture_driver._input_device(model)
-    config = capture_driver._generation_config(
+    eos = capture_driver.eos_ids(model, tokenizer)
+    pad = capture_driver.pad_id(model, tokenizer)
+    device = input_device(model)
+    config = capture_driver.generation_config(
         model, max_new_tokens=args.max_new_tokens, do_sample=False, eos=eos, pad=pad)
     token_lists = encode_prompts(tokenizer, args.prompts)
     outputs = []
@@ -321,7 +322,7 @@ def hook_dispatch_cost(model, tokenizer, args, device: torch.device,
                        calls: int = 3000) -> tuple[float, int]:
     """(seconds PyTorch adds to one router call when a forward hook is registered on it,
     number of MoE layers); the router is fed a decode-shaped input (batch, hidden)."""
-    info = capture_routers.find_routers(model, probe_token=capture_driver._pad_id(model, tokenizer))
+    info = capture_routers.find_routers(model, probe_token=capture_driver.pad_id(model, tokenizer))
     site = info.sites[0]
     x = torch.randn(args.batch_size, model.config.hidden_size, device=device,
                     dtype=next(site.module.parameters()).dtype)
@@ -570,9 +571,9 @@ def main(argv=None) -> int:
         folder = Path(tmp)
         path = Path(args.model) if args.model else save_random_model(args, folder / "model")
         model, tokenizer = load_model(path, device=args.device, dtype=args.dtype)
-        device = capture_driver._input_device(model)
+        device = input_device(model)
         eos = disable_eos(model, tokenizer)
-        info = capture_routers.find_routers(model, probe_token=capture_driver._pad_id(model, tokenizer))
+        info = capture_routers.find_routers(model, probe_token=capture_driver.pad_id(model, tokenizer))
         config = model.config
         token_lists = encode_prompts(tokenizer, args.prompts)
         batches = -(-len(token_lists) // args.batch_size)

@@ -153,9 +153,9 @@ def capture_model(
     out = Path(out)
     check_output(out, overwrite=overwrite, streaming=True)
     model.eval()
-    info = find_routers(model, probe_token=_pad_id(model, tokenizer))
+    info = find_routers(model, probe_token=pad_id(model, tokenizer))
     token_lists = encode_prompts(tokenizer, prompt_set.texts, chat_template=chat_template)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     meta = _meta(model, info, prompt_set, mode=mode, max_new_tokens=max_new_tokens,
                  batch_size=batch_size, do_sample=do_sample, seed=seed,
                  chat_template=chat_template, router_label=router_label,
@@ -249,7 +249,7 @@ class _Session:
         self.eos = eos
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
-        self.pad = _pad_id(model, tokenizer)
+        self.pad = pad_id(model, tokenizer)
         self.device = input_device(model)
         self.step = 0
         self.pending: deque = deque()
@@ -323,7 +323,7 @@ class _GenerateSession(_Session):
     def __enter__(self):
         self._batch: _Batch | None = None
         self._current = None
-        self.generation_config = _generation_config(
+        self.generation_config = generation_config(
             self.model, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
             eos=self.eos, pad=self.pad)
         self._handles = [
@@ -480,7 +480,10 @@ class _ForwardSession(_Session):
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def _generation_config(model, *, max_new_tokens: int, do_sample: bool, eos: np.ndarray, pad: int):
+def generation_config(model: Any, *, max_new_tokens: int, do_sample: bool, eos: np.ndarray,
+                      pad: int) -> Any:
+    """The model's generation config as capture runs it: exactly ``max_new_tokens``, eager,
+    stopping only at ``eos``."""
     config = copy.deepcopy(model.generation_config)
     config.max_new_tokens = max_new_tokens
     config.max_length = None
@@ -503,7 +506,8 @@ def _generation_config(model, *, max_new_tokens: int, do_sample: bool, eos: np.n
     return config
 
 
-def _eos_ids(model, tokenizer) -> np.ndarray:
+def eos_ids(model: Any, tokenizer: Any) -> np.ndarray:
+    """The end-of-sequence token ids (generation config first, then the tokenizer)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -512,12 +516,13 @@ def _eos_ids(model, tokenizer) -> np.ndarray:
     return np.atleast_1d(np.asarray(eos, np.int64))
 
 
-def _pad_id(model, tokenizer) -> int:
+def pad_id(model: Any, tokenizer: Any) -> int:
+    """The padding token id (tokenizer, generation config, else an end token)."""
     for value in (getattr(tokenizer, "pad_token_id", None),
                   getattr(getattr(model, "generation_config", None), "pad_token_id", None)):
         if isinstance(value, int):
             return value
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     return int(eos[0]) if len(eos) else 0
 
 
