@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -20,6 +17,7 @@ import moecache as mc  # noqa: E402
 from moecache.cli import cli  # noqa: E402
 from moecache.trace_io import parts_dir  # noqa: E402
 
+from .capture_process import start_long_capture  # noqa: E402
 from .tiny_models import PROMPTS, save_tiny_model  # noqa: E402
 
 
@@ -74,27 +72,9 @@ def test_capture_of_missing_model_is_one_line(tmp_path, prompts):
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
 
 
-def _start_long_capture(model_dir, tmp_path):
-    many = tmp_path / "many.txt"
-    many.write_text("\n".join(PROMPTS * 100) + "\n")
-    out = tmp_path / "long.parquet"
-    cmd = [sys.executable, "-m", "moecache.cli", "capture", str(model_dir), "--prompts", str(many),
-           "--out", str(out), "--max-new-tokens", "40", "--device", "cpu"]
-    # a background job inherits an ignored SIGINT (then Python never raises KeyboardInterrupt):
-    # give the child the default disposition, as a terminal's foreground process has
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not list(parts_dir(out).glob("part-*.parquet")):  # wait for a committed block
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    return proc, out
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_terminated_capture_leaves_partial_trace(model_dir, tmp_path, sig):
-    proc, out = _start_long_capture(model_dir, tmp_path)
+    proc, out = start_long_capture(model_dir, tmp_path, PROMPTS * 100)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -105,7 +85,7 @@ def test_terminated_capture_leaves_partial_trace(model_dir, tmp_path, sig):
 
 
 def test_killed_capture_leaves_readable_parts(model_dir, tmp_path):
-    proc, out = _start_long_capture(model_dir, tmp_path)
+    proc, out = start_long_capture(model_dir, tmp_path, PROMPTS * 100)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     code, stderr = run("info", out)[0], run("info", out)[2]

@@ -11,9 +11,6 @@ forced) is printed and must stay above a floor.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -33,8 +30,8 @@ from moecache.capture.gguf_tap import MoeTap  # noqa: E402
 from moecache.cli import cli  # noqa: E402
 from moecache.errors import MoecacheError  # noqa: E402
 from moecache.trace import DECODE, PREFILL  # noqa: E402
-from moecache.trace_io import parts_dir  # noqa: E402
 
+from .capture_process import start_long_capture  # noqa: E402
 from .tiny_gguf import GGUF_ARCHS, convert, save_tiny_hf  # noqa: E402
 from .tiny_models import PROMPTS  # noqa: E402
 
@@ -188,18 +185,7 @@ def test_interrupt_keeps_completed_steps(models, prompts, tmp_path, monkeypatch)
 def test_signal_leaves_partial_trace(models, tmp_path, sig):
     """A signal that lands while llama.cpp computes (inside the graph callback) still stops
     the capture cleanly, with the completed steps kept."""
-    many = tmp_path / "many.txt"
-    many.write_text("\n".join(PROMPTS * 400) + "\n")
-    out = tmp_path / "long.parquet"
-    cmd = [sys.executable, "-m", "moecache.cli", "capture", str(models["qwen3_moe"][1]),
-           "--prompts", str(many), "--out", str(out), "--max-new-tokens", "40", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not list(parts_dir(out).glob("part-*.parquet")):  # wait for a committed block
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    proc, out = start_long_capture(models["qwen3_moe"][1], tmp_path, PROMPTS * 400)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
