@@ -259,3 +259,29 @@ def test_read_gguf_layout(models):
     assert (info.num_experts, info.top_k, info.num_shared_experts) == (8, 2, 2)
     # gate, up, down of one expert: 3 x hidden 32 x moe_intermediate 32 floats
     assert info.expert_bytes == [3 * 32 * 32 * 4] * 2 and info.expert_types == ["F32"]
+
+
+def test_hostile_headers_are_one_line(tmp_path):
+    """Arrays of arrays nested past Python's stack, and a tensor whose shape overflows 64
+    bits, are refused in one line (no RecursionError, no size wrapped around)."""
+    import struct
+
+    def header(keys: bytes, n_keys: int, tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+        return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_keys) + keys + tensors
+
+    def name(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    array, f32 = 9, 0  # a GGUF value type, a ggml tensor type
+    nested = name("x") + struct.pack("<I", array) + struct.pack("<IQ", array, 1) * 5000
+    deep = tmp_path / "deep.gguf"
+    deep.write_bytes(header(nested, 1) + bytes(64))
+    huge = tmp_path / "huge.gguf"
+    arch = name("general.architecture") + struct.pack("<I", 8) + name("olmoe")
+    shape = struct.pack("<I", 2) + struct.pack("<QQ", 2**40, 2**40)
+    huge.write_bytes(header(arch, 1, name("blk.0.ffn_gate_inp.weight") + shape
+                            + struct.pack("<IQ", f32, 0), 1) + bytes(64))
+    for path, words in ((deep, "nested too deep"), (huge, "truncated GGUF file")):
+        with pytest.raises(MoecacheError, match=words) as info:
+            read_gguf(path)
+        assert "\n" not in str(info.value)

@@ -10,12 +10,11 @@ divided by E.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from ..errors import MoecacheError
 
@@ -181,13 +180,15 @@ def _read_header(path: Path, gguf) -> tuple[dict, dict[str, _TensorInfo], int]:
             shape = tuple(take("<Q") for _ in range(take("<I")))
             kind = gguf.GGMLQuantizationType(take("<I"))
             block, size = gguf.GGML_QUANT_SIZES[kind]
-            count = int(np.prod(shape, dtype=np.int64))
+            count = math.prod(shape)  # exact: a hostile shape must not wrap around
             offset = take("<Q")
             tensors[name] = _TensorInfo(shape, kind.name, count // block * size, offset)
         if at > len(view):
             raise struct.error("header past the end of the file")
     except struct.error:
         raise MoecacheError(f"{path}: truncated GGUF file (its header runs past the end)") from None
+    except RecursionError:  # arrays of arrays nested past Python's stack
+        raise MoecacheError(f"{path}: not a readable GGUF file (arrays nested too deep)") from None
     except (ValueError, KeyError) as err:
         raise MoecacheError(f"{path}: not a readable GGUF file ({_reason(err)})") from None
     finally:
