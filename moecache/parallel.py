@@ -82,7 +82,10 @@ def read_ahead(items: Iterator[T]) -> Iterator[T]:
     """``items``, the next one produced in a thread while the caller works on this one: at
     most two in memory. An error in the producer is raised where its item would be."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moecache-read") as pool:
-        upcoming = pool.submit(next, items, None)
-        while (item := upcoming.result()) is not None:
-            upcoming = pool.submit(next, items, None)
+        upcoming = pool.submit(next, items, _END)
+        while (item := upcoming.result()) is not _END:
+            upcoming = pool.submit(next, items, _END)
             yield item
+
+
+_END = object()  # what ``next`` returns once the items run out (an item may be None)

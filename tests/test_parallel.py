@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moecache as mc
-from moecache.parallel import map_parallel
+from moecache.parallel import map_parallel, read_ahead
 from moecache.policies import REGISTRY
 from moecache.requests import NEVER, global_keys, routing_counts, step_unions
 from tests.strategies import make_trace, routings
@@ -45,6 +45,11 @@ def test_map_parallel_order_and_errors():
     with pytest.raises(mc.MoecacheError, match="layer 2 is bad"):
         map_parallel(fail, 5, 2)
     assert np.array_equal(map_parallel(np.arange, 3, 1)[2], np.arange(2))
+
+
+def test_read_ahead_keeps_order_and_none_items():
+    assert list(read_ahead(iter([1, None, 2]))) == [1, None, 2]
+    assert list(read_ahead(iter([]))) == []
 
 
 @settings(max_examples=40, deadline=None)
