@@ -285,3 +285,12 @@ def test_hostile_headers_are_one_line(tmp_path):
         with pytest.raises(MoecacheError, match=words) as info:
             read_gguf(path)
         assert "\n" not in str(info.value)
+
+
+def test_a_context_past_32_bits_is_one_line(models, prompts, tmp_path):
+    """--max-new-tokens 2**63 - 1 made llama.cpp abort (a core dump); now one line, nothing written."""
+    out = tmp_path / "x.parquet"
+    code, _, stderr = run("capture", models["olmoe"][1], "--prompts", prompts, "--out", out,
+                          "--max-new-tokens", 2**63 - 1)
+    assert code == 2 and "more than llama.cpp takes" in stderr and stderr.strip().count("\n") == 0
+    assert not out.exists()

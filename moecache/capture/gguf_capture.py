@@ -103,6 +103,9 @@ def capture_gguf(
     longest = max(len(t) for t in token_lists)
     tap = MoeTap(info.moe_layers, info.top_k, capacity=longest)
     n_ctx = longest + (max_new_tokens if mode == "generate" else 0)
+    if n_ctx >= 2**31:  # llama.cpp's context size is 32-bit: a larger one would wrap or abort
+        raise MoecacheError(f"--max-new-tokens {max_new_tokens} with a prompt of {longest} tokens "
+                            f"needs a context of {n_ctx} tokens, more than llama.cpp takes (2**31 - 1)")
     with LlamaRuntime(model_path, n_ctx=n_ctx, n_batch=longest, cb_eval=tap.callback,
                       cb_eval_user_data=tap.user_data, device=device, do_sample=do_sample,
                       seed=seed, threads=threads) as runtime:
