@@ -48,7 +48,7 @@ from .report import (
     trace_summary,
 )
 from .reroute import reroute
-from .streaming import curve_stream, open_stream, replay_stream, scan, should_stream
+from .streaming import curve_stream, open_stream, replay_file, scan, should_stream, trace_header
 from .synth import DEFAULT_EXPERT_BYTES, MAX_IDS, MAX_SKEW, write_synth
 from .timeline import timeline
 from .trace import Trace
@@ -116,10 +116,9 @@ def replay_command(trace: str, policy: str, capacity: int | None, memory: int | 
     if capacity is None and memory is None:
         raise MoecacheError("give --capacity N (experts) or --memory SIZE (bytes)")
     if should_stream(trace, stream, policy):
-        with open_stream(trace, per_token=per_token, weights=_reads_scores(policy)) as streamed:
-            loaded = streamed.header
-            result = replay_stream(streamed, policy, capacity, scope, memory=memory, bandwidth=bandwidth,
-                                   latency=latency, seed=seed)
+        loaded = trace_header(trace)
+        result = replay_file(trace, policy, capacity, scope, per_token=per_token, memory=memory,
+                             bandwidth=bandwidth, latency=latency, seed=seed)
     else:
         loaded = Trace.load(trace, weights=_reads_scores(policy), lookahead=False)
         result = replay(loaded, policy, capacity, scope, memory=memory, bandwidth=bandwidth,

@@ -36,7 +36,7 @@ from .requests import NEVER, Requests, routing_counts
 from .storage import Location
 from .trace import Trace
 from .trace_io import TraceReader
-from .validate import plan, plan_range
+from .validate import Plan, plan, plan_range
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,6 +69,13 @@ def should_stream(path: str | os.PathLike | Location, stream: bool | None = None
         return True
     if policy is None or requests <= STREAM_LRU_ABOVE:
         return False
+    return serves_in_one_pass(policy)
+
+
+def serves_in_one_pass(policy: Any) -> bool:
+    """Whether a streamed replay under ``policy`` serves the caches while the file is read
+    (:func:`replay_file`): a policy with a span kernel that reads neither the future nor
+    the length of the stream (lru)."""
     chosen = resolve(policy).policy
     return chosen.compiled and chosen.spans is not None and not chosen.needs_future
 
@@ -100,7 +107,7 @@ class StreamedTrace:
     num_tokens: int
     num_steps: int
     layer_totals: dict[str, np.ndarray]
-    folder: Path
+    folder: Path | None  # None: counted in one pass, nothing spilled to read back
     spans: list[tuple[int, int, int, int]] = field(default_factory=list)  # (first step, steps,
     # first entry, entries) of each span
     has_scores: bool = False
@@ -150,6 +157,8 @@ class StreamedTrace:
 
     def iter_spans(self, *, scores: bool = False, future: bool = False) -> Iterator[Span]:
         """The spans in order; ``scores`` and ``future`` (next steps, see :class:`Span`) on demand."""
+        if self.folder is None:
+            raise MoecacheError(f"{self.header.source}: counted in one pass: no spans to read back")
         if scores and not self.has_scores:
             raise MoecacheError(f"{self.header.source}: opened without router weights (weights=True)")
         if future:
@@ -199,10 +208,7 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
     system's temporary directory). ``weights`` keeps the router weight of each entry for
     the policies that read them. Memory: one batch of about ``span_entries`` requested
     experts plus the tokens of one step."""
-    reader = TraceReader(path, weights=weights, logits=False, lookahead=False)
-    if weights and "weights" not in reader.grids:
-        raise MoecacheError(f"{reader.source}: the trace has no router weights, which this policy needs "
-                            "(capture or import them with the routing)")
+    reader = _reader(path, weights)
     header = _header(reader, weights)
     place = folder if folder is not None else tempfile.gettempdir()
     with write_errors(f"spill folder in {place}"):  # a full disk, or no folder there: one line
@@ -220,6 +226,15 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
         except BaseException:
             cleanup.cleanup()
             raise
+
+
+def _reader(path: str | os.PathLike | Location, weights: bool) -> TraceReader:
+    """The trace's expert ids, and its router weights with ``weights`` (which it must have)."""
+    reader = TraceReader(path, weights=weights, logits=False, lookahead=False)
+    if weights and "weights" not in reader.grids:
+        raise MoecacheError(f"{reader.source}: the trace has no router weights, which this policy needs "
+                            "(capture or import them with the routing)")
+    return reader
 
 
 def _batch_rows(reader: TraceReader, span_entries: int) -> int:
@@ -293,7 +308,7 @@ class _Spiller:
     """Cuts token blocks at step boundaries into parts, checks them and builds their step
     sets (``parts``), then counts and writes each (``write``)."""
 
-    def __init__(self, header: Trace, per_token: bool, folder: Path, weights: bool) -> None:
+    def __init__(self, header: Trace, per_token: bool, folder: Path | None, weights: bool) -> None:
         self.header, self.per_token, self.folder, self.weights = header, per_token, folder, weights
         layers, experts = header.num_layers, header.num_experts
         self.last_step = np.full(layers * experts, NEVER, np.int64)
@@ -302,7 +317,8 @@ class _Spiller:
         self.largest_at = (0, 0)
         self.spans: list[tuple[int, int, int, int]] = []
         self.steps = self.tokens = self.entries = 0
-        self.files = {name: open(folder / name, "wb") for name in ("ids.i16", "sizes.u16", "scores.f32")}
+        names = ("ids.i16", "sizes.u16", "scores.f32") if folder is not None else ()  # None: count only
+        self.files = {name: open(folder / name, "wb") for name in names}
 
     def parts(self, blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[tuple[Trace, Requests]]:
         """The checked parts of the blocks (:func:`checked_parts`), with their step sets."""
@@ -312,8 +328,9 @@ class _Spiller:
                 req.scores(part, per_token=self.per_token)  # cached on the part
             yield part, req
 
-    def write(self, part: Trace, req: Requests) -> None:
-        """Count a part's requests into the totals and spill its step sets."""
+    def write(self, part: Trace, req: Requests) -> Span:
+        """Count a part's requests into the totals and spill its step sets (unless the
+        spiller only counts); the part as a span."""
         header = self.header
         layers = header.num_layers
         cold, overlap = routing_counts(req.ids, req.offsets, layers, header.num_experts, self.last_step,
@@ -328,20 +345,31 @@ class _Spiller:
         if sizes[t, li] > totals["largest"].max():
             self.largest_at = (self.steps + t, li)
         np.maximum(totals["largest"], sizes.max(axis=0), out=totals["largest"])
-        req.ids.tofile(self.files["ids.i16"])
-        sizes.astype(np.uint16).tofile(self.files["sizes.u16"])
-        if self.weights:
-            req.scores(part, per_token=self.per_token).tofile(self.files["scores.f32"])
+        scores = req.scores(part, per_token=self.per_token) if self.weights else None
+        if self.files:
+            req.ids.tofile(self.files["ids.i16"])
+            sizes.astype(np.uint16).tofile(self.files["sizes.u16"])
+            if scores is not None:
+                scores.tofile(self.files["scores.f32"])
+        span = Span(req, self.steps, self.entries, scores)
         self.spans.append((self.steps, req.num_steps, self.entries, len(req.ids)))
         self.steps += req.num_steps
         self.tokens += part.num_tokens
         self.entries += len(req.ids)
+        return span
+
+    def progress(self) -> StreamedTrace:
+        """What was counted so far (nothing to read back): the totals of the parts written."""
+        return StreamedTrace(self.header, self.per_token, self.tokens, self.steps, self.totals, None,
+                             self.spans, self.weights, self.largest_at)
 
     def finish(self, cleanup: Any) -> StreamedTrace:
         for f in self.files.values():
             f.close()  # flushed before the spans are read back
         if not self.tokens:
             raise MoecacheError(f"{self.header.source}: the trace holds no tokens: nothing to replay")
+        if cleanup is None:
+            return self.progress()
         return StreamedTrace(self.header, self.per_token, self.tokens, self.steps, self.totals,
                              Path(cleanup.name), self.spans, self.weights, self.largest_at, cleanup)
 
@@ -381,26 +409,83 @@ def curve_stream(stream: StreamedTrace, policy: Any = "lru", scope: str = "layer
     return pd.DataFrame(rows).drop(columns=["memory_bytes"])
 
 
+def replay_file(path: str | os.PathLike | Location, policy: Any = "lru", capacity: int | None = None,
+                scope: str = "layer", *, per_token: bool = False, memory: str | int | None = None,
+                bandwidth: str | float | None = None, latency: str | float = 0.0, seed: int = 0,
+                policy_args: dict[str, Any] | None = None, workers: int | None = None,
+                folder: str | os.PathLike | None = None, span_entries: int = SPAN_ENTRIES) -> ReplayResult:
+    """:func:`replay_stream` of a trace file: the same result. A policy that
+    :func:`serves_in_one_pass` is served while the file is read, nothing spilled: the caches
+    take each span as soon as it is checked and counted, beside the decoding. The step sets
+    counted so far are checked against the cache before each span; a set that does not fit
+    stops the serving, and the error names the largest set once the whole file is read,
+    as for a replay in memory. Other policies: :func:`open_stream`, then :func:`replay_stream`."""
+    choice = resolve(policy, policy_args)
+    weights = choice.policy.needs_scores
+    if not serves_in_one_pass(choice):
+        with open_stream(path, per_token=per_token, weights=weights, folder=folder,
+                         span_entries=span_entries) as streamed:
+            return replay_stream(streamed, choice, capacity, scope, memory=memory, bandwidth=bandwidth,
+                                 latency=latency, seed=seed, workers=workers)
+    reader = _reader(path, weights)
+    header = _header(reader, weights)
+    counter = _Spiller(header, per_token, None, weights)
+
+    def checked() -> Plan:  # the replay's settings against the step sets counted so far
+        return plan(header, choice, scope, capacity=capacity, memory=memory, per_token=per_token,
+                    bandwidth=bandwidth, latency=latency, seed=seed, requests=counter.progress())  # type: ignore[arg-type]
+
+    settings = checked()
+    caches = [settings.layer_capacities] if scope == "layer" else [(settings.pool, settings.units)]
+
+    def fitting_spans() -> Iterator[Span]:
+        fits = True
+        blocks = reader.token_blocks(_batch_rows(reader, span_entries))
+        for part, req in read_ahead(counter.parts(read_ahead(blocks))):
+            span = counter.write(part, req)
+            if fits:
+                try:
+                    checked()
+                except MoecacheError:
+                    fits = False  # read on: the error names the largest set of the whole file
+            if fits:
+                yield span
+    hits = _serve_spans(fitting_spans(), choice, scope, caches, seed, workers, header.num_layers,
+                        header.num_experts)[0]
+    counted = counter.finish(None)
+    final = checked()  # raises if a step set did not fit
+    return summarize(header, counted, hits, final.policy.label, scope,  # type: ignore[arg-type]
+                     final.capacity, final.memory_bytes, final.bandwidth, final.latency)
+
+
 def _serve(stream: StreamedTrace, choice: Choice, scope: str, caches: list, seed: int,
            workers: int | None) -> np.ndarray:
-    """Hits per layer (rows: ``caches``) of one pass over the spans. A cache is the
-    capacities per layer (layer scope) or (pool, units per layer) (global scope); the
-    caches of a span run ``workers`` at a time."""
-    layers, experts = stream.num_layers, stream.num_experts
+    """Hits per layer (rows: ``caches``) of one pass over the spilled spans."""
     policy = choice.policy
+    return _serve_spans(stream.iter_spans(scores=policy.needs_scores, future=policy.needs_future), choice,
+                        scope, caches, seed, workers, stream.num_layers, stream.num_experts, stream.num_steps)
+
+
+def _serve_spans(spans: Iterator[Span], choice: Choice, scope: str, caches: list, seed: int,
+                 workers: int | None, layers: int, experts: int, num_steps: int = 0) -> np.ndarray:
+    """Hits per layer (rows: ``caches``) of one pass over ``spans``. A cache is the
+    capacities per layer (layer scope) or (pool, units per layer) (global scope); the
+    caches of a span run ``workers`` at a time. ``num_steps``: of the whole stream, for
+    the policies that read its length or future (0 when it is not known yet: a one-pass
+    replay, whose policies read neither)."""
     if scope == "layer":
         sessions = [Session(choice, np.ones(experts, np.int64), capacity, seed)
                     for cache in caches for capacity in cache]
-        total = stream.num_steps
+        total = num_steps
     else:
         sessions = [Session(choice, np.repeat(np.asarray(units, np.int64), experts), pool, seed)
                     for pool, units in caches]
-        total = stream.num_steps * layers
+        total = num_steps * layers
     hits = np.zeros((len(caches), layers), np.int64)
     layer_entries = np.zeros(layers, np.int64)  # entries of each layer's stream before the span
-    spans = ((span, _span_streams(span, scope, stream.num_steps, layers))  # the next one read while
-             for span in stream.iter_spans(scores=policy.needs_scores, future=policy.needs_future))
-    for span, streams in read_ahead(spans):  # the caches serve this one
+    streamed = ((span, _span_streams(span, scope, num_steps, layers))  # the next one read while
+                for span in spans)
+    for span, streams in read_ahead(streamed):  # the caches serve this one
         first = span.first_step * (1 if scope == "layer" else layers)
         starts = layer_entries if scope == "layer" else [span.first_entry]
 

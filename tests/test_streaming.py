@@ -15,7 +15,7 @@ import moecache as mc
 from moecache.cli import cli
 from moecache.errors import MoecacheError
 from moecache.policies import POLICIES
-from moecache.streaming import curve_stream, open_stream, replay_stream, scan, should_stream
+from moecache.streaming import curve_stream, open_stream, replay_file, replay_stream, scan, should_stream
 from moecache.trace_io import TraceWriter
 
 
@@ -85,6 +85,70 @@ def test_random_traces_and_spans(tmp_path_factory, seed, span, capacity, policy,
     capacity = max(capacity, int(mc.Requests.from_trace(trace).layer_totals["largest"].max()))
     with open_stream(path, weights=True, span_entries=span) as streamed:
         same(mc.replay(trace, policy, capacity, scope), replay_stream(streamed, policy, capacity, scope))
+
+
+@pytest.mark.parametrize("span", [40, 700, 1 << 23])
+def test_one_pass_equals_the_in_memory_replay(trace_file, span, monkeypatch):
+    """lru is served while the file is read (no spill: open_stream is never called); the
+    other policies spill and read back; both give the in-memory numbers."""
+    import moecache.streaming as streaming
+
+    trace = mc.Trace.load(trace_file)
+    spill = streaming.open_stream
+    monkeypatch.setattr(streaming, "open_stream", lambda *a, **k: pytest.fail("lru spilled"))
+    for per_token in (False, True):
+        for scope, capacity in (("layer", 8), ("global", 20)):
+            expected = mc.replay(trace, "lru", capacity, scope, per_token=per_token)
+            same(expected, replay_file(trace_file, "lru", capacity, scope, per_token=per_token,
+                                       span_entries=span))
+            expected = mc.replay(trace, "lru", scope=scope, memory="60KB", per_token=per_token,
+                                 bandwidth="1GB/s", latency="1ms")
+            same(expected, replay_file(trace_file, "lru", scope=scope, memory="60KB", per_token=per_token,
+                                       bandwidth="1GB/s", latency="1ms", span_entries=span))
+    monkeypatch.setattr(streaming, "open_stream", spill)
+    for policy in ("opt", "fifo", "score-lru"):
+        same(mc.replay(trace, policy, 20, "global"), replay_file(trace_file, policy, 20, "global",
+                                                                span_entries=span))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), span=st.integers(1, 200), capacity=st.integers(2, 12),
+       scope=st.sampled_from(["layer", "global"]), prompt=st.integers(0, 6))
+def test_one_pass_random_traces_and_spans(tmp_path_factory, seed, span, capacity, scope, prompt):
+    """Random traces, spans and capacities, some below the largest step set: the one-pass
+    replay gives the in-memory result, or the same one-line error."""
+    path = tmp_path_factory.mktemp("one-pass") / "t.parquet"
+    mc.synth(layers=2, experts=12, top_k=2, tokens=80, sequences=2, prompt_len=prompt, seed=seed).save(path)
+    trace = mc.Trace.load(path)  # the errors name the file
+    try:
+        expected = mc.replay(trace, "lru", capacity, scope)
+    except MoecacheError as err:
+        with pytest.raises(MoecacheError) as got:
+            replay_file(path, "lru", capacity, scope, span_entries=span)
+        assert str(got.value) == str(err)
+    else:
+        same(expected, replay_file(path, "lru", capacity, scope, span_entries=span))
+
+
+def test_one_pass_names_the_largest_set_found_late(tmp_path):
+    """A step set too large for the cache, many spans in: serving stops there, and the error
+    names the largest set of the whole file, as the in-memory replay does."""
+    rng = np.random.default_rng(0)
+    experts = np.stack([np.stack([rng.permutation(16)[:2] for _ in range(2)]) for _ in range(300)])
+    step = np.arange(300)
+    step[200:206] = 200  # a prefill step of 6 tokens
+    step[250:260] = 250  # and a larger one of 10 later
+    step[206:250] = np.arange(201, 245)
+    step[260:] = np.arange(251, 291)
+    path = tmp_path / "late.parquet"
+    mc.Trace.from_arrays(experts, 16, step=step).save(path)
+    trace = mc.Trace.load(path)
+    with pytest.raises(MoecacheError) as expected:
+        mc.replay(trace, "lru", 6)
+    assert "at step 245" in str(expected.value)  # the 246th step (step value 250)
+    with pytest.raises(MoecacheError) as got:
+        replay_file(path, "lru", 6, span_entries=16)
+    assert str(got.value) == str(expected.value)
 
 
 def _written_in_blocks(tmp_path):
