@@ -1,4 +1,4 @@
-"""``moecache import``: turn existing routing logs into trace format v1.
+"""``moecache import``: turn existing routing logs into a trace (the current format).
 
 Three kinds of source are read:
 
@@ -133,7 +133,7 @@ from ._version import __version__
 from .errors import MoecacheError, TraceError
 from .files import first_line
 from .trace import Trace
-from .trace_format import DECODE, PREFILL, now_iso
+from .trace_format import DECODE, PREFILL, now_iso, with_id_lists
 from .units import parse_bytes
 
 FIELDS = ("experts", "weights", "layer", "token", "seq", "pos", "step", "time", "phase", "token_id")
@@ -478,7 +478,7 @@ def _read_table(path: Path, fmt: str, src: str) -> pa.Table:
             with open(path, "rb") as handle:
                 if handle.read(4) != b"PAR1":
                     raise MoecacheError(f"{src}: not a Parquet file")
-            table = pq.read_table(path)
+            table = with_id_lists(pq.read_table(path))  # a moecache trace is a row log too
         elif fmt in ("csv", "tsv"):
             import pyarrow.csv as pacsv
 

@@ -41,8 +41,10 @@ from .trace_format import (
     OPTIONAL_COLUMNS,
     PARQUET_MAGIC,
     PHASES,
+    READ_VERSIONS,
     REQUIRED_COLUMNS,
     check_meta,
+    ids_column,
     meta_json,
     schema,
 )
@@ -55,8 +57,11 @@ PARTS_SUFFIX = ".parts"
 _DELTA_COLUMNS = ("step", "token", "pos")
 _WRITE_OPTIONS = {
     "compression": "zstd",
-    "use_dictionary": ["seq", "token_id", "phase", "layer", "experts.list.element"],
-    "column_encoding": {name: "DELTA_BINARY_PACKED" for name in _DELTA_COLUMNS},
+    "use_dictionary": ["seq", "token_id", "phase", "layer"],
+    # ids: their bytes split into streams (low bytes, then high bytes), which zstd packs to
+    # about one byte an id and which decode at memory speed
+    "column_encoding": {**{name: "DELTA_BINARY_PACKED" for name in _DELTA_COLUMNS},
+                        "experts": "BYTE_STREAM_SPLIT"},
     "write_page_checksum": True,  # verified on reading: a corrupted page is an error, never other ids
 }
 # what a part folder may hold: committed parts and the temporary files of unfinished ones
@@ -107,7 +112,7 @@ def save_trace(trace: Trace, path: str | os.PathLike, *, overwrite: bool = True)
         check_output(path, overwrite=overwrite)
         optional = {name: getattr(trace, name) for name in OPTIONAL_COLUMNS}
         table = _arrow_table(
-            _schema(trace.meta, [name for name, values in optional.items() if values is not None]),
+            _schema(_written(trace.meta), [name for name, values in optional.items() if values is not None]),
             trace.layers.astype(np.int16), experts=trace.experts, step=trace.step, seq=trace.seq,
             pos=trace.pos, phase=trace.phase, token_id=trace.token_id, **optional)
         with atomic_write(path) as tmp:
@@ -136,7 +141,7 @@ class TraceWriter:
         flush_seconds: float = 2.0,
     ) -> None:
         self.path = Path(path)
-        self.meta = dict(meta)
+        self.meta = _written(meta)
         self.layers = np.asarray(meta["moe_layers"], dtype=np.int16)
         self.optional = [name for name, wanted in zip(
             OPTIONAL_COLUMNS, (with_weights, with_logits, with_lookahead, with_lookahead), strict=True)
@@ -263,14 +268,19 @@ _OPTIONAL_TYPES = {"weights": np.float32, "logits": np.float16, "lookahead": np.
 
 
 def _schema(meta: dict[str, Any], optional: list[str]) -> pa.Schema:
-    """The format's schema with the ``optional`` columns."""
+    """The schema of ``meta``'s format version with the ``optional`` columns."""
     return schema(meta, **{f"with_{name}": name in optional for name in OPTIONAL_COLUMNS})
+
+
+def _written(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` as written: in the current format, whatever version it was read from."""
+    return {**meta, "format_version": FORMAT_VERSION}
 
 
 def _arrow_table(table_schema: pa.Schema, layers: np.ndarray, *, experts: np.ndarray, step: np.ndarray,
                  seq: np.ndarray, pos: np.ndarray, phase: np.ndarray, token_id: np.ndarray | None,
                  first_token: int = 0, **optional: np.ndarray | None) -> pa.Table:
-    """Rows of format v1 for dense per-token arrays (tokens numbered from ``first_token``);
+    """Rows of the current format for dense per-token arrays (tokens numbered from ``first_token``);
     ``optional`` maps the names of :data:`OPTIONAL_COLUMNS` to arrays (n, layers, width) or None."""
     n, num_layers, top_k = experts.shape
     rows = n * num_layers
@@ -289,8 +299,7 @@ def _arrow_table(table_schema: pa.Schema, layers: np.ndarray, *, experts: np.nda
         "phase": pa.DictionaryArray.from_arrays(
             pa.array(per_row(np.asarray(phase, np.int8)), pa.int8()), pa.array(PHASES)),
         "layer": pa.array(np.tile(layers, n)),
-        "experts": pa.FixedSizeListArray.from_arrays(
-            pa.array(np.asarray(experts, np.int16).reshape(-1)), top_k),
+        "experts": ids_column(np.asarray(experts).reshape(rows, top_k)),
     }
     for name, values in optional.items():
         if values is not None:
@@ -362,16 +371,16 @@ def _read_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
         raise TraceError(f"{source}: 'moecache' metadata is not valid JSON") from None
     if isinstance(meta, dict):
         version = meta.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:
+        if type(version) is not int or version not in READ_VERSIONS:
             raise TraceError(f"{source}: unsupported trace format_version {version!r} "
-                             f"(this moecache reads {FORMAT_VERSION})")
+                             f"(this moecache reads {', '.join(map(str, READ_VERSIONS))})")
     check_meta(meta, source)
     return meta
 
 
 def _check_columns(pf: pq.ParquetFile, columns: list[str], meta: dict[str, Any], source: str) -> None:
-    """Each column read must have its format v1 type: ids of another type (int64, float)
-    would otherwise be cast without a word. Phase is checked by value."""
+    """Each column read must have the type of the file's format version: ids of another
+    type (int64, float) would otherwise be cast without a word. Phase is checked by value."""
     wanted = _schema(meta, list(OPTIONAL_COLUMNS))
     for name in columns:
         if name == "phase":
@@ -379,25 +388,29 @@ def _check_columns(pf: pq.ParquetFile, columns: list[str], meta: dict[str, Any],
         actual, expected = pf.schema_arrow.field(name).type, wanted.field(name).type
         if actual == expected:
             continue
-        if (name in ("experts", "weights", "lookahead", "lookahead_weights")
-                and pa.types.is_fixed_size_list(actual)
-                and actual.value_type == expected.value_type):
-            raise TraceError(f"{source}: inconsistent K: {name} column is {actual}, "
+        same_kind = ((pa.types.is_fixed_size_list(actual) and pa.types.is_fixed_size_list(expected)
+                      and actual.value_type == expected.value_type)
+                     or (pa.types.is_fixed_size_binary(actual) and pa.types.is_fixed_size_binary(expected)))
+        if name in ("experts", "weights", "lookahead", "lookahead_weights") and same_kind:
+            raise TraceError(f"{source}: inconsistent K: {name} column is {_type_name(actual)}, "
                              f"metadata top_k={meta['top_k']}")
-        raise TraceError(f"{source}: column {name!r} is {_type_name(actual)}, trace format v1 stores "
-                         f"{_type_name(expected)} (convert other data with `moecache import`)")
+        raise TraceError(f"{source}: column {name!r} is {_type_name(actual)}, trace format "
+                         f"v{meta['format_version']} stores {_type_name(expected)} "
+                         "(convert other data with `moecache import`)")
 
 
 def _type_name(kind: pa.DataType) -> str:
     if pa.types.is_fixed_size_list(kind):
         return f"fixed_size_list<{kind.value_type}>[{kind.list_size}]"
+    if pa.types.is_fixed_size_binary(kind):
+        return f"fixed_size_binary[{kind.byte_width}]"
     return str(kind)
 
 
 class TraceReader:
     """A trace file (or part folder) opened for reading: its metadata, row count and the
     columns asked for (``lookahead``: that column if the file has it, and its weights too
-    with ``weights``), checked against format v1 before any data is read."""
+    with ``weights``), checked against its format version before any data is read."""
 
     def __init__(self, path: str | os.PathLike | Location, *, weights: bool = True, logits: bool = False,
                  lookahead: bool = True) -> None:
@@ -593,6 +606,12 @@ def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
         return is_decode[indices]
     if name == "token_id":
         return as_numpy(col, null=-1)
+    if pa.types.is_fixed_size_binary(col.type):  # v2 ids: K little-endian int16 per row
+        if col.null_count:
+            raise TraceError(f"{source}: null expert id in some row")
+        width = col.type.byte_width
+        ids = np.frombuffer(col.buffers()[1], "<i2", count=len(col) * width // 2, offset=col.offset * width)
+        return ids.astype(np.int16, copy=False)  # a view, but on a big-endian machine
     if pa.types.is_fixed_size_list(col.type):
         width = col.type.list_size
         values = col.values.slice(col.offset * width, len(col) * width)  # the child's values of these rows
@@ -649,5 +668,7 @@ def storage_stats(path: str | os.PathLike | Location) -> tuple[int, float]:
                 column = row_group.column(index)
                 if column.path_in_schema.split(".")[0] == "experts":
                     id_bytes += column.total_compressed_size
-                    ids += column.num_values
+                    # v2: a value per row, of K int16 (its length in bytes); v1: a value per id
+                    binary = column.physical_type == "FIXED_LEN_BYTE_ARRAY"
+                    ids += column.num_values * (metadata.schema.column(index).length // 2 if binary else 1)
     return sum(f.size() for f in files), (id_bytes / ids if ids else 0.0)

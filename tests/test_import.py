@@ -159,10 +159,16 @@ def test_parquet_source_with_steps_phase_and_token_ids(tmp_path):
     import_routing(tmp_path / "log.parquet", out, mapping="token=t,phase=kind", step="prefill",
                    overwrite=True)
     assert mc.Trace.load(out).step.tolist() == [0, 0, 0, 1, 2]
-    # a moecache trace is itself a row log with the identity mapping
+    # a moecache trace is itself a row log with the identity mapping (format v2: its ids
+    # column is binary, read as lists of int16)
     back = tmp_path / "back.parquet"
     import_routing(out, back, num_experts=9)
     np.testing.assert_array_equal(mc.Trace.load(back).experts, ids)
+    # a binary column of some other log is not guessed at
+    pq.write_table(table.set_column(2, "experts", pa.array([b"\x01\x00\x02\x00"] * 10, pa.binary(4))),
+                   tmp_path / "binary.parquet")
+    with pytest.raises(MoecacheError, match="must hold lists of numbers, got fixed_size_binary"):
+        import_routing(tmp_path / "binary.parquet", tmp_path / "b.parquet", mapping=mapping)
 
 
 def test_nested_json_objects_and_json_array(tmp_path):

@@ -41,7 +41,7 @@ pq.write_table = held
 from moecache.cli import cli
 cli.main(sys.argv[1:], prog_name="moecache")
 """
-SYNTH = ("--layers", 2, "--experts", 16, "--top-k", 2, "--tokens", 300)
+SYNTH = ("--layers", 2, "--experts", 16, "--top-k", 2, "--tokens", 1000)  # over 4 KB of Parquet
 
 
 def run(*args):

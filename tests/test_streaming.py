@@ -16,6 +16,7 @@ from moecache.cli import cli
 from moecache.errors import MoecacheError
 from moecache.policies import POLICIES
 from moecache.streaming import curve_stream, open_stream, replay_file, replay_stream, scan, should_stream
+from moecache.trace_format import ids_column
 from moecache.trace_io import TraceWriter
 
 
@@ -191,9 +192,9 @@ def test_info_of_a_scanned_trace_equals_the_loaded_one(tmp_path, monkeypatch):
     bad = tmp_path / "bad.parquet"
     mc.synth(layers=2, experts=8, top_k=2, tokens=40, seed=3).save(bad)
     table = pq.read_table(bad)
-    experts = table["experts"].to_pylist()
+    experts = np.frombuffer(table["experts"].combine_chunks().buffers()[1], "<i2").reshape(-1, 2).copy()
     experts[50] = [1, 1]  # a duplicate id, in the middle of the file
-    column = pa.array(experts, table.schema.field("experts").type)
+    column = ids_column(experts)
     pq.write_table(table.set_column(table.schema.get_field_index("experts"), "experts", column), bad,
                    row_group_size=8)
     result = runner.invoke(cli, ["info", str(bad)])  # scanned (should_stream still patched)

@@ -1,4 +1,4 @@
-"""Trace format v1: round trips, validation, streaming and crash safety."""
+"""Trace format (v2, and v1 read): round trips, validation, streaming and crash safety."""
 
 import json
 import subprocess
@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import moecache as mc
+from moecache.trace_format import experts_type, ids_column
 from moecache.trace_io import TraceWriter, parts_dir, storage_stats
 
 
@@ -42,19 +43,50 @@ def test_round_trip_keeps_every_column(tmp_path, trace):
 def test_parquet_layout_is_one_row_per_token_and_layer(tmp_path, trace):
     table = pq.read_table(trace.save(tmp_path / "t.parquet"))
     assert table.num_rows == 50 * 3
-    assert table.schema.field("experts").type == pa.list_(pa.int16(), 4)
+    assert table.schema.field("experts").type == pa.binary(8)  # format v2: 4 little-endian int16
+    ids = np.frombuffer(table["experts"].combine_chunks().buffers()[1], "<i2").reshape(50, 3, 4)
+    np.testing.assert_array_equal(ids, trace.experts)
     assert table.schema.field("logits").type == pa.list_(pa.float16(), 16)
     assert table.column("layer").to_pylist()[:4] == [1, 3, 5, 1]
     assert table.column("phase").to_pylist()[9:11] == ["prefill", "prefill"]
     assert table.column("token_id").to_pylist()[:3] == [None, None, None]
     meta = json.loads(table.schema.metadata[b"moecache"])
-    assert meta["format_version"] == 1 and meta["expert_bytes"] == [100, 100, 200]
+    assert meta["format_version"] == 2 and meta["expert_bytes"] == [100, 100, 200]
+
+
+def test_format_v1_files_are_read_and_rewritten_as_v2(tmp_path, trace):
+    """A v1 file (experts as fixed_size_list<int16>[K], dictionary-encoded) loads to the
+    same trace; saving it writes the current version; a v1 file with a v2 column is refused."""
+    path = trace.save(tmp_path / "t.parquet")
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"moecache"])
+    v1_meta = {**meta, "format_version": 1}
+    field, column = pa.field("experts", experts_type(4, 1), False), ids_column(_experts(table), version=1)
+    v1 = table.set_column(table.schema.get_field_index("experts"), field, column)
+    v1 = v1.replace_schema_metadata({b"moecache": json.dumps(v1_meta)})
+    old = tmp_path / "v1.parquet"
+    pq.write_table(v1, old, use_dictionary=["experts.list.element"], row_group_size=7)
+    back = mc.Trace.load(old)
+    np.testing.assert_array_equal(back.experts, trace.experts)
+    np.testing.assert_array_equal(back.weights, trace.weights)
+    assert back.meta["format_version"] == 1
+    again = pq.read_table(back.save(tmp_path / "again.parquet"))
+    assert again.schema.field("experts").type == pa.binary(8)
+    assert json.loads(again.schema.metadata[b"moecache"])["format_version"] == 2
+    mixed = tmp_path / "mixed.parquet"
+    pq.write_table(table.replace_schema_metadata({b"moecache": json.dumps(v1_meta)}), mixed)
+    with pytest.raises(mc.TraceError, match=r"column 'experts' is fixed_size_binary\[8\], trace format v1"):
+        mc.Trace.load(mixed)
+    wrong_k = tmp_path / "wrong-k.parquet"
+    pq.write_table(table.replace_schema_metadata({b"moecache": json.dumps({**meta, "top_k": 2})}), wrong_k)
+    with pytest.raises(mc.TraceError, match="inconsistent K"):
+        mc.Trace.load(wrong_k)
 
 
 def test_ids_are_stored_compactly(tmp_path):
     trace = mc.synth(layers=2, experts=64, top_k=8, tokens=5000, seed=1)
     size, per_id = storage_stats(trace.save(tmp_path / "t.parquet"))
-    assert per_id < 1.0  # int16 ids with dictionary encoding and zstd
+    assert per_id < 1.0  # int16 ids split into byte streams, zstd
     assert size < 5000 * 2 * 8
 
 
@@ -120,8 +152,7 @@ def _rewrite(tmp_path, trace, change):
 
 
 def _set_experts(table, values):
-    k = table.schema.field("experts").type.list_size
-    column = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(values).reshape(-1), pa.int16()), k)
+    column = ids_column(np.asarray(values).reshape(table.num_rows, -1))
     return table.set_column(table.schema.get_field_index("experts"), "experts", column)
 
 
@@ -135,7 +166,8 @@ def _set_phase(table, value, dictionary):
 
 
 def _experts(table):
-    return table.column("experts").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1).copy()
+    ids = np.frombuffer(table["experts"].combine_chunks().buffers()[1], "<i2")
+    return ids.reshape(table.num_rows, -1).copy()
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -212,16 +244,16 @@ def test_ids_of_another_type_are_an_error_not_a_cast(tmp_path, trace, values, va
         return _with_experts(table, pa.FixedSizeListArray.from_arrays(
             pa.array(values(ids).reshape(-1), value_type), 4))
     bad = _rewrite(tmp_path, trace, edit)
-    with pytest.raises(mc.TraceError, match=f"{message}.*trace format v1 stores") as info:
+    with pytest.raises(mc.TraceError, match=f"{message}.*trace format v2 stores") as info:
         mc.Trace.load(bad)
     assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
 
 
 def test_null_ids_are_an_error_not_zero(tmp_path, trace):
     def edit(table):
-        ids = _experts(table).reshape(-1).tolist()
-        ids[5] = None
-        return _with_experts(table, pa.FixedSizeListArray.from_arrays(pa.array(ids, pa.int16()), 4))
+        rows = [row.tobytes() for row in _experts(table).astype("<i2")]
+        rows[5] = None
+        return _with_experts(table, pa.array(rows, pa.binary(8)))
     with pytest.raises(mc.TraceError, match="null expert id in some row"):
         mc.Trace.load(_rewrite(tmp_path, trace, edit))
 
@@ -263,7 +295,7 @@ def test_nulls_read_as_their_stand_ins_without_pandas(tmp_path, trace):
 
 def test_other_columns_of_another_type_are_an_error(tmp_path, trace):
     bad = _rewrite(tmp_path, trace, lambda t: t.set_column(1, "step", t.column("step").cast(pa.float64())))
-    with pytest.raises(mc.TraceError, match="column 'step' is double, trace format v1 stores int64"):
+    with pytest.raises(mc.TraceError, match="column 'step' is double, trace format v2 stores int64"):
         mc.Trace.load(bad)
 
 

@@ -76,7 +76,7 @@ def capture(
 
     Loads the model and its tokenizer from the local folder (or the local Hugging Face
     cache; nothing is downloaded) with ``AutoModelForCausalLM`` / ``AutoTokenizer``,
-    hooks its routers and writes a trace (format v1) with one row per (token, MoE
+    hooks its routers and writes a trace with one row per (token, MoE
     layer). ``prompts`` is a text file (one prompt a line), a JSONL file (``prompt`` or
     ``text`` field) or a list of strings. See the module docstring for ``mode``.
 
