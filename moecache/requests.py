@@ -16,6 +16,7 @@ from numba import njit
 
 from moecache.policies import bit_index
 
+from .buffers import filled_later
 from .errors import MoecacheError
 from .parallel import cores, map_parallel, split
 from .trace import Trace
@@ -62,8 +63,8 @@ def step_unions(experts: np.ndarray, step_starts: np.ndarray, num_experts: int,
     threads, default every core), then packed together."""
     num_tokens, num_layers, top_k = experts.shape
     num_steps = len(step_starts) - 1
-    ids = np.empty(num_tokens * num_layers * top_k, np.int16)
-    offsets = np.zeros(num_steps * num_layers + 1, np.int64)
+    ids = filled_later(num_tokens * num_layers * top_k, np.int16)
+    offsets = filled_later(num_steps * num_layers + 1, np.int64)
     cuts = np.searchsorted(step_starts, [start for start, _ in split(num_tokens, cores(workers))])
     bounds = np.unique(np.append(np.minimum(cuts, num_steps), num_steps))
     parts = list(zip(bounds[:-1], bounds[1:], strict=True)) or [(0, 0)]
@@ -159,7 +160,7 @@ def global_keys(ids: np.ndarray, offsets: np.ndarray, num_layers: int, num_exper
                 workers: int | None = None) -> np.ndarray:
     """Keys ``layer * E + expert`` (int32) for every entry of a step-major CSR, so (layer,
     expert) order is key order."""
-    keys = np.empty(ids.shape[0], np.int32)
+    keys = filled_later(ids.shape[0], np.int32)
     parts = split(len(offsets) - 1, cores(workers))
     map_parallel(lambda i: _keys_part(ids, offsets, num_layers, num_experts, *parts[i], keys),
                  len(parts), workers)

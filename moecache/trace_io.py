@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .buffers import filled_later
 from .errors import MoecacheError, TraceError
 from .files import atomic_write, first_line, output_lock, write_errors
 from .parallel import read_ahead
@@ -495,7 +496,7 @@ def read_columns(path: str | os.PathLike | Location, *, weights: bool = True, lo
         for name in grids:
             values = _column(table, name, reader.source)
             if name not in out:
-                out[name] = np.empty((rows, widths[name]), values.dtype)
+                out[name] = filled_later((rows, widths[name]), values.dtype)
             out[name][filled:filled + table.num_rows] = values.reshape(table.num_rows, widths[name])
         folded = folder.add({name: _column(table, name, reader.source) for name in _PER_ROW})
         count = len(folded["step"])
