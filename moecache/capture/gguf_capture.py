@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,28 +129,52 @@ def capture_gguf(
 
 
 class _Steps:
-    """Decodes through ``runtime`` and writes each decode's routing as trace steps."""
+    """Decodes through ``runtime`` and writes each decode's routing as trace steps.
+
+    Decodes are handed to the writer in batches (one call per sequence, or sooner: every
+    ``BATCH_DECODES`` decodes or ``BATCH_SECONDS``): one writer call per decode cost as
+    much as the rest of the capture's Python. A sequence that ends in an error or a
+    signal hands over the decodes completed before it."""
+
+    BATCH_DECODES = 256
+    BATCH_SECONDS = 0.5
 
     def __init__(self, runtime, tap, writer: TraceWriter, bar, held):
         self.runtime, self.tap, self.writer, self.bar = runtime, tap, writer, bar
         self.held = held  # signals that arrive during a decode act once it returns
         self.step = 0
+        self.pending: list[dict[str, np.ndarray]] = []  # decodes not handed to the writer yet
+        self.handed_at = time.monotonic()
 
     def generate(self, seq: int, tokens: list[int], max_new_tokens: int) -> None:
         runtime = self.runtime
         runtime.clear()
-        self._decode(tokens, 0, seq, PREFILL, one_step=True)
-        position = len(tokens)
-        for _ in range(max_new_tokens - 1):  # the max_new_tokens-th token is not fed back
-            token = runtime.sample()
-            if runtime.is_end(token):
-                return
-            self._decode([token], position, seq, DECODE, one_step=True)
-            position += 1
+        try:
+            self._decode(tokens, 0, seq, PREFILL, one_step=True)
+            position = len(tokens)
+            for _ in range(max_new_tokens - 1):  # the max_new_tokens-th token is not fed back
+                token = runtime.sample()
+                if runtime.is_end(token):
+                    return
+                self._decode([token], position, seq, DECODE, one_step=True)
+                position += 1
+        finally:
+            self._hand_over()
 
     def forward(self, seq: int, tokens: list[int]) -> None:
         self.runtime.clear()
-        self._decode(tokens, 0, seq, PREFILL, one_step=False)
+        try:
+            self._decode(tokens, 0, seq, PREFILL, one_step=False)
+        finally:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Write the pending decodes, in order, in one writer call."""
+        if self.pending:
+            blocks, self.pending = self.pending, []
+            self.writer.write(**{name: np.concatenate([block[name] for block in blocks])
+                                 for name in blocks[0]})
+        self.handed_at = time.monotonic()
 
     def _decode(self, tokens: list[int], start: int, seq: int, phase: int, *, one_step: bool
                 ) -> None:
@@ -167,10 +192,13 @@ class _Steps:
         else:
             step = self.step + np.arange(count, dtype=np.int64)
             self.step += count
-        self.writer.write(experts, step=step, seq=np.full(count, seq, np.int32),
-                          pos=start + np.arange(count, dtype=np.int32),
-                          token_id=np.asarray(tokens, np.int32),
-                          phase=np.full(count, phase, np.int8), weights=weights)
+        self.pending.append({"experts": experts, "step": step, "seq": np.full(count, seq, np.int32),
+                             "pos": start + np.arange(count, dtype=np.int32),
+                             "token_id": np.asarray(tokens, np.int32),
+                             "phase": np.full(count, phase, np.int8), "weights": weights})
+        if (len(self.pending) >= self.BATCH_DECODES
+                or time.monotonic() - self.handed_at >= self.BATCH_SECONDS):
+            self._hand_over()
         self.bar.update(count)
 
 

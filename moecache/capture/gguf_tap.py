@@ -230,12 +230,13 @@ class MoeTap:
     # -- steps -------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget what was collected (before each decode)."""
-        self._experts = [[] for _ in self.layers]
-        self._weights = [[] for _ in self.layers]
         self.error = None
         if self.compiled:
             self._arrays["count"][:] = 0
             self._state.error = 0
+        else:
+            self._experts = [[] for _ in self.layers]
+            self._weights = [[] for _ in self.layers]
 
     def take(self, tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """``experts`` (tokens, L, K) int16 and ``weights`` (tokens, L, K) float32 of the
@@ -249,13 +250,14 @@ class MoeTap:
                     "this architecture's routing")
             counts = self._arrays["count"]
         else:
-            counts = [sum(len(chunk) for chunk in chunks) for chunks in self._experts]
-        for layer, got in zip(self.layers, counts, strict=True):
-            if got != tokens:
-                what = f"{got} tokens" if got else "no ffn_moe_weights tensor"
-                raise MoecacheError(f"llama.cpp's graph gave {what} for MoE layer {layer} "
-                                    f"in a decode of {tokens} tokens: capture cannot read "
-                                    "this architecture's routing")
+            counts = np.array([sum(len(chunk) for chunk in chunks) for chunks in self._experts])
+        if (counts != tokens).any():  # every layer gave every token
+            column = int(np.flatnonzero(counts != tokens)[0])
+            got = int(counts[column])
+            what = f"{got} tokens" if got else "no ffn_moe_weights tensor"
+            raise MoecacheError(f"llama.cpp's graph gave {what} for MoE layer {self.layers[column]} "
+                                f"in a decode of {tokens} tokens: capture cannot read "
+                                "this architecture's routing")
         if self.compiled:
             ids = self._arrays["ids"][:, :tokens].transpose(1, 0, 2)  # (tokens, L, K)
             weights = self._arrays["weights"][:, :tokens].transpose(1, 0, 2).copy()
