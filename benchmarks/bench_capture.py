@@ -64,7 +64,10 @@ same context sizes), through the same ``LlamaRuntime`` calls without the ``cb_ev
 tap, logits of the last prompt token only. (b) ``capture_gguf(...)``, everything
 included (file metadata, the tap on every graph node, logits of every prompt token,
 trace writing). Both greedy; the check compares the trace's decode tokens with the
-plain run's. Threads: ``--gguf-threads`` (default llama.cpp's) for both.
+plain run's. (c), informative: (a) with every prompt token an output, as capture must
+decode the prompt (llama.cpp computes the last layer, and logits, only for output
+tokens): the share of the overhead that is llama.cpp's own work. Threads:
+``--gguf-threads`` (default llama.cpp's) for all.
 
 Run: ``python benchmarks/bench_capture.py`` (CPU, about 2 minutes on 2 cores),
 ``--device cuda`` on a GPU machine, ``--quick`` for a smoke run, ``--gguf`` for the
@@ -461,8 +464,10 @@ def gguf_model(args, folder: Path) -> Path:
     return out
 
 
-def gguf_plain(path: Path, args) -> list[list[int]]:
-    """Plain llama.cpp generation as the capture runs it, without the tap; the tokens fed."""
+def gguf_plain(path: Path, args, every_output: bool = False) -> list[list[int]]:
+    """Plain llama.cpp generation as the capture runs it, without the tap; the tokens fed.
+    ``every_output``: every prompt token an output, as capture needs (llama.cpp computes
+    the last layer only for output tokens, and the logits of each)."""
     from moecache.capture.gguf_runtime import LlamaRuntime
 
     with LlamaRuntime(path, vocab_only=True) as vocab:
@@ -473,7 +478,7 @@ def gguf_plain(path: Path, args) -> list[list[int]]:
                       device=args.device, threads=args.gguf_threads) as runtime:
         for tokens in token_lists:
             runtime.clear()
-            runtime.decode(tokens, 0, every_output=False)
+            runtime.decode(tokens, 0, every_output=every_output)
             fed.append(list(tokens))
             for _ in range(args.max_new_tokens - 1):
                 token = runtime.sample()
@@ -509,7 +514,10 @@ def gguf_main(args) -> int:
         print(f"model: {path.name} ({info.architecture}, {info.num_layers} blocks, "
               f"{len(info.moe_layers)} MoE, E={info.num_experts}, top-{info.top_k}, "
               f"experts {'+'.join(info.expert_types)}, {path.stat().st_size / 2**20:.1f} MiB)")
-        variants = {"llama.cpp": plain, "capture": capture}
+        def every_output():
+            return gguf_plain(path, args, every_output=True)
+
+        variants = {"llama.cpp": plain, "capture": capture, "all-out": every_output}
         fed = plain()
         trace = pq.read_table(capture(), columns=["seq", "pos", "token_id", "layer"])
         first = trace.column("layer").to_numpy() == info.moe_layers[0]
@@ -546,6 +554,10 @@ def gguf_main(args) -> int:
           f"{statistics.median(times['capture']) / statistics.median(times['llama.cpp']) - 1:+.2%} "
           f"median-of-{args.repeat} wall, "
           f"{best_cpu['capture'] / best_cpu['llama.cpp'] - 1:+.2%} best process CPU time")
+    print(f"of which llama.cpp's own work on every prompt token (all-out: plain llama.cpp with every "
+          f"prompt token an output, which capture needs to see the last MoE layer): "
+          f"{best['all-out'] / best['llama.cpp'] - 1:+.2%} best-of-{args.repeat} wall; capture over it "
+          f"{best['capture'] / best['all-out'] - 1:+.2%}")
     print("check: " + ("the trace holds exactly the tokens plain llama.cpp fed" if same
                        else "CHECK FAILED: the trace's tokens differ from plain llama.cpp's"))
     if stall is not None:
