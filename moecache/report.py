@@ -12,7 +12,7 @@ import numpy as np
 from .replay import ReplayResult
 from .timeline import TimelineResult
 from .trace import Trace
-from .trace_format import DECODE, OPTIONAL_COLUMNS, PREFILL
+from .trace_format import DECODE, FORMAT_VERSION, OPTIONAL_COLUMNS, PREFILL
 from .units import format_bytes
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ def trace_summary(trace: Trace, path: str | Path | None = None, size: int | None
     ]
     if size is not None:
         pairs.append(("size on disk", format_bytes(size)))
+        version = meta.get("format_version")
+        pairs.append(("format", f"v{version}" + ("" if version == FORMAT_VERSION else
+                                                 f" (read; saving it writes v{FORMAT_VERSION})")))
     if id_bytes is not None:
         pairs.append(("bytes per expert id", f"{id_bytes:.3f} (int16 ids, zstd)"))
     return _rows(pairs)

@@ -70,6 +70,12 @@ def test_format_v1_files_are_read_and_rewritten_as_v2(tmp_path, trace):
     np.testing.assert_array_equal(back.experts, trace.experts)
     np.testing.assert_array_equal(back.weights, trace.weights)
     assert back.meta["format_version"] == 1
+    from click.testing import CliRunner
+
+    from moecache.cli import cli
+    shown = CliRunner().invoke(cli, ["info", str(old)]).output
+    assert "format               v1 (read; saving it writes v2)" in shown
+    assert "format               v2\n" in CliRunner().invoke(cli, ["info", str(path)]).output
     again = pq.read_table(back.save(tmp_path / "again.parquet"))
     assert again.schema.field("experts").type == pa.binary(8)
     assert json.loads(again.schema.metadata[b"moecache"])["format_version"] == 2
