@@ -166,39 +166,44 @@ class StreamedTrace:
         for first_step, steps, first_entry, entries in self.spans:
             yield Span(self._requests(first_step, steps, first_entry, entries), first_step, first_entry,
                        self._read("scores.f32", np.float32, first_entry, entries) if scores else None,
-                       self._read("next.i64", np.int64, first_entry, entries) if future else None)
+                       self._read("next.steps", self._step_type, first_entry, entries) if future else None)
+
+    @property
+    def _step_type(self) -> type:
+        """The type of the next steps written (int32 while the steps fit: half the I/O)."""
+        return np.int32 if self.num_steps <= np.iinfo(np.int32).max else np.int64
 
     def _write_next_steps(self) -> None:
         """Each entry's next step requesting its (layer, expert), ``num_steps`` if none: one
-        backward pass over the spans, written once to ``next.i64``."""
-        path = self.folder / "next.i64"
+        backward pass over the spans, written once to ``next.steps``."""
+        path = self.folder / "next.steps"
         if path.exists():
             return
         upcoming = np.full(self.num_layers * self.num_experts, self.num_steps, np.int64)
         partial = path.with_suffix(".partial")
+        width = np.dtype(self._step_type).itemsize
         with write_errors(self.folder), open(partial, "wb") as out:
-            out.truncate(self.num_entries * 8)
+            out.truncate(self.num_entries * width)
             for first_step, steps, first_entry, entries in reversed(self.spans):
                 req = self._requests(first_step, steps, first_entry, entries)
-                nxt = _next_steps(req.ids, req.offsets, self.num_layers, self.num_experts, upcoming,
-                                  first_step)
-                out.seek(first_entry * 8)
+                nxt = np.empty(len(req.ids), self._step_type)
+                _next_steps(req.ids, req.offsets, self.num_layers, self.num_experts, upcoming, first_step,
+                            nxt)
+                out.seek(first_entry * width)
                 nxt.tofile(out)
         os.replace(partial, path)
 
 
 @njit(cache=True)
-def _next_steps(ids, offsets, num_layers, num_experts, upcoming, first_step):
-    """Backward over a span: per entry the next step requesting its (layer, expert);
-    ``upcoming`` (per key, the earliest step seen so far) carries to the span before."""
-    out = np.empty(ids.shape[0], np.int64)
+def _next_steps(ids, offsets, num_layers, num_experts, upcoming, first_step, out):
+    """Backward over a span: per entry (into ``out``) the next step requesting its (layer,
+    expert); ``upcoming`` (per key, the earliest step seen so far) carries to the span before."""
     for r in range(offsets.shape[0] - 2, -1, -1):
         key_base = (r % num_layers) * num_experts
         t = first_step + r // num_layers
         for j in range(offsets[r], offsets[r + 1]):
             out[j] = upcoming[key_base + ids[j]]
             upcoming[key_base + ids[j]] = t
-    return out
 
 
 def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, weights: bool = False,
@@ -517,6 +522,6 @@ def _span_streams(span: Span, scope: str, num_steps: int, layers: int) -> list[t
     future = None
     if span.next_steps is not None:
         layer_of = np.repeat(np.arange(len(offsets) - 1) % layers, np.diff(offsets))
-        never = span.next_steps == num_steps
-        future = np.where(never, num_steps * layers, span.next_steps * layers + layer_of)
+        next_steps = span.next_steps.astype(np.int64)  # x L may pass 32 bits
+        future = np.where(next_steps == num_steps, num_steps * layers, next_steps * layers + layer_of)
     return [(keys, offsets, span.scores, future)]

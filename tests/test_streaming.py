@@ -112,6 +112,21 @@ def test_one_pass_equals_the_in_memory_replay(trace_file, span, monkeypatch):
                                                                 span_entries=span))
 
 
+def test_next_uses_in_32_or_64_bits(trace_file, monkeypatch):
+    """OPT's next uses are spilled as int32 while the steps fit in it, else int64: the same hits."""
+    import moecache.streaming as streaming
+
+    trace = mc.Trace.load(trace_file)
+    for kind in (np.int32, np.int64):
+        monkeypatch.setattr(streaming.StreamedTrace, "_step_type", property(lambda self, kind=kind: kind))
+        with open_stream(trace_file, span_entries=50) as streamed:
+            for scope, capacity in (("layer", 8), ("global", 20)):
+                expected = mc.replay(trace, "opt", capacity, scope)
+                same(expected, replay_stream(streamed, "opt", capacity, scope))
+            size = (streamed.folder / "next.steps").stat().st_size
+            assert size == streamed.num_entries * np.dtype(kind).itemsize
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10**6), span=st.integers(1, 200), capacity=st.integers(2, 12),
        scope=st.sampled_from(["layer", "global"]), prompt=st.integers(0, 6))
