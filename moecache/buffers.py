@@ -19,15 +19,18 @@ mapped (a streamed replay's spans reuse them), while every larger block is a fre
 mapping whose pages fault in one at a time."""
 
 
-def filled_later(shape: int | tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
+def mapped_zeros(shape: int | tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
     """An array of zeros of ``shape`` and ``dtype`` whose pages are mapped now (Linux: one
     ``MAP_POPULATE`` mapping, freed with the array); arrays up to :data:`POPULATE_ABOVE`
-    bytes and other systems: ``np.zeros``."""
+    bytes, other systems and a refused mapping: ``np.zeros``."""
     kind = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
     size = count * kind.itemsize
     flags = getattr(mmap, "MAP_POPULATE", 0)
     if size <= POPULATE_ABOVE or not flags:
         return np.zeros(shape, kind)
-    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    try:
+        memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    except OSError:  # no such mapping here (a memory limit): NumPy's own, as anywhere else
+        return np.zeros(shape, kind)
     return np.frombuffer(memory, kind, count).reshape(shape)

@@ -16,7 +16,7 @@ from numba import njit
 
 from moecache.policies import bit_index
 
-from .buffers import filled_later
+from .buffers import mapped_zeros
 from .errors import MoecacheError
 from .parallel import cores, map_parallel, split
 from .trace import Trace
@@ -43,7 +43,7 @@ def _unions_part(experts, step_starts, num_experts, first, stop, ids, offsets):
                     mask[e >> 6] |= np.uint64(1) << np.uint64(e & 63)
             for word in range(mask.shape[0]):
                 bits = mask[word]
-                if not bits:  # skipping empty words makes the whole pass ~2.8x faster
+                if not bits:  # skipping empty words: step_unions 2.3x faster (100M requests, one thread)
                     continue
                 mask[word] = 0
                 while bits:
@@ -63,8 +63,8 @@ def step_unions(experts: np.ndarray, step_starts: np.ndarray, num_experts: int,
     threads, default every core), then packed together."""
     num_tokens, num_layers, top_k = experts.shape
     num_steps = len(step_starts) - 1
-    ids = filled_later(num_tokens * num_layers * top_k, np.int16)
-    offsets = filled_later(num_steps * num_layers + 1, np.int64)
+    ids = mapped_zeros(num_tokens * num_layers * top_k, np.int16)
+    offsets = mapped_zeros(num_steps * num_layers + 1, np.int64)
     cuts = np.searchsorted(step_starts, [start for start, _ in split(num_tokens, cores(workers))])
     bounds = np.unique(np.append(np.minimum(cuts, num_steps), num_steps))
     parts = list(zip(bounds[:-1], bounds[1:], strict=True)) or [(0, 0)]
@@ -160,7 +160,7 @@ def global_keys(ids: np.ndarray, offsets: np.ndarray, num_layers: int, num_exper
                 workers: int | None = None) -> np.ndarray:
     """Keys ``layer * E + expert`` (int32) for every entry of a step-major CSR, so (layer,
     expert) order is key order."""
-    keys = filled_later(ids.shape[0], np.int32)
+    keys = mapped_zeros(ids.shape[0], np.int32)
     parts = split(len(offsets) - 1, cores(workers))
     map_parallel(lambda i: _keys_part(ids, offsets, num_layers, num_experts, *parts[i], keys),
                  len(parts), workers)

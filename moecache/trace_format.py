@@ -59,6 +59,15 @@ def ids_column(ids: np.ndarray, version: int = FORMAT_VERSION) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(ids.astype(np.int16).reshape(-1)), top_k)
 
 
+def binary_ids(column: pa.Array) -> np.ndarray:
+    """The ids of a v2 ``experts`` column (``fixed_size_binary(2K)``, no nulls), flat int16:
+    a view of its buffer (a copy on a big-endian machine)."""
+    width = column.type.byte_width
+    ids = np.frombuffer(column.buffers()[1], "<i2", count=len(column) * width // 2,
+                        offset=column.offset * width)
+    return ids.astype(np.int16, copy=False)
+
+
 def with_id_lists(table: pa.Table) -> pa.Table:
     """A table read from a moecache trace of format v2 with its ``experts`` as v1's lists of
     int16 (nulls kept), for readers that take any row log; other tables as they are."""
@@ -67,10 +76,8 @@ def with_id_lists(table: pa.Table) -> pa.Table:
             or not pa.types.is_fixed_size_binary(kind) or kind.byte_width % 2):
         return table
     column = table["experts"].combine_chunks()
-    width = kind.byte_width // 2
-    ids = np.frombuffer(column.buffers()[1], "<i2", count=len(column) * width,
-                        offset=column.offset * kind.byte_width).astype(np.int16)
-    lists = pa.FixedSizeListArray.from_arrays(pa.array(ids), width, mask=column.is_null())
+    lists = pa.FixedSizeListArray.from_arrays(pa.array(binary_ids(column)), kind.byte_width // 2,
+                                              mask=column.is_null())
     return table.set_column(table.column_names.index("experts"), "experts", lists)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .buffers import filled_later
+from .buffers import mapped_zeros
 from .errors import MoecacheError, TraceError
 from .files import atomic_write, first_line, output_lock, write_errors
 from .parallel import read_ahead
@@ -44,6 +44,7 @@ from .trace_format import (
     PHASES,
     READ_VERSIONS,
     REQUIRED_COLUMNS,
+    binary_ids,
     check_meta,
     ids_column,
     meta_json,
@@ -496,7 +497,7 @@ def read_columns(path: str | os.PathLike | Location, *, weights: bool = True, lo
         for name in grids:
             values = _column(table, name, reader.source)
             if name not in out:
-                out[name] = filled_later((rows, widths[name]), values.dtype)
+                out[name] = mapped_zeros((rows, widths[name]), values.dtype)
             out[name][filled:filled + table.num_rows] = values.reshape(table.num_rows, widths[name])
         folded = folder.add({name: _column(table, name, reader.source) for name in _PER_ROW})
         count = len(folded["step"])
@@ -610,9 +611,7 @@ def _column(table: pa.Table, name: str, source: str) -> np.ndarray:
     if pa.types.is_fixed_size_binary(col.type):  # v2 ids: K little-endian int16 per row
         if col.null_count:
             raise TraceError(f"{source}: null expert id in some row")
-        width = col.type.byte_width
-        ids = np.frombuffer(col.buffers()[1], "<i2", count=len(col) * width // 2, offset=col.offset * width)
-        return ids.astype(np.int16, copy=False)  # a view, but on a big-endian machine
+        return binary_ids(col)
     if pa.types.is_fixed_size_list(col.type):
         width = col.type.list_size
         values = col.values.slice(col.offset * width, len(col) * width)  # the child's values of these rows

@@ -9,7 +9,7 @@ import pytest
 
 import moecache as mc
 import moecache.buffers as buffers
-from moecache.buffers import filled_later
+from moecache.buffers import mapped_zeros
 
 
 def _memory(array):
@@ -20,15 +20,23 @@ def _memory(array):
 
 @pytest.mark.skipif(not hasattr(mmap, "MAP_POPULATE"), reason="Linux only")
 def test_large_arrays_are_mapped_zeros(monkeypatch):
-    small = filled_later((3, 4), np.int16)
+    small = mapped_zeros((3, 4), np.int16)
     assert not isinstance(_memory(small), mmap.mmap) and not small.any()
     monkeypatch.setattr(buffers, "POPULATE_ABOVE", 0)
-    big = filled_later((1000, 3), np.int64)
+    big = mapped_zeros((1000, 3), np.int64)
     assert isinstance(_memory(big), mmap.mmap) and big.shape == (1000, 3) and big.dtype == np.int64
     assert not big.any() and big.flags.writeable and big.flags.c_contiguous
     big[:] = 7
     assert int(big.sum()) == 7 * 3000
-    assert filled_later(0, np.int32).shape == (0,)
+    assert mapped_zeros(0, np.int32).shape == (0,)
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    mapping = mmap.mmap
+    monkeypatch.setattr(mmap, "mmap", refused)  # a mapping refused (a memory limit): NumPy's array
+    fallback = mapped_zeros((10, 2), np.int16)
+    assert fallback.shape == (10, 2) and not fallback.any() and not isinstance(_memory(fallback), mapping)
 
 
 def test_loads_and_step_sets_in_mapped_arrays_are_the_same(tmp_path, monkeypatch):
