@@ -22,7 +22,10 @@ global-scope LRU requests (goal: at least 3x), each the best of ``--repeat`` (de
 interleaved rounds, as either one alone varies from run to run on a shared machine; peak
 memory goal: at most 1 GiB; loading goal: 100 million requests per second. Then, in one
 more fresh process: how long ``Trace.load`` takes, and the layer-scope replays on one
-thread and on two with the step sets built (goal: at least 1.8x on two cores), best of 3.
+thread and on two with the step sets built (goal: at least 1.8x on two cores), best of 3;
+and in another, where time goes: importing the command, decoding the experts column of
+the trace and of its format-v1 copy (written once beside it) on one thread (best of 3),
+filling a fresh array of the ids from NumPy and mapped up front (``moecache.buffers``).
 Run: ``python benchmarks/bench_scale.py [--requests N] [--repeat N]`` (``make bench-scale``).
 """
 
@@ -57,6 +60,27 @@ for policy in ("lru", "opt"):
             best = min(best, time.perf_counter() - start)
         print(policy, workers, best)
 """
+WHERE_SCRIPT = """
+import sys, time
+start = time.perf_counter()
+import moecache.cli
+print("import", time.perf_counter() - start)
+import numpy as np, pyarrow.parquet as pq
+from moecache.buffers import mapped_zeros
+for path in sys.argv[1:3]:  # the experts column alone, one row group at a time, one thread
+    best = float("inf")
+    for _ in range(3):
+        file, start = pq.ParquetFile(path, pre_buffer=False), time.perf_counter()
+        for group in range(file.num_row_groups):
+            file.read_row_group(group, columns=["experts"], use_threads=False)
+        best = min(best, time.perf_counter() - start)
+    print("decode", best)
+size = int(sys.argv[3])
+for allocate in (np.zeros, mapped_zeros):  # a fresh array of the ids, filled
+    start = time.perf_counter()
+    allocate(size, np.int16)[:] = 1
+    print("fill", time.perf_counter() - start)
+"""
 LCS_SCRIPT = """
 import sys, libcachesim as lcs
 params = lcs.ReaderInitParam(binary_fmt_str="<I", ignore_obj_size=True)
@@ -74,6 +98,36 @@ def paths(directory: Path, requests: int) -> tuple[Path, Path, int]:
             tokens * LAYERS * TOP_K)
 
 
+def v1_path(trace_path: Path) -> Path:
+    """The same trace in format v1 (expert ids as dictionary-encoded lists of int16)."""
+    return trace_path.with_suffix(".v1.parquet")
+
+
+def write_v1(trace_path: Path) -> None:
+    """Rewrite the trace's experts column as format v1 did, row group by row group."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moecache.trace_format import META_KEY, binary_ids, ids_column
+
+    source = pq.ParquetFile(trace_path, pre_buffer=False)
+    meta = {**json.loads(source.schema_arrow.metadata[META_KEY]), "format_version": 1}
+    top_k = int(meta["top_k"])
+    index = source.schema_arrow.get_field_index("experts")
+    schema = source.schema_arrow.set(index, pa.field("experts", pa.list_(pa.int16(), top_k), False))
+    schema = schema.with_metadata({META_KEY: json.dumps(meta)})
+    temporary = v1_path(trace_path).with_suffix(".tmp")
+    dictionary = ["seq", "token_id", "phase", "layer", "experts.list.element"]
+    with pq.ParquetWriter(temporary, schema, compression="zstd", use_dictionary=dictionary) as out:
+        for group in range(source.num_row_groups):
+            table = source.read_row_group(group)
+            ids = binary_ids(table["experts"].combine_chunks()).reshape(-1, top_k)
+            out.write_table(table.set_column(index, schema.field(index), ids_column(ids, version=1)))
+    temporary.replace(v1_path(trace_path))
+
+
 def prepare(directory: Path, requests: int) -> None:
     """Write the trace and libCacheSim's binary file of the same requests (once)."""
     import moecache as mc
@@ -87,6 +141,9 @@ def prepare(directory: Path, requests: int) -> None:
                     seed=0, overwrite=True)  # replaces the parts an interrupted preparation left
     if requests > IN_MEMORY_LIMIT:
         return  # streamed only: no in-memory rows, no libCacheSim file
+    if not v1_path(trace_path).exists():
+        print(f"writing {v1_path(trace_path)} ...", flush=True)
+        write_v1(trace_path)
     if not ids_path.exists():
         print(f"writing {ids_path} ...", flush=True)
         trace = mc.Trace.load(trace_path, weights=False, lookahead=False)
@@ -174,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         speedups.append(float(one[2]) / float(two[2]))
         print(f"replay {one[0]} layer C={CAPACITY}, step sets built: 1 thread {float(one[2]):.2f} s, "
               f"2 threads {float(two[2]):.2f} s ({speedups[-1]:.2f}x)")
+    _, _, where = timed([sys.executable, "-c", WHERE_SCRIPT, str(v1_path(trace_path)), str(trace_path),
+                         str(requests)])
+    spent = [float(line.split()[1]) for line in where.splitlines()]
+    print(f"\nwhere time goes, in a fresh process: importing the command {spent[0]:.2f} s; decoding the "
+          f"experts column on one thread, format v1 {spent[1]:.2f} s, v2 {spent[2]:.2f} s "
+          f"({spent[1] / spent[2]:.1f}x); filling a fresh array of the ids ({requests * 2 / 1e6:.0f} MB), "
+          f"NumPy's {spent[3]:.2f} s, mapped up front {spent[4]:.2f} s")
     ratio = rows[-1][1] / rows[-2][1]  # libCacheSim over the default choice, lru global
     fastest = rows[-1][1] / min(rows[2][1], rows[5][1])  # over the faster of in memory and streamed
     worst = min(max(row[2] for row in rows[:3]), max(row[2] for row in rows[3:6]))

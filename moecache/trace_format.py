@@ -21,7 +21,7 @@ from .errors import TraceError
 FORMAT_VERSION = 2
 """The version writers write. v2 differs from v1 in one column only: ``experts`` holds each
 row's K ids as K little-endian int16 in one fixed-size binary value (byte-stream-split
-encoded on disk), which decodes about 4x faster than v1's list of int16."""
+encoded on disk), which decodes 5x faster than v1's list of int16 (benchmarks/bench_scale.py)."""
 READ_VERSIONS = (1, 2)
 """The versions readers accept."""
 META_KEY = b"moecache"
