@@ -219,15 +219,20 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
     with write_errors(f"spill folder in {place}"):  # a full disk, or no folder there: one line
         cleanup = tempfile.TemporaryDirectory(prefix="moecache-stream-", dir=folder)
         try:
-            spiller = _Spiller(header, per_token, Path(cleanup.name), weights)
-            with contextlib.ExitStack() as files:
-                for f in spiller.files.values():
-                    files.enter_context(f)
+            counter = _Counter(header, per_token, weights)
+            spill = Path(cleanup.name)
+            with contextlib.ExitStack() as stack:
+                files = {name: stack.enter_context(open(spill / name, "wb"))
+                         for name in ("ids.i16", "sizes.u16", "scores.f32")}
                 # three stages side by side: decoding, checking and step sets, counting and spilling
                 blocks = reader.token_blocks(_batch_rows(reader, span_entries))
-                for part, req in read_ahead(spiller.parts(read_ahead(blocks))):
-                    spiller.write(part, req)
-                return spiller.finish(cleanup)
+                for part, req in read_ahead(counter.parts(read_ahead(blocks))):
+                    span = counter.count(part, req)
+                    req.ids.tofile(files["ids.i16"])
+                    req.set_sizes.astype(np.uint16).tofile(files["sizes.u16"])
+                    if span.scores is not None:
+                        span.scores.tofile(files["scores.f32"])
+            return counter.finish(cleanup)  # the files closed (flushed) before they are read back
         except BaseException:
             cleanup.cleanup()
             raise
@@ -309,12 +314,12 @@ def scan(path: str | os.PathLike | Location, span_entries: int = SPAN_ENTRIES
                     for name, values in kept.items()}
 
 
-class _Spiller:
+class _Counter:
     """Cuts token blocks at step boundaries into parts, checks them and builds their step
-    sets (``parts``), then counts and writes each (``write``)."""
+    sets (``parts``), then counts each into the routing totals (``count``)."""
 
-    def __init__(self, header: Trace, per_token: bool, folder: Path | None, weights: bool) -> None:
-        self.header, self.per_token, self.folder, self.weights = header, per_token, folder, weights
+    def __init__(self, header: Trace, per_token: bool, weights: bool) -> None:
+        self.header, self.per_token, self.weights = header, per_token, weights
         layers, experts = header.num_layers, header.num_experts
         self.last_step = np.full(layers * experts, NEVER, np.int64)
         self.totals = {name: np.zeros(layers, np.int64)
@@ -322,8 +327,6 @@ class _Spiller:
         self.largest_at = (0, 0)
         self.spans: list[tuple[int, int, int, int]] = []
         self.steps = self.tokens = self.entries = 0
-        names = ("ids.i16", "sizes.u16", "scores.f32") if folder is not None else ()  # None: count only
-        self.files = {name: open(folder / name, "wb") for name in names}
 
     def parts(self, blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[tuple[Trace, Requests]]:
         """The checked parts of the blocks (:func:`checked_parts`), with their step sets."""
@@ -333,9 +336,8 @@ class _Spiller:
                 req.scores(part, per_token=self.per_token)  # cached on the part
             yield part, req
 
-    def write(self, part: Trace, req: Requests) -> Span:
-        """Count a part's requests into the totals and spill its step sets (unless the
-        spiller only counts); the part as a span."""
+    def count(self, part: Trace, req: Requests) -> Span:
+        """Count a part's requests into the totals; the part as a span."""
         header = self.header
         layers = header.num_layers
         cold, overlap = routing_counts(req.ids, req.offsets, layers, header.num_experts, self.last_step,
@@ -351,11 +353,6 @@ class _Spiller:
             self.largest_at = (self.steps + t, li)
         np.maximum(totals["largest"], sizes.max(axis=0), out=totals["largest"])
         scores = req.scores(part, per_token=self.per_token) if self.weights else None
-        if self.files:
-            req.ids.tofile(self.files["ids.i16"])
-            sizes.astype(np.uint16).tofile(self.files["sizes.u16"])
-            if scores is not None:
-                scores.tofile(self.files["scores.f32"])
         span = Span(req, self.steps, self.entries, scores)
         self.spans.append((self.steps, req.num_steps, self.entries, len(req.ids)))
         self.steps += req.num_steps
@@ -364,13 +361,13 @@ class _Spiller:
         return span
 
     def progress(self) -> StreamedTrace:
-        """What was counted so far (nothing to read back): the totals of the parts written."""
+        """The totals of the parts counted so far (nothing to read back)."""
         return StreamedTrace(self.header, self.per_token, self.tokens, self.steps, self.totals, None,
                              self.spans, self.weights, self.largest_at)
 
-    def finish(self, cleanup: Any) -> StreamedTrace:
-        for f in self.files.values():
-            f.close()  # flushed before the spans are read back
+    def finish(self, cleanup: Any = None) -> StreamedTrace:
+        """The whole trace's totals, with the folder of ``cleanup`` (a TemporaryDirectory)
+        where the spans were spilled, if they were."""
         if not self.tokens:
             raise MoecacheError(f"{self.header.source}: the trace holds no tokens: nothing to replay")
         if cleanup is None:
@@ -434,7 +431,7 @@ def replay_file(path: str | os.PathLike | Location, policy: Any = "lru", capacit
                                  latency=latency, seed=seed, workers=workers)
     reader = _reader(path, weights)
     header = _header(reader, weights)
-    counter = _Spiller(header, per_token, None, weights)
+    counter = _Counter(header, per_token, weights)
 
     def checked() -> Plan:  # the replay's settings against the step sets counted so far
         return plan(header, choice, scope, capacity=capacity, memory=memory, per_token=per_token,
@@ -447,7 +444,7 @@ def replay_file(path: str | os.PathLike | Location, policy: Any = "lru", capacit
         fits = True
         blocks = reader.token_blocks(_batch_rows(reader, span_entries))
         for part, req in read_ahead(counter.parts(read_ahead(blocks))):
-            span = counter.write(part, req)
+            span = counter.count(part, req)
             if fits:
                 try:
                     checked()
@@ -457,7 +454,7 @@ def replay_file(path: str | os.PathLike | Location, policy: Any = "lru", capacit
                 yield span
     hits = _serve_spans(fitting_spans(), choice, scope, caches, seed, workers, header.num_layers,
                         header.num_experts)[0]
-    counted = counter.finish(None)
+    counted = counter.finish()
     final = checked()  # raises if a step set did not fit
     return summarize(header, counted, hits, final.policy.label, scope,  # type: ignore[arg-type]
                      final.capacity, final.memory_bytes, final.bandwidth, final.latency)

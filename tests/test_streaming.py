@@ -307,13 +307,14 @@ def test_reading_memory_does_not_grow_with_the_trace(tmp_path, monkeypatch):
     path = write_synth(tmp_path / "t.parquet", layers=4, experts=32, top_k=4, tokens=1_000_000, seed=1,
                        block_tokens=20_000)
     held = []
-    write = streaming._Spiller.write
+    count = streaming._Counter.count
 
     def watched(self, part, req):
-        write(self, part, req)
+        span = count(self, part, req)
         held.append(pa.total_allocated_bytes())
+        return span
 
-    monkeypatch.setattr(streaming._Spiller, "write", watched)
+    monkeypatch.setattr(streaming._Counter, "count", watched)
     with open_stream(path, span_entries=100_000):
         pass
     assert len(held) > 100
