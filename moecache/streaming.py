@@ -158,7 +158,8 @@ class StreamedTrace:
     def iter_spans(self, *, scores: bool = False, future: bool = False) -> Iterator[Span]:
         """The spans in order; ``scores`` and ``future`` (next steps, see :class:`Span`) on demand."""
         if self.folder is None:
-            raise MoecacheError(f"{self.header.source}: counted in one pass: no spans to read back")
+            raise MoecacheError(f"{self.header.source}: counted in one pass, nothing spilled to read "
+                                "back: open it with open_stream to replay it")
         if scores and not self.has_scores:
             raise MoecacheError(f"{self.header.source}: opened without router weights (weights=True)")
         if future:

@@ -375,7 +375,8 @@ def _read_meta(pf: pq.ParquetFile, source: str) -> dict[str, Any]:
         version = meta.get("format_version")
         if type(version) is not int or version not in READ_VERSIONS:
             raise TraceError(f"{source}: unsupported trace format_version {version!r} "
-                             f"(this moecache reads {', '.join(map(str, READ_VERSIONS))})")
+                             f"(this moecache reads {', '.join(map(str, READ_VERSIONS))}; a newer "
+                             "moecache may read it)")
     check_meta(meta, source)
     return meta
 
