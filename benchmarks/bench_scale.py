@@ -26,6 +26,9 @@ thread and on two with the step sets built (goal: at least 1.8x on two cores), b
 and in another, where time goes: importing the command, decoding the experts column of
 the trace and of its format-v1 copy (written once beside it) on one thread (best of 3),
 filling a fresh array of the ids from NumPy and mapped up front (``moecache.buffers``).
+Memory of an in-memory replay per request, beyond a fixed overhead (goal: at most 4 bytes):
+the ``--no-stream`` peaks at N and at N / 10 requests (a second trace of a tenth of the
+tokens, written beside the first), their difference over the requests between.
 Run: ``python benchmarks/bench_scale.py [--requests N] [--repeat N]`` (``make bench-scale``).
 """
 
@@ -43,7 +46,9 @@ import numpy as np
 
 LAYERS, EXPERTS, TOP_K = 58, 256, 8
 CAPACITY = 32
-IN_MEMORY_LIMIT = 200_000_000  # larger: streamed rows only (in memory needs ~12 bytes a request)
+IN_MEMORY_LIMIT = 200_000_000  # larger: streamed rows only (in memory needs up to ~12 bytes a request)
+SLOPE_FACTOR = 10  # in-memory bytes per request: peaks at N and N / 10 requests
+MEMORY_GOAL = 4  # bytes per request beyond a fixed overhead, in memory
 PARTS_SCRIPT = """
 import sys, time, resource, moecache as mc
 start = time.perf_counter()
@@ -135,10 +140,12 @@ def prepare(directory: Path, requests: int) -> None:
 
     trace_path, ids_path, _ = paths(directory, requests)
     tokens = requests // (LAYERS * TOP_K)
-    if not trace_path.exists():
-        print(f"writing {trace_path} ({tokens:,} tokens) ...", flush=True)
-        write_synth(trace_path, layers=LAYERS, experts=EXPERTS, top_k=TOP_K, tokens=tokens, sequences=100,
-                    seed=0, overwrite=True)  # replaces the parts an interrupted preparation left
+    smaller = paths(directory, requests // SLOPE_FACTOR)[0]
+    for path, count in ((trace_path, tokens), (smaller, tokens // SLOPE_FACTOR)):
+        if not path.exists() and (path == trace_path or requests <= IN_MEMORY_LIMIT):
+            print(f"writing {path} ({count:,} tokens) ...", flush=True)
+            write_synth(path, layers=LAYERS, experts=EXPERTS, top_k=TOP_K, tokens=count, sequences=100,
+                        seed=0, overwrite=True)  # replaces the parts an interrupted preparation left
     if requests > IN_MEMORY_LIMIT:
         return  # streamed only: no in-memory rows, no libCacheSim file
     if not v1_path(trace_path).exists():
@@ -189,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             ("lru", "global", CAPACITY * LAYERS)]
     in_memory = requests <= IN_MEMORY_LIMIT
     modes = ("--no-stream", "--stream", "") if in_memory else ("--stream",)  # "": the default choice
+
+    def replay(path: Path, policy: str, scope: str, capacity: int, mode: str) -> tuple[float, float, str]:
+        return timed([*moecache, "replay", str(path), "--policy", policy, "--capacity", str(capacity),
+                      "--scope", scope, *mode.split(), "--json"])
+
     for mode in modes:
         for policy, scope, capacity in runs:
-            seconds, peak, out = timed([*moecache, "replay", str(trace_path), "--policy", policy,
-                                        "--capacity", str(capacity), "--scope", scope, *mode.split(),
-                                        "--json"])
+            seconds, peak, out = replay(trace_path, policy, scope, capacity, mode)
             rows.append((f"moecache replay {policy} {scope} C={capacity} {mode or '(default)'}", seconds,
                          peak, json.loads(out)["hit_rate"]))
     if not in_memory:
@@ -240,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
           f"experts column on one thread, format v1 {spent[1]:.2f} s, v2 {spent[2]:.2f} s "
           f"({spent[1] / spent[2]:.1f}x); filling a fresh array of the ids ({requests * 2 / 1e6:.0f} MB), "
           f"NumPy's {spent[3]:.2f} s, mapped up front {spent[4]:.2f} s")
+    smaller, _, fewer = paths(args.dir, args.requests // SLOPE_FACTOR)
+    slopes = {}
+    for (policy, scope, capacity), row in zip(runs, rows, strict=False):  # the --no-stream rows
+        small_peak = replay(smaller, policy, scope, capacity, "--no-stream")[1]
+        slopes[f"{policy} {scope}"] = (row[2] - small_peak) * 2**30 / (requests - fewer)
+    print(f"\nin memory (--no-stream), bytes per request beyond a fixed overhead (peaks at {fewer:,} and "
+          f"{requests:,} requests): " + ", ".join(f"{name} {value:.1f}" for name, value in slopes.items()))
     ratio = rows[-1][1] / rows[-2][1]  # libCacheSim over the default choice, lru global
     fastest = rows[-1][1] / min(rows[2][1], rows[5][1])  # over the faster of in memory and streamed
     worst = min(max(row[2] for row in rows[:3]), max(row[2] for row in rows[3:6]))
@@ -248,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{fastest:.2f}x the faster mode (goal 3x) {'pass' if ratio >= 3 else 'FAIL'}; "
           f"peak memory (the better mode) {worst:.2f} GiB (goal 1 GiB) {'pass' if worst <= 1 else 'FAIL'}; "
           f"two threads {min(speedups):.2f}x (goal 1.8x) {'pass' if min(speedups) >= 1.8 else 'FAIL'}; "
-          f"loading {load_rate:.0f} Mreq/s (goal 100) {'pass' if load_rate >= 100 else 'FAIL'}")
+          f"loading {load_rate:.0f} Mreq/s (goal 100) {'pass' if load_rate >= 100 else 'FAIL'}; "
+          f"in memory, bytes per request (goal {MEMORY_GOAL}): "
+          + ", ".join(f"{name} {value:.1f} {'pass' if value <= MEMORY_GOAL else 'FAIL'}"
+                      for name, value in slopes.items()))
     return 0
 
 

@@ -11,8 +11,9 @@ from ._version import __version__
 from .curve import curve
 from .errors import MoecacheError, TraceError
 from .python_policy import PythonPolicy
-from .replay import Prefetch, ReplayResult, replay
+from .replay import Prefetch, replay
 from .requests import Requests
+from .results import ReplayResult
 from .synth import synth
 from .timeline import TimelineResult, timeline
 from .trace import Trace

@@ -14,8 +14,9 @@ from moecache.policies import REGISTRY, Choice, resolve
 from moecache.policies.stack import LFU, LRU, OPT, depth_histogram
 
 from .parallel import map_parallel
-from .replay import ReplayResult, replay, summarize
+from .replay import replay
 from .requests import Requests
+from .results import ReplayResult, summarize
 from .trace import Trace
 from .validate import plan_range
 

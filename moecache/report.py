@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .replay import ReplayResult
+from .results import ReplayResult
 from .timeline import TimelineResult
 from .trace import Trace
 from .trace_format import DECODE, FORMAT_VERSION, OPTIONAL_COLUMNS, PREFILL

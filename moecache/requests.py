@@ -170,37 +170,60 @@ def global_keys(ids: np.ndarray, offsets: np.ndarray, num_layers: int, num_exper
 NEVER = -2  # ``last_step`` of a key not requested yet (not -1: "the step before step 0")
 
 
+TOTALS = ("requests", "cold_misses", "reuse_hits", "reuse_requests", "largest")
+"""The routing-only totals per MoE layer (:attr:`Requests.layer_totals`)."""
+
+
 @njit(cache=True, nogil=True)
-def _layer_counts(ids, offsets, num_layers, num_experts, last_step, first_step, first, stop, cold, overlap):
-    """``routing_counts`` for layers [first, stop) (whose keys no other layer touches)."""
+def _layer_counts(ids, offsets, num_layers, num_experts, last_step, first_step, first, stop, totals,
+                  largest_step):
+    """``routing_counts`` for layers [first, stop) (whose keys and totals no other layer touches)."""
     for t in range((offsets.shape[0] - 1) // num_layers):
+        step = first_step + t
         for layer in range(first, stop):
             r = t * num_layers + layer
+            size = offsets[r + 1] - offsets[r]
+            totals[0, layer] += size
+            if step > 0:
+                totals[3, layer] += size
+            if size > totals[4, layer]:  # the first largest
+                totals[4, layer] = size
+                largest_step[layer] = step
             base = layer * num_experts
             for j in range(offsets[r], offsets[r + 1]):
                 seen = last_step[base + ids[j]]
-                cold[r] += seen == NEVER
-                overlap[r] += seen == first_step + t - 1
-                last_step[base + ids[j]] = first_step + t
+                totals[1, layer] += seen == NEVER
+                totals[2, layer] += seen == step - 1
+                last_step[base + ids[j]] = step
 
 
 def routing_counts(ids: np.ndarray, offsets: np.ndarray, num_layers: int, num_experts: int,
                    last_step: np.ndarray, first_step: int, workers: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Per request of a step-major CSR of whole steps: cold (first-ever) references and
-    overlap with the same layer's previous step (int32 each). ``last_step`` (int64, one per
-    layer x E key, NEVER before its first request) carries over from one part of a stream
-    to the next, whose steps start at ``first_step``. Layers are counted side by side."""
-    num_requests = offsets.shape[0] - 1
-    cold = np.zeros(num_requests, np.int32)
-    overlap = np.zeros(num_requests, np.int32)
+    """The routing-only totals per layer of a step-major CSR of whole steps whose first step
+    is ``first_step``: (int64 rows TOTALS x layers: requests, cold (first-ever) references,
+    reuse hits (in the same layer's previous step), requests after step 0, the largest set;
+    the first step holding each layer's largest set). ``last_step`` (int64, one per layer x E
+    key, NEVER before its first request) carries over from one part of a stream to the next.
+    Layers are counted side by side."""
+    totals = np.zeros((len(TOTALS), num_layers), np.int64)
+    largest_step = np.zeros(num_layers, np.int64)
     parts = split(num_layers, cores(workers))
     map_parallel(lambda i: _layer_counts(ids, offsets, num_layers, num_experts, last_step, first_step,
-                                         *parts[i], cold, overlap), len(parts), workers)
-    return cold, overlap
+                                         *parts[i], totals, largest_step), len(parts), workers)
+    return totals, largest_step
 
 
-def _starts(trace: Trace, per_token: bool) -> np.ndarray:
+def largest_at(totals: np.ndarray, largest_step: np.ndarray) -> tuple[int, int]:
+    """(step, layer index) of the largest set, the first in step-major order if several,
+    from :func:`routing_counts`' result."""
+    largest = totals[TOTALS.index("largest")]
+    ties = np.flatnonzero(largest == largest.max())
+    first = ties[np.argmin(largest_step[ties])]  # argmin: the lowest layer among equal steps
+    return int(largest_step[first]), int(first)
+
+
+def step_bounds(trace: Trace, per_token: bool = False) -> np.ndarray:
     """First token of each step (every token its own step with ``per_token``)."""
     return np.arange(trace.num_tokens + 1, dtype=np.int64) if per_token else trace.step_starts()
 
@@ -223,10 +246,15 @@ class Requests:
             raise MoecacheError(f"{trace.source}: the trace holds no tokens: nothing to replay")
         key = ("requests", per_token)
         if key not in trace.cache:
-            ids, offsets = step_unions(trace.experts, _starts(trace, per_token), trace.num_experts)
+            ids, offsets = step_unions(trace.experts, step_bounds(trace, per_token), trace.num_experts)
             trace.cache[key] = cls(ids, offsets, trace.num_layers, trace.num_experts,
                                    trace.num_tokens)
         return trace.cache[key]
+
+    @staticmethod
+    def built(trace: Trace, per_token: bool = False) -> bool:
+        """Whether the requests of ``trace`` are built (cached on it) already."""
+        return ("requests", per_token) in trace.cache
 
     def scores(self, trace: Trace, *, per_token: bool = False) -> np.ndarray:
         """Router weight per entry of ``ids`` (float32; the largest among the step's tokens
@@ -236,7 +264,7 @@ class Requests:
                                 "policy needs (capture or import them with the routing)")
         key = ("scores", per_token)
         if key not in trace.cache:
-            trace.cache[key] = step_scores(trace.experts, trace.weights, _starts(trace, per_token),
+            trace.cache[key] = step_scores(trace.experts, trace.weights, step_bounds(trace, per_token),
                                             self.ids, self.offsets, self.num_experts)
         return trace.cache[key]
 
@@ -245,13 +273,13 @@ class Requests:
         entry of ``ids``); cached on the trace."""
         key = ("token_counts", per_token)
         if key not in trace.cache:
-            trace.cache[key] = _step_token_counts(trace.experts, _starts(trace, per_token), self.ids,
+            trace.cache[key] = _step_token_counts(trace.experts, step_bounds(trace, per_token), self.ids,
                                                   self.offsets, self.num_experts)
         return trace.cache[key]
 
     def step_tokens(self, trace: Trace, *, per_token: bool = False) -> np.ndarray:
         """Tokens per step (int64)."""
-        return np.diff(_starts(trace, per_token))
+        return np.diff(step_bounds(trace, per_token))
 
     def layer_entries(self, index: int) -> np.ndarray:
         """Positions in ``ids`` of the l-th MoE layer's entries, in the order of ``layer(index)``."""
@@ -271,31 +299,19 @@ class Requests:
     def num_steps(self) -> int:
         return (len(self.offsets) - 1) // max(self.num_layers, 1)
 
-    @cached_property
+    @property
     def set_sizes(self) -> np.ndarray:
-        """|E[t, l]| as an array (steps, layers)."""
+        """|E[t, l]| as an array (steps, layers) (int64, built on each call: 8 bytes a set)."""
         return np.diff(self.offsets).reshape(self.num_steps, self.num_layers)
 
     def largest_set(self) -> tuple[int, int]:
         """(step, layer index) of the largest step set, the first if several."""
-        t, li = np.unravel_index(int(np.argmax(self.set_sizes)), self.set_sizes.shape)
-        return int(t), int(li)
+        return largest_at(*self._counts)
 
     @cached_property
     def _counts(self) -> tuple[np.ndarray, np.ndarray]:
         fresh = np.full(self.num_layers * self.num_experts, NEVER, np.int64)
-        cold, overlap = routing_counts(self.ids, self.offsets, self.num_layers, self.num_experts, fresh, 0)
-        return cold.reshape(-1, self.num_layers), overlap.reshape(-1, self.num_layers)
-
-    @property
-    def cold(self) -> np.ndarray:
-        """First-ever references per (step, layer)."""
-        return self._counts[0]
-
-    @property
-    def overlap(self) -> np.ndarray:
-        """|E[t, l] ∩ E[t-1, l]| per (step, layer); zero at t = 0."""
-        return self._counts[1]
+        return routing_counts(self.ids, self.offsets, self.num_layers, self.num_experts, fresh, 0)
 
     def layer(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys, offsets) of the l-th MoE layer's requests, keys = expert ids."""
@@ -303,14 +319,12 @@ class Requests:
             return self.ids, self.offsets
         return _layer_column(self.ids, self.offsets, self.num_layers, index, np.int32)
 
-    @cached_property
+    @property
     def layer_totals(self) -> dict[str, np.ndarray]:
-        """Per MoE layer: requested experts, cold misses, reuse hits and requests (the
-        numerator and denominator of the reuse rate) and the largest step set."""
-        sizes = self.set_sizes
-        return {"requests": sizes.sum(axis=0), "cold_misses": self.cold.sum(axis=0),
-                "reuse_hits": self.overlap.sum(axis=0), "reuse_requests": sizes[1:].sum(axis=0),
-                "largest": sizes.max(axis=0, initial=0)}
+        """Per MoE layer (keys TOTALS): requested experts, cold misses, reuse hits and
+        requests (the numerator and denominator of the reuse rate) and the largest step
+        set; counted in one pass, no array per set kept."""
+        return dict(zip(TOTALS, self._counts[0], strict=True))
 
     @cached_property
     def _pooled_keys(self) -> np.ndarray:

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -31,8 +31,17 @@ from moecache.policies import Choice, Session, resolve
 from .errors import MoecacheError
 from .files import write_errors
 from .parallel import map_parallel, read_ahead
-from .replay import ReplayResult, summarize
-from .requests import NEVER, Requests, routing_counts
+from .requests import (
+    NEVER,
+    TOTALS,
+    Requests,
+    largest_at,
+    routing_counts,
+    step_bounds,
+    step_scores,
+    step_unions,
+)
+from .results import ReplayResult, summarize
 from .storage import Location
 from .trace import Trace
 from .trace_io import TraceReader
@@ -70,6 +79,14 @@ def should_stream(path: str | os.PathLike | Location, stream: bool | None = None
     if policy is None or requests <= STREAM_LRU_ABOVE:
         return False
     return serves_in_one_pass(policy)
+
+
+def in_spans(trace: Trace, policy: Any, per_token: bool = False) -> bool:
+    """Whether :func:`moecache.replay` serves ``trace`` in spans (:func:`replay_in_spans`):
+    under a policy that :func:`serves_in_one_pass`, a trace of more than STREAM_LRU_ABOVE
+    requested experts whose step sets are not built yet (a replay reuses those)."""
+    entries = trace.num_tokens * trace.num_layers * trace.top_k
+    return entries > STREAM_LRU_ABOVE and not Requests.built(trace, per_token) and serves_in_one_pass(policy)
 
 
 def serves_in_one_pass(policy: Any) -> bool:
@@ -227,8 +244,9 @@ def open_stream(path: str | os.PathLike | Location, *, per_token: bool = False, 
                          for name in ("ids.i16", "sizes.u16", "scores.f32")}
                 # three stages side by side: decoding, checking and step sets, counting and spilling
                 blocks = reader.token_blocks(_batch_rows(reader, span_entries))
-                for part, req in read_ahead(counter.parts(read_ahead(blocks))):
-                    span = counter.count(part, req)
+                for part in read_ahead(counter.parts(read_ahead(blocks))):
+                    span = counter.count(part)
+                    req = part.requests
                     req.ids.tofile(files["ids.i16"])
                     req.set_sizes.astype(np.uint16).tofile(files["sizes.u16"])
                     if span.scores is not None:
@@ -315,6 +333,15 @@ def scan(path: str | os.PathLike | Location, span_entries: int = SPAN_ENTRIES
                     for name, values in kept.items()}
 
 
+class Part(NamedTuple):
+    """One part of a trace, whole steps: its tokens, step sets and (for the policies that
+    read them) router weight per entry."""
+
+    tokens: int
+    requests: Requests
+    scores: np.ndarray | None
+
+
 class _Counter:
     """Cuts token blocks at step boundaries into parts, checks them and builds their step
     sets (``parts``), then counts each into the routing totals (``count``)."""
@@ -323,41 +350,36 @@ class _Counter:
         self.header, self.per_token, self.weights = header, per_token, weights
         layers, experts = header.num_layers, header.num_experts
         self.last_step = np.full(layers * experts, NEVER, np.int64)
-        self.totals = {name: np.zeros(layers, np.int64)
-                       for name in ("requests", "cold_misses", "reuse_hits", "reuse_requests", "largest")}
+        self.totals = {name: np.zeros(layers, np.int64) for name in TOTALS}
         self.largest_at = (0, 0)
         self.spans: list[tuple[int, int, int, int]] = []
         self.steps = self.tokens = self.entries = 0
 
-    def parts(self, blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[tuple[Trace, Requests]]:
+    def parts(self, blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[Part]:
         """The checked parts of the blocks (:func:`checked_parts`), with their step sets."""
         for part in checked_parts(self.header, blocks, self.per_token):
             req = Requests.from_trace(part, per_token=self.per_token)
-            if self.weights:
-                req.scores(part, per_token=self.per_token)  # cached on the part
-            yield part, req
+            scores = req.scores(part, per_token=self.per_token) if self.weights else None
+            yield Part(part.num_tokens, req, scores)
 
-    def count(self, part: Trace, req: Requests) -> Span:
+    def count(self, part: Part) -> Span:
         """Count a part's requests into the totals; the part as a span."""
-        header = self.header
-        layers = header.num_layers
-        cold, overlap = routing_counts(req.ids, req.offsets, layers, header.num_experts, self.last_step,
-                                       self.steps)
-        sizes = req.set_sizes
-        totals = self.totals
-        totals["requests"] += sizes.sum(axis=0)
-        totals["cold_misses"] += cold.reshape(-1, layers).sum(axis=0)
-        totals["reuse_hits"] += overlap.reshape(-1, layers).sum(axis=0)
-        totals["reuse_requests"] += sizes[1 if not self.steps else 0:].sum(axis=0)
-        t, li = req.largest_set()
-        if sizes[t, li] > totals["largest"].max():
-            self.largest_at = (self.steps + t, li)
-        np.maximum(totals["largest"], sizes.max(axis=0), out=totals["largest"])
-        scores = req.scores(part, per_token=self.per_token) if self.weights else None
-        span = Span(req, self.steps, self.entries, scores)
+        header, req = self.header, part.requests
+        totals, largest_step = routing_counts(req.ids, req.offsets, header.num_layers, header.num_experts,
+                                              self.last_step, self.steps)
+        largest = totals[TOTALS.index("largest")]
+        if largest.max() > self.totals["largest"].max():
+            self.largest_at = largest_at(totals, largest_step)
+        for name, row in zip(TOTALS, totals, strict=True):
+            kept = self.totals[name]
+            if name == "largest":
+                np.maximum(kept, row, out=kept)
+            else:
+                kept += row
+        span = Span(req, self.steps, self.entries, part.scores)
         self.spans.append((self.steps, req.num_steps, self.entries, len(req.ids)))
         self.steps += req.num_steps
-        self.tokens += part.num_tokens
+        self.tokens += part.tokens
         self.entries += len(req.ids)
         return span
 
@@ -422,7 +444,8 @@ def replay_file(path: str | os.PathLike | Location, policy: Any = "lru", capacit
     take each span as soon as it is checked and counted, beside the decoding. The step sets
     counted so far are checked against the cache before each span; a set that does not fit
     stops the serving, and the error names the largest set once the whole file is read,
-    as for a replay in memory. Other policies: :func:`open_stream`, then :func:`replay_stream`."""
+    as for a replay in memory (:func:`_one_pass`). Other policies: :func:`open_stream`, then
+    :func:`replay_stream`."""
     choice = resolve(policy, policy_args)
     weights = choice.policy.needs_scores
     if not serves_in_one_pass(choice):
@@ -433,6 +456,66 @@ def replay_file(path: str | os.PathLike | Location, policy: Any = "lru", capacit
     reader = _reader(path, weights)
     header = _header(reader, weights)
     counter = _Counter(header, per_token, weights)
+    parts = counter.parts(read_ahead(reader.token_blocks(_batch_rows(reader, span_entries))))
+    return _one_pass(counter, read_ahead(parts), choice, capacity, scope, memory=memory, bandwidth=bandwidth,
+                     latency=latency, seed=seed, workers=workers)
+
+
+def replay_in_spans(trace: Trace, policy: Any = "lru", capacity: int | None = None, scope: str = "layer", *,
+                    per_token: bool = False, memory: str | int | None = None,
+                    bandwidth: str | float | None = None, latency: str | float = 0.0, seed: int = 0,
+                    policy_args: dict[str, Any] | None = None, workers: int | None = None,
+                    span_entries: int = SPAN_ENTRIES) -> ReplayResult:
+    """:func:`moecache.replay` of an in-memory trace under a policy that
+    :func:`serves_in_one_pass`, a span of steps at a time: the same result, in the memory of
+    the trace and one span (the step sets of the whole trace are never built)."""
+    choice = resolve(policy, policy_args)
+    if not serves_in_one_pass(choice):
+        raise MoecacheError(f"policy {choice.label} cannot be served in one pass over spans: replay it")
+    weights = choice.policy.needs_scores
+    if weights and trace.weights is None:
+        raise MoecacheError(f"{trace.source}: the trace has no router weights, which this policy needs "
+                            "(capture or import them with the routing)")
+    if trace.num_tokens == 0:
+        raise MoecacheError(f"{trace.source}: the trace holds no tokens: nothing to replay")
+    counter = _Counter(trace, per_token, weights)
+    return _one_pass(counter, read_ahead(memory_parts(trace, per_token, weights, span_entries)), choice,
+                     capacity, scope, memory=memory, bandwidth=bandwidth, latency=latency, seed=seed,
+                     workers=workers)
+
+
+def memory_parts(trace: Trace, per_token: bool, weights: bool, span_entries: int = SPAN_ENTRIES
+                 ) -> Iterator[Part]:
+    """An in-memory trace's whole steps, about ``span_entries`` requested experts at a time
+    (a larger step alone), each with its step sets (and router weight per entry with
+    ``weights``)."""
+    starts = step_bounds(trace, per_token)
+    num_steps = len(starts) - 1
+    span_tokens = max(1, span_entries // (trace.num_layers * trace.top_k))
+    first = 0
+    while first < num_steps:
+        start = int(starts[first])
+        stop = int(np.searchsorted(starts, start + span_tokens, side="right")) - 1
+        stop = min(max(stop, first + 1), num_steps)
+        end = int(starts[stop])
+        bounds, experts = starts[first:stop + 1] - start, trace.experts[start:end]
+        ids, offsets = step_unions(experts, bounds, trace.num_experts)
+        scores = None
+        if weights:
+            scores = step_scores(experts, trace.weights[start:end], bounds, ids, offsets, trace.num_experts)
+        req = Requests(ids, offsets, trace.num_layers, trace.num_experts, end - start)
+        yield Part(end - start, req, scores)
+        first = stop
+
+
+def _one_pass(counter: _Counter, parts: Iterator[Part], choice: Choice, capacity: int | None, scope: str, *,
+              memory: str | int | None, bandwidth: str | float | None, latency: str | float, seed: int,
+              workers: int | None) -> ReplayResult:
+    """The replay of ``parts`` counted by ``counter``, each part served as soon as it is
+    counted. The step sets counted so far are checked against the cache before each
+    part; a set that does not fit stops the serving, and the error names the largest set
+    once every part is counted, as for a replay of the whole trace."""
+    header, per_token = counter.header, counter.per_token
 
     def checked() -> Plan:  # the replay's settings against the step sets counted so far
         return plan(header, choice, scope, capacity=capacity, memory=memory, per_token=per_token,
@@ -443,14 +526,13 @@ def replay_file(path: str | os.PathLike | Location, policy: Any = "lru", capacit
 
     def fitting_spans() -> Iterator[Span]:
         fits = True
-        blocks = reader.token_blocks(_batch_rows(reader, span_entries))
-        for part, req in read_ahead(counter.parts(read_ahead(blocks))):
-            span = counter.count(part, req)
+        for part in parts:
+            span = counter.count(part)
             if fits:
                 try:
                     checked()
                 except MoecacheError:
-                    fits = False  # read on: the error names the largest set of the whole file
+                    fits = False  # read on: the error names the largest set of the whole trace
             if fits:
                 yield span
     hits = _serve_spans(fitting_spans(), choice, scope, caches, seed, workers, header.num_layers,

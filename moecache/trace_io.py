@@ -506,6 +506,7 @@ def read_columns(path: str | os.PathLike | Location, *, weights: bool = True, lo
             values[done:done + count] = folded[name]
         filled += table.num_rows
         done += count
+    pa.default_memory_pool().release_unused()  # the row groups' buffers, which the pool would keep
     n = reader.num_tokens
 
     def grid(name: str) -> np.ndarray | None:

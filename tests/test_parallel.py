@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import moecache as mc
 from moecache.parallel import map_parallel, read_ahead
 from moecache.policies import REGISTRY
-from moecache.requests import NEVER, global_keys, routing_counts, step_unions
+from moecache.requests import NEVER, TOTALS, global_keys, largest_at, routing_counts, step_unions
 from tests.strategies import make_trace, routings
 
 
@@ -67,10 +67,18 @@ def test_request_passes_in_parts_equal_a_slow_reference(routing, workers):
     keys = global_keys(ids, offsets, num_layers, trace.num_experts, workers)
     assert keys.tolist() == [r % num_layers * trace.num_experts + e for r, s in enumerate(sets) for e in s]
     last = np.full(num_layers * trace.num_experts, NEVER, np.int64)
-    cold, overlap = routing_counts(ids, offsets, num_layers, trace.num_experts, last, 0, workers)
+    totals, largest_step = routing_counts(ids, offsets, num_layers, trace.num_experts, last, 0, workers)
+    want = np.zeros((len(TOTALS), num_layers), np.int64)
+    first_largest = np.zeros(num_layers, np.int64)
     seen: set[int] = set()
     for r, s in enumerate(sets):
+        t, layer = divmod(r, num_layers)
         before = sets[r - num_layers] if r >= num_layers else []
-        layer_keys = {r % num_layers * trace.num_experts + e for e in s}
-        assert cold[r] == len(layer_keys - seen) and overlap[r] == len(set(s) & set(before))
+        layer_keys = {layer * trace.num_experts + e for e in s}
+        want[:4, layer] += [len(s), len(layer_keys - seen), len(set(s) & set(before)), len(s) if t else 0]
+        if len(s) > want[4, layer]:
+            want[4, layer], first_largest[layer] = len(s), t
         seen |= layer_keys
+    assert totals.tolist() == want.tolist() and largest_step.tolist() == first_largest.tolist()
+    sizes = np.diff(offsets).reshape(-1, num_layers)
+    assert largest_at(totals, largest_step) == np.unravel_index(int(np.argmax(sizes)), sizes.shape)

@@ -15,7 +15,15 @@ import moecache as mc
 from moecache.cli import cli
 from moecache.errors import MoecacheError
 from moecache.policies import POLICIES
-from moecache.streaming import curve_stream, open_stream, replay_file, replay_stream, scan, should_stream
+from moecache.streaming import (
+    curve_stream,
+    open_stream,
+    replay_file,
+    replay_in_spans,
+    replay_stream,
+    scan,
+    should_stream,
+)
 from moecache.trace_format import ids_column
 from moecache.trace_io import TraceWriter
 
@@ -102,10 +110,14 @@ def test_one_pass_equals_the_in_memory_replay(trace_file, span, monkeypatch):
             expected = mc.replay(trace, "lru", capacity, scope, per_token=per_token)
             same(expected, replay_file(trace_file, "lru", capacity, scope, per_token=per_token,
                                        span_entries=span))
+            same(expected, replay_in_spans(trace, "lru", capacity, scope, per_token=per_token,
+                                           span_entries=span))
             expected = mc.replay(trace, "lru", scope=scope, memory="60KB", per_token=per_token,
                                  bandwidth="1GB/s", latency="1ms")
             same(expected, replay_file(trace_file, "lru", scope=scope, memory="60KB", per_token=per_token,
                                        bandwidth="1GB/s", latency="1ms", span_entries=span))
+            same(expected, replay_in_spans(trace, "lru", scope=scope, memory="60KB", per_token=per_token,
+                                           bandwidth="1GB/s", latency="1ms", span_entries=span))
     monkeypatch.setattr(streaming, "open_stream", spill)
     for policy in ("opt", "fifo", "score-lru"):
         same(mc.replay(trace, policy, 20, "global"), replay_file(trace_file, policy, 20, "global",
@@ -132,18 +144,22 @@ def test_next_uses_in_32_or_64_bits(trace_file, monkeypatch):
        scope=st.sampled_from(["layer", "global"]), prompt=st.integers(0, 6))
 def test_one_pass_random_traces_and_spans(tmp_path_factory, seed, span, capacity, scope, prompt):
     """Random traces, spans and capacities, some below the largest step set: the one-pass
-    replay gives the in-memory result, or the same one-line error."""
+    replays (of the file, of the loaded trace in spans) give the in-memory result, or the
+    same one-line error."""
     path = tmp_path_factory.mktemp("one-pass") / "t.parquet"
     mc.synth(layers=2, experts=12, top_k=2, tokens=80, sequences=2, prompt_len=prompt, seed=seed).save(path)
     trace = mc.Trace.load(path)  # the errors name the file
     try:
         expected = mc.replay(trace, "lru", capacity, scope)
     except MoecacheError as err:
-        with pytest.raises(MoecacheError) as got:
-            replay_file(path, "lru", capacity, scope, span_entries=span)
-        assert str(got.value) == str(err)
+        for run in (lambda: replay_file(path, "lru", capacity, scope, span_entries=span),
+                    lambda: replay_in_spans(mc.Trace.load(path), "lru", capacity, scope, span_entries=span)):
+            with pytest.raises(MoecacheError) as got:
+                run()
+            assert str(got.value) == str(err)
     else:
         same(expected, replay_file(path, "lru", capacity, scope, span_entries=span))
+        same(expected, replay_in_spans(mc.Trace.load(path), "lru", capacity, scope, span_entries=span))
 
 
 def test_one_pass_names_the_largest_set_found_late(tmp_path):
@@ -165,6 +181,29 @@ def test_one_pass_names_the_largest_set_found_late(tmp_path):
     with pytest.raises(MoecacheError) as got:
         replay_file(path, "lru", 6, span_entries=16)
     assert str(got.value) == str(expected.value)
+    with pytest.raises(MoecacheError) as got:
+        replay_in_spans(mc.Trace.load(path), "lru", 6, span_entries=16)
+    assert str(got.value) == str(expected.value)
+
+
+def test_replay_serves_a_large_trace_in_spans(trace_file, monkeypatch):
+    """moecache.replay of a trace above STREAM_LRU_ABOVE requested experts, under lru, runs
+    in spans (its step sets never built) with the numbers of the whole-trace replay; a
+    trace whose step sets are built, another policy, or a replay recording outcomes uses those."""
+    import moecache.streaming as streaming
+
+    expected = {scope: mc.replay(mc.Trace.load(trace_file), "lru", c, scope)
+                for scope, c in (("layer", 8), ("global", 20))}
+    monkeypatch.setattr(streaming, "STREAM_LRU_ABOVE", 100)
+    trace = mc.Trace.load(trace_file)
+    for scope, c in (("layer", 8), ("global", 20)):
+        same(expected[scope], mc.replay(trace, "lru", c, scope))
+        assert not mc.Requests.built(trace) and streaming.in_spans(trace, "lru")
+    assert not streaming.in_spans(trace, "opt")
+    mc.replay(trace, "lru", 8, record_outcomes=True)
+    assert mc.Requests.built(trace) and not streaming.in_spans(trace, "lru")
+    monkeypatch.setattr(streaming, "STREAM_LRU_ABOVE", trace.num_tokens * trace.num_layers * trace.top_k)
+    assert not streaming.in_spans(mc.Trace.load(trace_file), "lru")
 
 
 def _written_in_blocks(tmp_path):
@@ -309,8 +348,8 @@ def test_reading_memory_does_not_grow_with_the_trace(tmp_path, monkeypatch):
     held = []
     count = streaming._Counter.count
 
-    def watched(self, part, req):
-        span = count(self, part, req)
+    def watched(self, part):
+        span = count(self, part)
         held.append(pa.total_allocated_bytes())
         return span
 

@@ -189,7 +189,7 @@ def test_tiers_split_every_fetch():
     box = machine(tiers=(big, profiles.Tier("ssd", 2**40, far)))
     r = timeline(trace, box, "lru", 4, dense_ms=0.1, tiers=True)
     plain = mc.replay(trace, "lru", 4)
-    cold = int(mc.Requests.from_trace(trace).cold.sum())
+    cold = int(mc.Requests.from_trace(trace).layer_totals["cold_misses"].sum())
     assert r.tier_hits == {"fast memory": plain.hits, "host": plain.misses - cold, "ssd": cold}
     small = profiles.Tier("host", 4 * EXPERT_BYTES, near)
     s = timeline(trace, machine(tiers=(small, profiles.Tier("ssd", 2**40, far))), "lru", 4, dense_ms=0.1,
