@@ -27,7 +27,7 @@ and in another, where time goes: importing the command, decoding the experts col
 the trace and of its format-v1 copy (written once beside it) on one thread (best of 3),
 filling a fresh array of the ids from NumPy and mapped up front (``moecache.buffers``).
 Memory of an in-memory replay per request, beyond a fixed overhead (goal: at most 4 bytes):
-the ``--no-stream`` peaks at N and at N / 10 requests (a second trace of a tenth of the
+the ``--no-stream`` peaks at N and at N / 2 requests (a second trace of half the
 tokens, written beside the first), their difference over the requests between.
 Run: ``python benchmarks/bench_scale.py [--requests N] [--repeat N]`` (``make bench-scale``).
 """
@@ -47,7 +47,8 @@ import numpy as np
 LAYERS, EXPERTS, TOP_K = 58, 256, 8
 CAPACITY = 32
 IN_MEMORY_LIMIT = 200_000_000  # larger: streamed rows only (in memory needs up to ~12 bytes a request)
-SLOPE_FACTOR = 10  # in-memory bytes per request: peaks at N and N / 10 requests
+SLOPE_FACTOR = 2  # in-memory bytes per request: peaks at N and N / 2 requests (both above
+# STREAM_LRU_ABOVE, so lru replays in spans at both)
 MEMORY_GOAL = 4  # bytes per request beyond a fixed overhead, in memory
 PARTS_SCRIPT = """
 import sys, time, resource, moecache as mc
