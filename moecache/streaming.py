@@ -53,14 +53,16 @@ if TYPE_CHECKING:
 SPAN_ENTRIES = 1 << 23
 """Requested experts read per batch (about 16 MB of ids): a span holds one batch's whole steps."""
 BYTES_PER_REQUEST = 12
-"""Peak memory per requested expert of an in-memory replay (ids, step sets, kernel state),
-measured by benchmarks/bench_scale.py; ``auto`` streams a trace that would need more than
-a quarter of this machine's memory."""
+"""Peak memory per requested expert of an in-memory replay, at most (ids, step sets, the
+policy's arrays: 2-6 bytes in layer scope, measured by benchmarks/bench_scale.py, more in
+global scope); ``auto`` streams a trace that would need more than a quarter of this
+machine's memory."""
 
 
 STREAM_LRU_ABOVE = 4 * SPAN_ENTRIES
 """Requested experts above which ``auto`` streams a replay whose policy has a span kernel
-and reads no future (lru): streamed, it is as fast and needs a third of the memory."""
+and reads no future (lru), and ``moecache.replay`` serves a loaded trace in spans:
+streamed, it is as fast and holds no copy of the trace."""
 
 
 def should_stream(path: str | os.PathLike | Location, stream: bool | None = None,
