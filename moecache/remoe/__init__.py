@@ -23,6 +23,11 @@ _EXPORTS = {
     "measure_reuse": "train",
     "router_parameters": "train",
     "score_kind": "train",
+    "Quality": "quality",
+    "Reference": "quality",
+    "code_tasks": "quality",
+    "evaluate_quality": "quality",
+    "reference_outputs": "quality",
     "load_texts": "data",
     "pack_blocks": "data",
 }

@@ -292,7 +292,7 @@ def finetune_model(
 
     started = time.perf_counter()
     model.eval()
-    info = _find_routers(model, tokenizer)
+    info = find_model_routers(model, tokenizer)
     blocks = _blocks(data, tokenizer, settings.seq_len, max_blocks=settings.steps * settings.batch_size,
                      source=source)
     run, trainable, report = _prepare(model, info, blocks, settings,
@@ -306,7 +306,7 @@ def finetune_model(
             param.requires_grad_(False)
         for param in trainable.values():
             param.requires_grad_(True)
-        with _RouterTap(info.sites) as tap:
+        with RouterTap(info.sites) as tap:
             try:
                 _train(model, tap, blocks, trainable, originals, run, report,
                        log=lambda record: _log(report, record, log_file), bar=bar, started=started)
@@ -352,7 +352,7 @@ def _prepare(model: nn.Module, info: MoeModelInfo, blocks: np.ndarray, settings:
     return run, trainable, report
 
 
-def _train(model: nn.Module, tap: _RouterTap, blocks: np.ndarray, trainable: dict[str, nn.Parameter],
+def _train(model: nn.Module, tap: RouterTap, blocks: np.ndarray, trainable: dict[str, nn.Parameter],
            originals: dict[str, torch.Tensor], run: FinetuneSettings, report: FinetuneReport, *,
            log: Callable[[dict[str, Any]], None], bar: Any, started: float) -> None:
     """The optimisation steps, counted in ``report.steps``. A KeyboardInterrupt propagates
@@ -386,8 +386,8 @@ def _train(model: nn.Module, tap: _RouterTap, blocks: np.ndarray, trainable: dic
             nn.utils.clip_grad_norm_(list(trainable.values()), MAX_GRAD_NORM)
             optimizer.step()
             report.steps = step
-            sums.add(terms, float(loss.detach()), _reuse_counts(routes, ids.shape),
-                     _reuse_counts(ref_routes, ids.shape), ids.numel())
+            sums.add(terms, float(loss.detach()), reuse_counts(routes, ids.shape),
+                     reuse_counts(ref_routes, ids.shape), ids.numel())
             if step % run.log_every == 0 or step == run.steps:
                 record = sums.record(step, run.lr, time.perf_counter() - started)
                 log(record)
@@ -465,20 +465,20 @@ def measure_reuse(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> f
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise MoecacheError(f"measure_reuse: expected token ids of shape (n, T>=2), got {tuple(ids.shape)}")
     model.eval()
-    info = _find_routers(model, None)
+    info = find_model_routers(model, None)
     device = input_device(model)
     overlap = total = 0
-    with _RouterTap(info.sites) as tap, torch.no_grad():
+    with RouterTap(info.sites) as tap, torch.no_grad():
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size].to(device)
             model(input_ids=chunk, use_cache=False)
-            hit, count = _reuse_counts(tap.take(chunk.shape), chunk.shape)
+            hit, count = reuse_counts(tap.take(chunk.shape), chunk.shape)
             overlap += hit
             total += count
     return overlap / total
 
 
-class _RouterTap:
+class RouterTap:
     """Forward hooks keeping each router's raw output of the last forward, autograd graph included."""
 
     def __init__(self, sites):
@@ -486,7 +486,7 @@ class _RouterTap:
         self._outputs: list[list[Any]] = [[] for _ in self.sites]
         self._handles: list[Any] = []
 
-    def __enter__(self) -> _RouterTap:
+    def __enter__(self) -> RouterTap:
         for number, site in enumerate(self.sites):
             self._handles.append(site.module.register_forward_hook(self._hook(number)))
         return self
@@ -560,7 +560,7 @@ def _loss_terms(logits, ref_logp, ids, routes, kinds, window) -> dict[str, torch
     return {"lm": lm, "kl": kl, "locality": locality_loss(routes, kinds, ids.shape, window)}
 
 
-def _reuse_counts(routes: Sequence[RouterOutput], shape: tuple[int, ...]) -> tuple[int, int]:
+def reuse_counts(routes: Sequence[RouterOutput], shape: tuple[int, ...]) -> tuple[int, int]:
     """(sum over layers and t >= 1 of |E[t] & E[t-1]|, of |E[t]|) within each block."""
     batch, length = int(shape[0]), int(shape[1])
     hits, total = [], 0
@@ -605,7 +605,7 @@ class _Sums:
         return record
 
 
-def _evaluate(model, originals, blocks: np.ndarray, tap: _RouterTap, batch_size: int) -> dict[str, Any]:
+def _evaluate(model, originals, blocks: np.ndarray, tap: RouterTap, batch_size: int) -> dict[str, Any]:
     """Original vs fine-tuned routers on fixed blocks: reuse, next-token CE, KL."""
     sums = {"reuse_before": [0, 0], "reuse_after": [0, 0]}
     lm_before = lm_after = kl = 0.0
@@ -615,9 +615,9 @@ def _evaluate(model, originals, blocks: np.ndarray, tap: _RouterTap, batch_size:
         for start in range(0, len(blocks), batch_size):
             ids = torch.from_numpy(blocks[start:start + batch_size]).to(device)
             ref_logp = _reference_forward(model, originals, ids).float().log_softmax(-1)
-            before = _reuse_counts(tap.take(ids.shape), ids.shape)
+            before = reuse_counts(tap.take(ids.shape), ids.shape)
             logp = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
-            after = _reuse_counts(tap.take(ids.shape), ids.shape)
+            after = reuse_counts(tap.take(ids.shape), ids.shape)
             vocab = logp.shape[-1]
             target = ids[:, 1:].reshape(-1)
             lm_before += float(F.nll_loss(ref_logp[:, :-1].reshape(-1, vocab), target, reduction="sum"))
@@ -656,7 +656,7 @@ def cast_for_saving(model: nn.Module, dtype: torch.dtype) -> None:
             tensor.data = tensor.data.to(dtype)
 
 
-def _find_routers(model: nn.Module, tokenizer: Any) -> MoeModelInfo:
+def find_model_routers(model: nn.Module, tokenizer: Any) -> MoeModelInfo:
     pad = getattr(tokenizer, "pad_token_id", None)
     try:
         return find_routers(model, probe_token=pad if isinstance(pad, int) else 0)
