@@ -1,17 +1,24 @@
 """ReMoE router fine-tuning of the toy MoE, end to end (``make remoe-experiment``).
 
-1. The toy model (``experiments/toy_model.py``; trained here if ``--model`` is missing).
-2. Locality-weight sweep: for each weight in ``--weights``, the base model's routers
-   are fine-tuned in memory with :func:`moecache.remoe.finetune_model` on the training
-   split (same seed, steps, lr, window, KL weight for every point; weight 0 is the
-   control: LM + KL only), then held-out perplexity and held-out reuse (the reuse rate of docs/semantics.md,
-   w = 1, :func:`moecache.remoe.measure_reuse`) are measured on the same held-out
-   blocks. Written: ``locality_sweep.csv`` and ``locality_tradeoff.png``.
-3. The ReMoE model: the sweep point of ``--main-weight`` (or, with ``auto``, the point
-   of largest reuse whose held-out perplexity rises by at most ``--max-ppl-increase``
-   percent; note this picks on the held-out split) saved as a normal checkpoint to
-   ``--remoe-out``.
-4. Forward-mode captures (teacher-forced held-out prompts, no logits) of both models:
+1. The toy model (``experiments/toy_model.py``; trained here if ``--model`` is missing)
+   and its three splits: train (fine-tuning), validation (choosing), test (reporting).
+2. Locality-weight sweep: for each weight in ``--weights`` and each seed in ``--seeds``,
+   the base model's routers are fine-tuned in memory with
+   :func:`moecache.remoe.finetune_model` on the training split (same steps, lr, window,
+   KL weight for every point; the seed orders the batches; weight 0 is the control: LM +
+   KL only). Each run is measured on validation (perplexity, reuse: the reuse rate of
+   docs/semantics.md, w = 1) and on test at ``--lengths`` times the fine-tuning length
+   (the same ``--test-tokens`` tokens cut into blocks of each length) with
+   :func:`moecache.remoe.evaluate_quality`: perplexity, reuse, top-1 agreement with the
+   baseline, KL(baseline || model), next-token accuracy on closing brackets and on
+   repeated identifiers. One row per run, split and length: ``runs.csv``.
+3. The choice, on validation only: with ``--main-weight auto``, the weight > 0 of largest
+   mean validation reuse whose mean validation perplexity rises by at most
+   ``--max-ppl-increase`` percent. Every reported number is a test number: mean and
+   standard deviation over the seeds, ``summary.md`` and ``locality_tradeoff.png``
+   (bands: one standard deviation).
+4. The ReMoE model (the chosen weight, first seed) saved to ``--remoe-out``; forward-mode
+   captures (teacher-forced test prompts, no logits) of both models:
    ``traces/toy-baseline.parquet`` (label ``baseline``) and ``traces/toy-remoe.parquet``
    (label ``remoe``); then ``moecache compare``, ``moecache sweep`` and ``moecache plot``
    on the pair, into ``--results``. ``summary.json`` holds every number.
@@ -28,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,13 +43,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_model  # noqa: E402
 
 from moecache.capture import capture, load_model  # noqa: E402
-from moecache.remoe import FinetuneSettings, finetune_model, load_texts, measure_reuse  # noqa: E402
+from moecache.remoe import (  # noqa: E402
+    FinetuneSettings,
+    code_tasks,
+    evaluate_quality,
+    finetune_model,
+    load_texts,
+    reference_outputs,
+)
 
 MC = str(Path(sys.executable).with_name("moecache"))
-
-
-def evaluate(model, blocks) -> dict:
-    return {"ppl": toy_model.perplexity(model, blocks), "reuse": measure_reuse(model, blocks)}
+METRICS = ("ppl", "reuse", "agreement", "kl", "brackets_acc", "identifiers_acc")
 
 
 def run(cmd: list[str], log: Path | None = None) -> None:
@@ -52,25 +64,104 @@ def run(cmd: list[str], log: Path | None = None) -> None:
         log.write_text(out)
 
 
-def plot_tradeoff(rows: list[dict], path: Path) -> None:
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
+    array = np.asarray(values, float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def aggregate(rows: list[dict], base: dict[tuple[str, int], dict]) -> list[dict]:
+    """Per weight, split and length: each metric's mean and spread over the seeds, with the
+    perplexity and reuse changes relative to the baseline's."""
+    groups: dict[tuple[float, str, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["locality_weight"], row["split"], row["length"]), []).append(row)
+    out = []
+    for (weight, split, length), runs in groups.items():
+        ref = base[(split, length)]
+        entry = {"locality_weight": weight, "split": split, "length": length, "seeds": len(runs)}
+        for metric in METRICS:
+            values = [r[metric] for r in runs if r.get(metric) is not None]
+            if values:
+                entry[metric], entry[f"{metric}_sd"] = spread(values)
+        entry["ppl_change_pct"], entry["ppl_change_pct_sd"] = spread(
+            [100 * (r["ppl"] / ref["ppl"] - 1) for r in runs])
+        entry["reuse_gain_pct"], entry["reuse_gain_pct_sd"] = spread(
+            [100 * (r["reuse"] / ref["reuse"] - 1) for r in runs])
+        out.append(entry)
+    return out
+
+
+def choose(summary: list[dict], main_weight: str, max_increase: float) -> float:
+    """The shipped weight: given, or (auto) the largest mean validation reuse among weights
+    > 0 within ``max_increase`` percent of the baseline's validation perplexity."""
+    if main_weight != "auto":
+        return float(main_weight)
+    validation = [s for s in summary if s["split"] == "validation"]
+    ok = [s for s in validation if s["locality_weight"] > 0 and s["ppl_change_pct"] <= max_increase]
+    return max(ok or validation, key=lambda s: s["reuse"])["locality_weight"]
+
+
+def markdown(summary: list[dict], base: dict[tuple[str, int], dict], split: str, length: int,
+             chosen: float) -> str:
+    """One table: the baseline, then each weight's mean ± spread over the seeds."""
+    ref = base[(split, length)]
+    head = ("| λ | perplexity | change | reuse | change | top-1 agreement | KL (nats) | brackets acc "
+            "| identifiers acc |")
+    lines = [head, "|" + "---|" * 9]
+    nan = float("nan")
+    lines.append(f"| baseline | {ref['ppl']:.2f} | | {ref['reuse']:.4f} | | | | "
+                 f"{ref.get('brackets_acc', nan):.4f} | {ref.get('identifiers_acc', nan):.4f} |")
+
+    def cell(entry: dict, name: str, digits: int, signed: bool = False) -> str:
+        if name not in entry:
+            return ""
+        sign = "+" if signed else ""
+        return f"{entry[name]:{sign}.{digits}f} ± {entry[f'{name}_sd']:.{digits}f}"
+    for entry in sorted((s for s in summary if s["split"] == split and s["length"] == length),
+                        key=lambda s: s["locality_weight"]):
+        label = f"{entry['locality_weight']:g}" + (" (chosen)" if entry["locality_weight"] == chosen else "")
+        lines.append(" | ".join([
+            f"| {label}", cell(entry, "ppl", 2), cell(entry, "ppl_change_pct", 2, True) + "%",
+            cell(entry, "reuse", 4), cell(entry, "reuse_gain_pct", 1, True) + "%",
+            cell(entry, "agreement", 4), cell(entry, "kl", 4), cell(entry, "brackets_acc", 4),
+            cell(entry, "identifiers_acc", 4)]) + " |")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(summary: list[dict], lengths: list[int], seq_len: int, chosen: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    x = [r["ppl_change_pct"] for r in rows]
-    y = [r["reuse_gain_pct"] for r in rows]
-    ax.plot(x, y, "o-")
-    for r in rows:
-        ax.annotate(f"λ={r['locality_weight']:g}", (r["ppl_change_pct"], r["reuse_gain_pct"]),
-                    textcoords="offset points", xytext=(5, -10), fontsize=8)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for length in lengths:
+        points = sorted((s for s in summary if s["split"] == "test" and s["length"] == length),
+                        key=lambda s: s["locality_weight"])
+        x = np.array([s["ppl_change_pct"] for s in points])
+        y = np.array([s["reuse_gain_pct"] for s in points])
+        dy = np.array([s["reuse_gain_pct_sd"] for s in points])
+        dx = np.array([s["ppl_change_pct_sd"] for s in points])
+        line = ax.errorbar(x, y, xerr=dx, fmt="o-", ms=4, capsize=2,
+                           label=f"test, {length} tokens ({length // seq_len}x)")[0]
+        ax.fill_between(x, y - dy, y + dy, color=line.get_color(), alpha=0.15, lw=0)
+        if length == lengths[0]:
+            for s in points:
+                mark = "*" if s["locality_weight"] == chosen else ""
+                ax.annotate(f"λ={s['locality_weight']:g}{mark}", (s["ppl_change_pct"], s["reuse_gain_pct"]),
+                            textcoords="offset points", xytext=(5, -10), fontsize=8)
     ax.axvline(3, color="grey", ls=":", lw=1)
     ax.axhline(20, color="grey", ls=":", lw=1)
-    ax.set_xlabel("held-out perplexity change vs baseline (%)")
-    ax.set_ylabel("held-out reuse gain vs baseline (% relative)")
-    ax.set_title("ReMoE router fine-tuning of the toy MoE: locality weight λ")
+    ax.set_xlabel("test perplexity change vs baseline (%)")
+    ax.set_ylabel("test reuse gain vs baseline (% relative)")
+    ax.set_title("ReMoE router fine-tuning of the toy MoE (mean ± sd over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -85,23 +176,25 @@ def main(argv: list[str] | None = None) -> None:
     add("--results", type=Path, default=Path("results/remoe"))
     add("--base-trace", type=Path, default=Path("traces/toy-baseline.parquet"))
     add("--remoe-trace", type=Path, default=Path("traces/toy-remoe.parquet"))
-    add("--weights", default="0,0.03,0.1,0.3", help="locality weights of the sweep")
+    add("--weights", default="0,0.03,0.1,0.3,1", help="locality weights of the sweep")
+    add("--seeds", default="0,1,2", help="fine-tuning seeds (batch order), each weight run once per seed")
     add("--main-weight", default="auto", help="the weight of the shipped ReMoE model, or auto")
-    add("--max-ppl-increase", type=float, default=3.0, help="percent, for --main-weight auto")
+    add("--max-ppl-increase", type=float, default=3.0, help="percent on validation, for --main-weight auto")
     add("--window", type=int, default=1)
     add("--kl-weight", type=float, default=1.0)
     add("--steps", type=int, default=80)
     add("--lr", type=float, default=1e-3)
-    add("--seq-len", type=int, default=128)
+    add("--seq-len", type=int, default=128, help="fine-tuning block length")
     add("--batch-size", type=int, default=4)
-    add("--eval-blocks", type=int, default=64, help="held-out blocks of 256 tokens")
+    add("--val-blocks", type=int, default=64, help="validation blocks of 256 tokens")
+    add("--test-tokens", type=int, default=32768, help="test tokens, cut into blocks of each length")
+    add("--lengths", default="1,4,16", help="test block lengths, in multiples of --seq-len")
     add("--capacities", default="8,12", help="moecache compare capacities (E=32, K=4)")
     add("--sweep-capacities", default="4:32:4")
     add("--policies", default="lru,lfu,fifo,opt")
     add("--bandwidth", default="ufs4,nvme4,pcie4x16")
     add("--compute-ms", default="5")
     add("--threads", type=int, default=2)
-    add("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # saturated routers (large λ) give subnormal floats: very slow on CPU
@@ -109,54 +202,80 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     if not (args.model / "config.json").exists():
         toy_model.main(["--out", str(args.model), "--data-dir", str(args.data_dir)])
+    missing = [name for name in ("train", "validation", "test", "test_prompts")
+               if not (args.data_dir / f"{name}.jsonl").exists()]
+    if missing:
+        sys.exit(f"{args.data_dir}: no {missing[0]}.jsonl (made by an older make toy-model?): remove "
+                 f"{args.model} and run this again to rebuild the model and its three splits")
 
+    weights, seeds = floats(args.weights), [int(s) for s in args.seeds.split(",")]
+    lengths = [args.seq_len * int(m) for m in args.lengths.split(",")]
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
-    held = toy_model.heldout_blocks(tokenizer, args.data_dir, 256, args.eval_blocks)
+    validation = toy_model.split_blocks(tokenizer, args.data_dir, "validation", 256, args.val_blocks)
+    longest = max(lengths)
+    stream = toy_model.split_blocks(tokenizer, args.data_dir, "test", longest, args.test_tokens // longest)
+    tests = {length: stream.reshape(-1, length) for length in lengths}
+    tasks = {length: code_tasks(tokenizer, blocks) for length, blocks in tests.items()}
     train = load_texts(args.data_dir / "train.jsonl")
-    base = evaluate(model, held)
-    print(f"baseline: held-out ppl {base['ppl']:.3f}, reuse {base['reuse']:.4f}", flush=True)
+    print(f"validation {validation.size:,} tokens; test {stream.size:,} tokens in blocks of "
+          f"{', '.join(map(str, lengths))}", flush=True)
+
+    base = {("validation", 256): evaluate_quality(model, validation).to_dict()}
+    references = {}
+    for length, blocks in tests.items():
+        references[length] = reference_outputs(model, blocks)
+        base[("test", length)] = evaluate_quality(model, blocks, references[length], tasks[length]).to_dict()
+        print(f"baseline, test {length}: ppl {base[('test', length)]['ppl']:.3f}, reuse "
+              f"{base[('test', length)]['reuse']:.4f}", flush=True)
 
     rows, routers = [], {}
     shared = FinetuneSettings(window=args.window, kl_weight=args.kl_weight, steps=args.steps, lr=args.lr,
-                              seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, log_every=10)
-    for weight in [float(w) for w in args.weights.split(",")]:
-        model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
-        t0 = time.perf_counter()
-        settings = dataclasses.replace(shared, locality_weight=weight)
-        report = finetune_model(model, tokenizer, train, settings)
-        got = evaluate(model, held)
-        routers[weight] = {n: p.detach().clone() for n, p in model.named_parameters()
-                           if n in report.router_parameters}
-        rows.append(dict(locality_weight=weight, window=settings.window, kl_weight=settings.kl_weight,
-                         steps=settings.steps, lr=settings.lr, ppl=got["ppl"], reuse=got["reuse"],
-                         ppl_change_pct=100 * (got["ppl"] / base["ppl"] - 1),
-                         reuse_gain_pct=100 * (got["reuse"] / base["reuse"] - 1),
-                         train_reuse_before=report.reuse_before, train_reuse_after=report.reuse_after,
-                         finetune_s=round(time.perf_counter() - t0, 1)))
-        print(f"λ={weight:g}: held-out ppl {got['ppl']:.3f} ({rows[-1]['ppl_change_pct']:+.2f}%), "
-              f"reuse {got['reuse']:.4f} ({rows[-1]['reuse_gain_pct']:+.1f}%)", flush=True)
-    with open(args.results / "locality_sweep.csv", "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+                              seq_len=args.seq_len, batch_size=args.batch_size, log_every=10)
+    for weight in weights:
+        for seed in seeds:
+            model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
+            t0 = time.perf_counter()
+            settings = dataclasses.replace(shared, locality_weight=weight, seed=seed)
+            report = finetune_model(model, tokenizer, train, settings)
+            seconds = round(time.perf_counter() - t0, 1)
+            routers[(weight, seed)] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                       if n in report.router_parameters}
+            common = dict(locality_weight=weight, seed=seed, window=settings.window,
+                          kl_weight=settings.kl_weight, steps=settings.steps, lr=settings.lr,
+                          finetune_s=seconds)
+            rows.append({**common, "split": "validation", "length": 256,
+                         **evaluate_quality(model, validation).to_dict()})
+            for length, blocks in tests.items():
+                rows.append({**common, "split": "test", "length": length,
+                             **evaluate_quality(model, blocks, references[length], tasks[length]).to_dict()})
+            val, test = rows[-1 - len(tests)], rows[-len(tests)]
+            print(f"λ={weight:g} seed {seed} ({seconds:.0f} s): validation ppl {val['ppl']:.3f} reuse "
+                  f"{val['reuse']:.4f}; test {lengths[0]}: ppl {test['ppl']:.3f} reuse {test['reuse']:.4f} "
+                  f"agreement {test['agreement']:.4f} KL {test['kl']:.4f}", flush=True)
+    with open(args.results / "runs.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
-    plot_tradeoff(rows, args.results / "locality_tradeoff.png")
+    summary = aggregate(rows, base)
+    chosen = choose(summary, args.main_weight, args.max_ppl_increase)
+    tables = [f"## {split}, blocks of {length} tokens\n\n{markdown(summary, base, split, length, chosen)}\n"
+              for split, length in [("validation", 256)] + [("test", length) for length in lengths]]
+    (args.results / "summary.md").write_text(
+        f"ReMoE on the toy MoE: mean ± sd over seeds {args.seeds}; λ chosen on validation: {chosen:g}\n\n"
+        + "\n".join(tables))
+    print("\n".join(tables), flush=True)
+    plot_tradeoff(summary, lengths, args.seq_len, chosen, args.results / "locality_tradeoff.png")
 
-    if args.main_weight == "auto":
-        ok = [r for r in rows if r["ppl_change_pct"] <= args.max_ppl_increase and r["locality_weight"] > 0]
-        main_row = max(ok or rows, key=lambda r: r["reuse"])
-    else:
-        main_row = next(r for r in rows if r["locality_weight"] == float(args.main_weight))
-    weight = main_row["locality_weight"]
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name in routers[weight]:
-                param.copy_(routers[weight][name])
+            if name in routers[(chosen, seeds[0])]:
+                param.copy_(routers[(chosen, seeds[0])][name])
     model.save_pretrained(args.remoe_out)
     tokenizer.save_pretrained(args.remoe_out)
-    print(f"ReMoE model: λ={weight:g} saved to {args.remoe_out}", flush=True)
+    print(f"ReMoE model: λ={chosen:g}, seed {seeds[0]}, saved to {args.remoe_out}", flush=True)
 
-    prompts = args.data_dir / "heldout_prompts.jsonl"
+    prompts = args.data_dir / "test_prompts.jsonl"
     for path, out, label in ((args.model, args.base_trace, "baseline"),
                              (args.remoe_out, args.remoe_trace, "remoe")):
         capture(path, prompts, out, mode="forward", device="cpu", dtype="float32", save_logits=False,
@@ -170,15 +289,13 @@ def main(argv: list[str] | None = None) -> None:
          "--workers", str(args.threads)])
     run([MC, "plot", str(args.results / "sweep.parquet"), "--out", str(args.results / "figures"),
          "--format", "png", "--force"])
-    summary = dict(baseline=base, remoe=main_row, main_weight=weight, sweep=rows,
-                   toy_model=json.loads((args.model / "toy_train.json").read_text()).get("train_s"),
-                   settings={k: str(v) for k, v in vars(args).items()},
-                   elapsed_s=round(time.perf_counter() - started, 1))
-    (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"done in {summary['elapsed_s'] / 60:.1f} min: baseline ppl {base['ppl']:.3f} reuse "
-          f"{base['reuse']:.4f}; remoe (λ={weight:g}) ppl {main_row['ppl']:.3f} "
-          f"({main_row['ppl_change_pct']:+.2f}%) reuse {main_row['reuse']:.4f} "
-          f"({main_row['reuse_gain_pct']:+.1f}%)")
+    result = dict(baseline={f"{split} {length}": values for (split, length), values in base.items()},
+                  chosen_weight=chosen, summary=summary, runs=rows,
+                  toy_model=json.loads((args.model / "toy_train.json").read_text()).get("train_s"),
+                  settings={k: str(v) for k, v in vars(args).items()},
+                  elapsed_s=round(time.perf_counter() - started, 1))
+    (args.results / "summary.json").write_text(json.dumps(result, indent=1))
+    print(f"done in {result['elapsed_s'] / 60:.1f} min; λ chosen on validation: {chosen:g}")
 
 
 if __name__ == "__main__":

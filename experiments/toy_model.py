@@ -4,11 +4,12 @@ Corpus: the ``.py`` files of the running Python's standard library (``sysconfig`
 stdlib path; test suites, ``site-packages`` and ``idlelib`` left out), in sorted path
 order, or any UTF-8 text file given with ``--corpus`` (cut into documents of about
 4,000 characters at line breaks). Every ``--heldout-every``-th document is held out,
-so held-out text comes from separate files. Only the first ``--max-train-chars`` of
-training text are used. Written to ``--data-dir``: ``train.jsonl``, ``heldout.jsonl``
-(one ``{"text": ...}`` document a line, the format of ``moecache.remoe.data``) and
-``heldout_prompts.jsonl`` (held-out token blocks decoded back to text, the prompts of
-the forward-mode captures).
+so held-out text comes from separate files: the first ``--max-heldout-chars`` of it are
+the test split, the next as many the validation split (for choosing settings). Only the
+first ``--max-train-chars`` of training text are used. Written to ``--data-dir``:
+``train.jsonl``, ``validation.jsonl``, ``test.jsonl`` (one ``{"text": ...}`` document a
+line, the format of ``moecache.remoe.data``) and ``test_prompts.jsonl`` (test token blocks
+decoded back to text, the prompts of the forward-mode captures).
 
 Tokenizer: byte-level BPE (``tokenizers``) trained on the training split, vocabulary
 ``--vocab`` (default 4096), ``<|endoftext|>`` as BOS/EOS, ``<pad>``.
@@ -73,14 +74,25 @@ def file_documents(path: Path, size: int = 4000) -> list[str]:
     return docs
 
 
-def split(docs: list[str], every: int, max_train: int, max_heldout: int) -> tuple[list[str], list[str]]:
-    """Every ``every``-th document held out; both splits cut at a character budget."""
-    train, heldout = [], []
+def split(docs: list[str], every: int, max_train: int, max_heldout: int
+          ) -> tuple[list[str], list[str], list[str]]:
+    """(train, validation, test): every ``every``-th document held out, its first
+    ``max_heldout`` characters the test split and the next as many the validation split
+    (whole documents, each split until its budget is reached); the others train, cut at
+    ``max_train`` characters."""
+    train: list[str] = []
+    validation: list[str] = []
+    test: list[str] = []
     for number, doc in enumerate(docs):
-        target, budget = (heldout, max_heldout) if number % every == every - 1 else (train, max_train)
-        if sum(map(len, target)) < budget:
-            target.append(doc)
-    return train, heldout
+        if number % every != every - 1:
+            targets = [(train, max_train)]
+        else:
+            targets = [(test, max_heldout), (validation, max_heldout)]
+        for target, budget in targets:
+            if sum(map(len, target)) < budget:
+                target.append(doc)
+                break
+    return train, validation, test
 
 
 def write_jsonl(path: Path, texts: list[str]) -> None:
@@ -129,8 +141,9 @@ def perplexity(model, blocks: np.ndarray, batch_size: int = 8) -> float:
     return math.exp(total / count)
 
 
-def heldout_blocks(tokenizer, data_dir: Path, seq_len: int, max_blocks: int) -> np.ndarray:
-    return pack_blocks(tokenizer, load_texts(data_dir / "heldout.jsonl"), seq_len, max_blocks=max_blocks)
+def split_blocks(tokenizer, data_dir: Path, name: str, seq_len: int, max_blocks: int) -> np.ndarray:
+    """Packed blocks (n, seq_len) of split ``name`` (validation, test) of ``data_dir``."""
+    return pack_blocks(tokenizer, load_texts(data_dir / f"{name}.jsonl"), seq_len, max_blocks=max_blocks)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--data-dir", type=Path, default=Path("models/toy-data"))
     add("--corpus", type=Path, help="a UTF-8 text file instead of the Python stdlib sources")
     add("--max-train-chars", type=int, default=2_000_000)
-    add("--max-heldout-chars", type=int, default=400_000)
+    add("--max-heldout-chars", type=int, default=200_000, help="per held-out split (test, validation)")
     add("--heldout-every", type=int, default=20)
     add("--vocab", type=int, default=4096)
     add("--layers", type=int, default=4)
@@ -155,8 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     add("--seq-len", type=int, default=128)
     add("--lr", type=float, default=4e-3)
     add("--warmup", type=int, default=20)
-    add("--eval-blocks", type=int, default=64, help="held-out blocks of 256 tokens for perplexity")
-    add("--prompts", type=int, default=32, help="held-out prompts of 256 tokens for captures")
+    add("--eval-blocks", type=int, default=64, help="test blocks of 256 tokens for perplexity")
+    add("--prompts", type=int, default=32, help="test prompts of 256 tokens for captures")
     add("--threads", type=int, default=2)
     add("--experts-impl", default="grouped_mm", help="transformers experts implementation")
     add("--seed", type=int, default=0)
@@ -166,18 +179,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     docs = file_documents(args.corpus) if args.corpus else stdlib_documents()
-    train, heldout = split(docs, args.heldout_every, args.max_train_chars, args.max_heldout_chars)
+    train, validation, test = split(docs, args.heldout_every, args.max_train_chars, args.max_heldout_chars)
     args.data_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.data_dir / "train.jsonl", train)
-    write_jsonl(args.data_dir / "heldout.jsonl", heldout)
+    for name, texts in (("train", train), ("validation", validation), ("test", test)):
+        write_jsonl(args.data_dir / f"{name}.jsonl", texts)
     tokenizer = build_tokenizer(train, args.vocab)
     blocks = pack_blocks(tokenizer, train, args.seq_len)
-    held = heldout_blocks(tokenizer, args.data_dir, 256, args.eval_blocks)
-    prompts = heldout_blocks(tokenizer, args.data_dir, 256, args.prompts)
-    write_jsonl(args.data_dir / "heldout_prompts.jsonl", [tokenizer.decode(b) for b in prompts])
-    print(f"corpus: {len(train)} train / {len(heldout)} held-out documents, {blocks.size:,} train tokens "
-          f"({len(blocks)} blocks of {args.seq_len}), {held.size:,} held-out tokens; "
-          f"tokenizer {time.perf_counter() - started:.0f}s")
+    held = split_blocks(tokenizer, args.data_dir, "test", 256, args.eval_blocks)
+    prompts = split_blocks(tokenizer, args.data_dir, "test", 256, args.prompts)
+    write_jsonl(args.data_dir / "test_prompts.jsonl", [tokenizer.decode(b) for b in prompts])
+    print(f"corpus: {len(train)} train / {len(validation)} validation / {len(test)} test documents, "
+          f"{blocks.size:,} train tokens ({len(blocks)} blocks of {args.seq_len}), {held.size:,} test tokens "
+          f"for perplexity; tokenizer {time.perf_counter() - started:.0f}s")
 
     model = build_model(tokenizer, args)
     params = sum(p.numel() for p in model.parameters())
@@ -214,10 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     report = dict(settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                   parameters=params, train_tokens=int(blocks.size),
                   tokens_seen=args.steps * args.batch_size * args.seq_len, train_s=round(train_s, 1),
-                  total_s=round(time.perf_counter() - started, 1), heldout_ppl=ppl,
-                  heldout_tokens=int(held.size), history=history)
+                  total_s=round(time.perf_counter() - started, 1), test_ppl=ppl,
+                  test_tokens=int(held.size), history=history)
     (args.out / "toy_train.json").write_text(json.dumps(report, indent=1))
-    print(f"trained {args.steps} steps in {train_s / 60:.1f} min; held-out perplexity {ppl:.2f} "
+    print(f"trained {args.steps} steps in {train_s / 60:.1f} min; test perplexity {ppl:.2f} "
           f"({held.size:,} tokens); saved {args.out}")
 
 

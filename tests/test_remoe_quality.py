@@ -95,9 +95,9 @@ def test_a_model_against_itself(setup):
 
 
 class _Tokens:
-    """A tokenizer of nine fixed token texts."""
+    """A tokenizer of eleven fixed token texts."""
 
-    texts = ["x", ")", " ]}\n", "foo", " bar", "(", "a1", " ", "foo)"]
+    texts = ["x", ")", " ]}\n", "foo", " bar", "(", "a1", " ", "foo)", "):", ")a"]
 
     def __len__(self):
         return len(self.texts)
@@ -108,12 +108,12 @@ class _Tokens:
 
 def test_code_tasks_by_hand():
     blocks = np.array([[3, 5, 4, 1, 3, 2, 6, 0, 6, 8],
-                       [4, 4, 3, 7, 3, 1, 0, 0, 2, 1]])
+                       [4, 4, 3, 7, 9, 1, 0, 10, 2, 1]])
     tasks = code_tasks(_Tokens(), blocks)
-    # targets: row 0 -> 5 4 1 3 2 6 0 6 8; row 1 -> 4 3 7 3 1 0 0 2 1
-    assert tasks["brackets"].tolist() == [[0, 0, 1, 0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 1, 1]]
+    # targets: row 0 -> 5 4 1 3 2 6 0 6 8; row 1 -> 4 3 7 9 1 0 10 2 1 (")a" and "foo)" close nothing)
+    assert tasks["brackets"].tolist() == [[0, 0, 1, 0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 1, 1]]
     # identifiers of 2+ characters seen before in the block: foo (3), bar (4), a1 (6); x is one character
-    assert tasks["identifiers"].tolist() == [[0, 0, 0, 1, 0, 0, 0, 1, 0], [1, 0, 0, 1, 0, 0, 0, 0, 0]]
+    assert tasks["identifiers"].tolist() == [[0, 0, 0, 1, 0, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0, 0, 0, 0]]
 
 
 def test_bad_input_is_one_line(setup):
@@ -126,4 +126,4 @@ def test_bad_input_is_one_line(setup):
     with pytest.raises(MoecacheError, match="shape"):
         evaluate_quality(base, blocks[0, :1][None, :])
     with pytest.raises(MoecacheError, match="beyond the tokenizer"):
-        code_tasks(_Tokens(), np.array([[0, 9]]))
+        code_tasks(_Tokens(), np.array([[0, 11]]))

@@ -31,7 +31,7 @@ from ..errors import MoecacheError
 from .train import RouterTap, find_model_routers, reuse_counts
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-CLOSING = set(")]}")
+CLOSING, OPENING = ")]}", "([{"
 
 
 @dataclass(frozen=True)
@@ -133,14 +133,16 @@ def evaluate_quality(model: nn.Module, blocks: Any, reference: Reference | None 
 
 def code_tasks(tokenizer: Any, blocks: Any) -> dict[str, np.ndarray]:
     """Two next-token tasks of held-out code, as masks over the predictions of ``blocks``:
-    ``brackets``, targets that close brackets (a token whose text, without whitespace, is
-    only ``)``, ``]`` and ``}``); ``identifiers``, targets that repeat an identifier (a
-    token whose text, without whitespace, is one, of two characters or more) already seen
-    earlier in the block: copying from context, which longer inputs make harder."""
+    ``brackets``, targets that close a bracket (a token whose text, without whitespace,
+    starts with ``)``, ``]`` or ``}`` and holds no letter, digit or opening bracket: ``)``,
+    ``):``, ``]]``); ``identifiers``, targets that repeat an identifier (a token whose text,
+    without whitespace, is one, of two characters or more) already seen earlier in the
+    block: copying from context, which longer inputs make harder."""
     ids = np.asarray(_as_blocks(blocks))
     vocab = len(tokenizer)
     texts = [tokenizer.decode([token]).strip() for token in range(vocab)]
-    closing = np.array([bool(text) and set(text) <= CLOSING for text in texts])
+    closing = np.array([bool(text) and text[0] in CLOSING
+                        and not any(c.isalnum() or c in OPENING for c in text) for text in texts])
     names = np.array([len(text) > 1 and IDENTIFIER.fullmatch(text) is not None for text in texts])
     if int(ids.max()) >= vocab:
         raise MoecacheError(f"quality: token id {int(ids.max())} is beyond the tokenizer's {vocab}")
