@@ -107,10 +107,43 @@ def _lru_admit(resident, last_use, t, capacity):
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     scores = logits.astype(np.float32)
-    scores -= scores.max(axis=2, keepdims=True)
+    scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=2, keepdims=True)
+    scores /= scores.sum(axis=-1, keepdims=True)
     return scores
+
+
+def check_bias(mode: str, bias: float, window: int, capacity: int | None, top_k: int) -> None:
+    """One-line errors for rerouting settings that make no sense."""
+    if mode not in MODES:
+        raise MoecacheError(f"unknown reroute mode {mode!r}: choose recent or cache")
+    if not math.isfinite(bias):
+        raise MoecacheError(f"bias must be a finite number, got {bias}")
+    if not 1 <= window <= INT64_MAX:
+        raise MoecacheError(f"window must be from 1 to 2**63 - 1 steps, got {window}")
+    if mode == "recent" and capacity is not None:
+        raise MoecacheError("a capacity only applies to cache-aware rerouting (mode cache); "
+                            "recent mode uses the window")
+    if mode == "cache" and (capacity is None or check_capacity(capacity) < top_k):
+        raise MoecacheError(f"cache-aware rerouting needs a capacity >= K = {top_k}, got {capacity}")
+
+
+def route_sequence(logits: np.ndarray, top_k: int, *, mode: str = "recent", bias: float = 1.0,
+                   window: int = 1, capacity: int | None = None) -> np.ndarray:
+    """The rerouted top K (T, K) of one layer over one sequence of T tokens, each its own
+    step, from its router scores (T, E): the rule of :func:`reroute`, for a model that
+    routes online one layer at a time (``moecache.remoe.biased_routing``)."""
+    check_bias(mode, bias, window, capacity, top_k)
+    steps = np.arange(logits.shape[0] + 1, dtype=np.int64)
+    return _reroute(np.ascontiguousarray(logits, np.float32)[:, None, :], steps, top_k, float(bias),
+                    int(window), int(capacity or 0), mode == "cache")[:, 0]
+
+
+def rerouted_weights(probs: np.ndarray, new: np.ndarray, total: np.ndarray | float) -> np.ndarray:
+    """Gate weights of the new experts ``new`` (..., K): their softmax probabilities
+    ``probs`` (..., E), scaled to ``total`` (the original weights' sum, or 1)."""
+    picked = np.take_along_axis(probs, new.astype(np.int64), axis=-1)
+    return picked / picked.sum(axis=-1, keepdims=True) * total
 
 
 def reroute(
@@ -126,17 +159,7 @@ def reroute(
     if trace.logits is None:
         raise MoecacheError(f"{trace.source}: no router scores (logits) in this trace; "
                             "capture it with --save-logits to reroute")
-    if mode not in MODES:
-        raise MoecacheError(f"unknown reroute mode {mode!r}: choose recent or cache")
-    if not math.isfinite(bias):
-        raise MoecacheError(f"bias must be a finite number, got {bias}")
-    if not 1 <= window <= INT64_MAX:
-        raise MoecacheError(f"window must be from 1 to 2**63 - 1 steps, got {window}")
-    if mode == "recent" and capacity is not None:
-        raise MoecacheError("a capacity only applies to cache-aware rerouting (mode cache); "
-                            "recent mode uses the window")
-    if mode == "cache" and (capacity is None or check_capacity(capacity) < trace.top_k):
-        raise MoecacheError(f"cache-aware rerouting needs a capacity >= K = {trace.top_k}, got {capacity}")
+    check_bias(mode, bias, window, capacity, trace.top_k)
     try:
         routed = _reroute(trace.logits.astype(np.float32), trace.step_starts(), trace.top_k,
                           float(bias), int(window), int(capacity or 0), mode == "cache")
@@ -149,9 +172,8 @@ def reroute(
     kept_mass = np.take_along_axis(probs, new, axis=2).sum(axis=2)
     old_mass = np.take_along_axis(probs, original, axis=2).sum(axis=2)
     overlap = (new[..., :, None] == original[..., None, :]).any(axis=3).mean()
-    new_probs = np.take_along_axis(probs, new, axis=2)
     scale = trace.weights.sum(axis=2, keepdims=True) if trace.weights is not None else 1.0
-    weights = new_probs / new_probs.sum(axis=2, keepdims=True) * scale
+    weights = rerouted_weights(probs, new, scale)
     fidelity = Fidelity(overlap=float(overlap), gate_mass=float((kept_mass / old_mass).mean()))
     meta = {**trace.meta, "router": label or f"rerouted-{mode}",
             "reroute": {"mode": mode, "bias": bias, "window": window, "capacity": capacity,

@@ -15,6 +15,7 @@ pytest.importorskip("tokenizers")
 from moecache.capture import load_model  # noqa: E402
 from moecache.errors import MoecacheError  # noqa: E402
 from moecache.remoe import (  # noqa: E402
+    biased_routing,
     code_tasks,
     evaluate_quality,
     finetune_model,
@@ -22,6 +23,8 @@ from moecache.remoe import (  # noqa: E402
     pack_blocks,
     reference_outputs,
 )
+from moecache.remoe.train import find_model_routers  # noqa: E402
+from moecache.reroute import reroute, route_sequence  # noqa: E402
 
 from .tiny_models import SENTENCES, save_tiny_model  # noqa: E402
 
@@ -127,3 +130,64 @@ def test_bad_input_is_one_line(setup):
         evaluate_quality(base, blocks[0, :1][None, :])
     with pytest.raises(MoecacheError, match="beyond the tokenizer"):
         code_tasks(_Tokens(), np.array([[0, 11]]))
+
+
+# -- routing biased in the model (the inference-time alternatives) ------------------------------
+
+def test_biased_routing_routes_by_the_reroute_rule_and_changes_outputs(setup):
+    base, _, _, blocks = setup
+    length = blocks.shape[1]
+    plain = evaluate_quality(base, blocks, keep_routing=True)
+    with biased_routing(base, mode="recent", bias=0.0):
+        same = evaluate_quality(base, blocks, keep_routing=True)
+    assert same.perplexity == plain.perplexity and np.array_equal(same.routing, plain.routing)
+    for mode, capacity in (("recent", None), ("cache", 3)):
+        seen = []  # router scores of every forward, the two-token probes of the router search included
+        sites = find_model_routers(base, None).sites
+        tap = [site.module.register_forward_hook(lambda _m, _a, out, seen=seen: seen.append(out[0].detach()))
+               for site in sites]
+        try:
+            with biased_routing(base, mode=mode, bias=3.0, capacity=capacity):
+                biased = evaluate_quality(base, blocks, keep_routing=True, batch_size=len(blocks))
+        finally:
+            for handle in tap:
+                handle.remove()
+        # each layer's new routing is the reroute rule over each block's own router scores
+        for layer, logits in enumerate(seen[-len(sites):]):  # the evaluation's one forward
+            rows = logits.float().numpy().reshape(len(blocks), length, -1)
+            want = np.concatenate([route_sequence(row, 2, mode=mode, bias=3.0, capacity=capacity)
+                                   for row in rows])
+            assert np.array_equal(biased.routing[:, layer], want)
+        assert biased.reuse > plain.reuse and biased.perplexity != plain.perplexity
+
+
+def test_route_sequence_equals_offline_reroute():
+    """One layer, one sequence: the online rule is the offline rerouter's."""
+    import moecache as mc
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(40, 1, 6)).astype(np.float32)
+    experts = np.argsort(-logits, axis=2)[:, :, :2]
+    trace = mc.Trace.from_arrays(experts, 6, logits=logits)
+    for mode, capacity, window in (("recent", None, 1), ("recent", None, 3), ("cache", 2, 1),
+                                   ("cache", 4, 1)):
+        rerouted, _ = reroute(trace, mode=mode, bias=1.5, window=window, capacity=capacity)
+        online = route_sequence(logits[:, 0], 2, mode=mode, bias=1.5, window=window, capacity=capacity)
+        assert np.array_equal(online, rerouted.experts[:, 0])
+
+
+def test_biased_routing_refuses_what_it_cannot_do(setup, tmp_path):
+    base, _, _, blocks = setup
+    with pytest.raises(MoecacheError, match="unknown reroute mode"):
+        with biased_routing(base, mode="fresh"):
+            pass
+    with pytest.raises(MoecacheError, match="capacity >= K"):
+        with biased_routing(base, mode="cache", capacity=1):
+            pass
+    with pytest.raises(MoecacheError, match="input_ids of shape"):
+        with biased_routing(base):
+            base(input_ids=torch.as_tensor(blocks[0]))
+    sigmoid, _ = load_model(save_tiny_model("deepseek_v3", tmp_path / "v3"), device="cpu")
+    with pytest.raises(MoecacheError, match="not a softmax router"):
+        with biased_routing(sigmoid):
+            evaluate_quality(sigmoid, blocks)

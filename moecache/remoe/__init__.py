@@ -24,6 +24,7 @@ _EXPORTS = {
     "router_parameters": "train",
     "score_kind": "train",
     "Quality": "quality",
+    "biased_routing": "rerouting",
     "Reference": "quality",
     "code_tasks": "quality",
     "evaluate_quality": "quality",

@@ -54,6 +54,7 @@ class Quality:
     agreement: float | None = None
     kl: float | None = None
     tasks: dict[str, tuple[float, int]] = field(default_factory=dict)
+    routing: np.ndarray | None = field(default=None, repr=False)  # with keep_routing: (n x T, L, K)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"predictions": self.predictions, "ppl": self.perplexity, "reuse": self.reuse,
@@ -88,10 +89,13 @@ def reference_outputs(model: nn.Module, blocks: Any, *, batch_size: int = 8) -> 
 
 @torch.no_grad()
 def evaluate_quality(model: nn.Module, blocks: Any, reference: Reference | None = None,
-                     tasks: dict[str, np.ndarray] | None = None, *, batch_size: int = 8) -> Quality:
+                     tasks: dict[str, np.ndarray] | None = None, *, batch_size: int = 8,
+                     keep_routing: bool = False) -> Quality:
     """``model`` on ``blocks`` (n, T): perplexity, reuse and task accuracies; with
     ``reference`` (of the same blocks), top-1 agreement and KL. ``tasks`` maps a name to a
-    boolean mask (n, T - 1) of the predictions it scores (prediction t targets token t + 1)."""
+    boolean mask (n, T - 1) of the predictions it scores (prediction t targets token t + 1).
+    ``keep_routing`` keeps the experts each token was routed to (``Quality.routing``, int16
+    (n x T, MoE layers, K), block after block: a trace's ``experts``)."""
     ids = _as_blocks(blocks)
     tasks = tasks or {}
     for name, mask in tasks.items():
@@ -106,11 +110,15 @@ def evaluate_quality(model: nn.Module, blocks: Any, reference: Reference | None 
     nll = kl = 0.0
     agree = overlap = requests = 0
     right = {name: 0 for name in tasks}
+    routing = []
     with RouterTap(info.sites) as tap:
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size].to(device)
             logp = model(input_ids=chunk, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-            hit, count = reuse_counts(tap.take(chunk.shape), chunk.shape)
+            routes = tap.take(chunk.shape)
+            if keep_routing:
+                routing.append(torch.stack([r.indices for r in routes], 1).cpu().numpy().astype(np.int16))
+            hit, count = reuse_counts(routes, chunk.shape)
             overlap, requests = overlap + hit, requests + count
             target = chunk[:, 1:]
             nll -= float(logp.gather(-1, target[..., None]).sum())
@@ -128,7 +136,8 @@ def evaluate_quality(model: nn.Module, blocks: Any, reference: Reference | None 
         predictions=predictions, perplexity=math.exp(nll / predictions), reuse=overlap / requests,
         agreement=None if reference is None else agree / predictions,
         kl=None if reference is None else kl / predictions,
-        tasks={name: (right[name] / count if count else math.nan, count) for name, count in scored.items()})
+        tasks={name: (right[name] / count if count else math.nan, count) for name, count in scored.items()},
+        routing=np.concatenate(routing) if keep_routing else None)
 
 
 def code_tasks(tokenizer: Any, blocks: Any) -> dict[str, np.ndarray]:
