@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import moecache as mc
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import toy_model  # noqa: E402
@@ -45,6 +47,7 @@ import toy_model  # noqa: E402
 from moecache.capture import capture, load_model  # noqa: E402
 from moecache.remoe import (  # noqa: E402
     FinetuneSettings,
+    biased_routing,
     code_tasks,
     evaluate_quality,
     finetune_model,
@@ -53,7 +56,20 @@ from moecache.remoe import (  # noqa: E402
 )
 
 MC = str(Path(sys.executable).with_name("moecache"))
-METRICS = ("ppl", "reuse", "agreement", "kl", "brackets_acc", "identifiers_acc")
+METRICS = ("ppl", "reuse", "agreement", "kl", "brackets_acc", "identifiers_acc", "lru_hit_c8", "lru_hit_c12")
+HIT_CAPACITIES = (8, 12)  # LRU per layer, of E = 32
+
+
+def quality_row(quality, num_experts: int) -> dict:
+    """A quality's numbers, with the LRU hit rates of its routing (blocks one after another,
+    one step per token) when it kept it."""
+    row = quality.to_dict()
+    if quality.routing is not None:
+        tokens = len(quality.routing)
+        trace = mc.Trace.from_arrays(quality.routing, num_experts)
+        row.update({f"lru_hit_c{c}": mc.replay(trace, "lru", c).hit_rate for c in HIT_CAPACITIES},
+                   routed_tokens=tokens)
+    return row
 
 
 def run(cmd: list[str], log: Path | None = None) -> None:
@@ -167,6 +183,83 @@ def plot_tradeoff(summary: list[dict], lengths: list[int], seq_len: int, chosen:
     plt.close(fig)
 
 
+def alternatives(model, blocks, reference, tasks, base: dict, args, experts: int) -> list[dict]:
+    """The inference-time alternatives on the baseline model, test blocks of the fine-tuning
+    length: routing biased toward the experts of the previous token (``recent``, w = 1) or
+    toward those resident in an LRU cache of ``--cache-capacity`` per layer (``cache``), at
+    each strength of ``--recent-biases`` and ``--cache-biases``."""
+    rows = []
+    for mode, biases in (("recent", args.recent_biases), ("cache", args.cache_biases)):
+        for bias in floats(biases):
+            capacity = args.cache_capacity if mode == "cache" else None
+            with biased_routing(model, mode=mode, bias=bias, capacity=capacity):
+                quality = evaluate_quality(model, blocks, reference, tasks, keep_routing=True)
+            row = quality_row(quality, experts)
+            row.update(method=f"{mode} bias", strength=bias, capacity=capacity,
+                       ppl_change_pct=100 * (row["ppl"] / base["ppl"] - 1),
+                       reuse_gain_pct=100 * (row["reuse"] / base["reuse"] - 1))
+            rows.append(row)
+            print(f"{mode} bias {bias:g}: test ppl {row['ppl']:.3f} ({row['ppl_change_pct']:+.2f}%), reuse "
+                  f"{row['reuse']:.4f}, LRU hits C=8 {row['lru_hit_c8']:.4f}", flush=True)
+    return rows
+
+
+def methods_table(summary: list[dict], others: list[dict], base: dict, length: int) -> str:
+    """ReMoE (mean ± sd over seeds) beside the inference-time alternatives, test blocks of
+    ``length`` tokens: locality against perplexity."""
+    lines = ["| method | strength | perplexity change | reuse | LRU hits C=8 | LRU hits C=12 "
+             "| top-1 agreement | KL (nats) |", "|" + "---|" * 8,
+             f"| baseline | | | {base['reuse']:.4f} | {base['lru_hit_c8']:.4f} | "
+             f"{base['lru_hit_c12']:.4f} | | |"]
+    for entry in sorted((e for e in summary if e["split"] == "test" and e["length"] == length),
+                        key=lambda e: e["locality_weight"]):
+        lines.append(f"| ReMoE | λ={entry['locality_weight']:g} | {entry['ppl_change_pct']:+.2f} ± "
+                     f"{entry['ppl_change_pct_sd']:.2f}% | {entry['reuse']:.4f} ± {entry['reuse_sd']:.4f} | "
+                     f"{entry['lru_hit_c8']:.4f} ± {entry['lru_hit_c8_sd']:.4f} | "
+                     f"{entry['lru_hit_c12']:.4f} ± {entry['lru_hit_c12_sd']:.4f} | "
+                     f"{entry['agreement']:.4f} | {entry['kl']:.4f} |")
+    for row in others:
+        lines.append(f"| {row['method']} | {row['strength']:g} | {row['ppl_change_pct']:+.2f}% | "
+                     f"{row['reuse']:.4f} | {row['lru_hit_c8']:.4f} | {row['lru_hit_c12']:.4f} | "
+                     f"{row['agreement']:.4f} | {row['kl']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot_methods(summary: list[dict], others: list[dict], base: dict, length: int, path: Path) -> None:
+    """Reuse and LRU hit rates (C = 8, 12) against the test perplexity change: ReMoE's
+    locality weights (mean ± sd over seeds) and each alternative's strengths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    remoe = sorted((e for e in summary if e["split"] == "test" and e["length"] == length),
+                   key=lambda e: e["locality_weight"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, metric, title in zip(axes, ("reuse", "lru_hit_c8", "lru_hit_c12"),
+                                 ("reuse rate", "LRU hit rate, C = 8 of 32", "LRU hit rate, C = 12 of 32"),
+                                 strict=True):
+        x = [e["ppl_change_pct"] for e in remoe]
+        ax.errorbar(x, [e[metric] for e in remoe], xerr=[e["ppl_change_pct_sd"] for e in remoe],
+                    yerr=[e[f"{metric}_sd"] for e in remoe], fmt="o-", ms=4, capsize=2,
+                    label="ReMoE (router fine-tuning, λ)")
+        for method, style in (("recent bias", "s--"), ("cache bias", "^:")):
+            rows = [r for r in others if r["method"] == method]
+            ax.plot([r["ppl_change_pct"] for r in rows], [r[metric] for r in rows], style, ms=4,
+                    label=f"{method} at inference")
+        ax.scatter([0], [base[metric]], color="black", zorder=5, label="baseline")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("test perplexity change vs baseline (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Locality bought per point of perplexity (toy MoE, test blocks of {length} tokens)",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -189,6 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     add("--val-blocks", type=int, default=64, help="validation blocks of 256 tokens")
     add("--test-tokens", type=int, default=32768, help="test tokens, cut into blocks of each length")
     add("--lengths", default="1,4,16", help="test block lengths, in multiples of --seq-len")
+    add("--recent-biases", default="0.5,1,2,4,8",
+        help="strengths of routing biased toward the previous token's experts (an alternative)")
+    add("--cache-biases", default="0.5,1,2,4,8",
+        help="strengths of routing biased toward cache-resident experts (the other alternative)")
+    add("--cache-capacity", type=int, default=8, help="the per-layer LRU cache the cache bias favours")
     add("--capacities", default="8,12", help="moecache compare capacities (E=32, K=4)")
     add("--sweep-capacities", default="4:32:4")
     add("--policies", default="lru,lfu,fifo,opt")
@@ -211,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     weights, seeds = floats(args.weights), [int(s) for s in args.seeds.split(",")]
     lengths = [args.seq_len * int(m) for m in args.lengths.split(",")]
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
+    experts = model.config.num_experts
     validation = toy_model.split_blocks(tokenizer, args.data_dir, "validation", 256, args.val_blocks)
     longest = max(lengths)
     stream = toy_model.split_blocks(tokenizer, args.data_dir, "test", longest, args.test_tokens // longest)
@@ -224,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     references = {}
     for length, blocks in tests.items():
         references[length] = reference_outputs(model, blocks)
-        base[("test", length)] = evaluate_quality(model, blocks, references[length], tasks[length]).to_dict()
+        base[("test", length)] = quality_row(
+            evaluate_quality(model, blocks, references[length], tasks[length], keep_routing=True), experts)
         print(f"baseline, test {length}: ppl {base[('test', length)]['ppl']:.3f}, reuse "
               f"{base[('test', length)]['reuse']:.4f}", flush=True)
 
@@ -246,8 +346,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({**common, "split": "validation", "length": 256,
                          **evaluate_quality(model, validation).to_dict()})
             for length, blocks in tests.items():
-                rows.append({**common, "split": "test", "length": length,
-                             **evaluate_quality(model, blocks, references[length], tasks[length]).to_dict()})
+                quality = evaluate_quality(model, blocks, references[length], tasks[length],
+                                           keep_routing=True)
+                rows.append({**common, "split": "test", "length": length, **quality_row(quality, experts)})
             val, test = rows[-1 - len(tests)], rows[-len(tests)]
             print(f"λ={weight:g} seed {seed} ({seconds:.0f} s): validation ppl {val['ppl']:.3f} reuse "
                   f"{val['reuse']:.4f}; test {lengths[0]}: ppl {test['ppl']:.3f} reuse {test['reuse']:.4f} "
@@ -265,6 +366,16 @@ def main(argv: list[str] | None = None) -> None:
         + "\n".join(tables))
     print("\n".join(tables), flush=True)
     plot_tradeoff(summary, lengths, args.seq_len, chosen, args.results / "locality_tradeoff.png")
+    model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
+    first = lengths[0]
+    others = alternatives(model, tests[first], references[first], tasks[first], base[("test", first)], args,
+                          experts)
+    table = methods_table(summary, others, base[("test", first)], first)
+    with open(args.results / "summary.md", "a") as out:
+        out.write(f"\n## ReMoE against the inference-time alternatives, test, blocks of {first} tokens\n\n"
+                  f"{table}\n")
+    print(table, flush=True)
+    plot_methods(summary, others, base[("test", first)], first, args.results / "alternatives.png")
 
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
     with torch.no_grad():
@@ -290,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     run([MC, "plot", str(args.results / "sweep.parquet"), "--out", str(args.results / "figures"),
          "--format", "png", "--force"])
     result = dict(baseline={f"{split} {length}": values for (split, length), values in base.items()},
-                  chosen_weight=chosen, summary=summary, runs=rows,
+                  chosen_weight=chosen, summary=summary, runs=rows, alternatives=others,
                   toy_model=json.loads((args.model / "toy_train.json").read_text()).get("train_s"),
                   settings={k: str(v) for k, v in vars(args).items()},
                   elapsed_s=round(time.perf_counter() - started, 1))

@@ -50,8 +50,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _slow(model, blocks, reference_model, mask):
-    """One block at a time, in float64 NumPy: ppl, agreement, KL (reference rounded to
-    float16, as stored) and accuracy on ``mask``."""
+    """One block at a time, in float64 NumPy: ppl, agreement, KL (the reference rounded to
+    float16, as stored, and renormalised) and accuracy on ``mask``."""
     nll = kl = 0.0
     agree = right = 0
     for row, block in enumerate(blocks):
@@ -60,7 +60,7 @@ def _slow(model, blocks, reference_model, mask):
             logp = _log_softmax(model(input_ids=ids).logits[0, :-1].double().numpy())
             ref_logits = reference_model(input_ids=ids).logits[0, :-1].float().numpy()
             ref = _log_softmax(ref_logits.astype(np.float64))
-        ref16 = ref.astype(np.float16).astype(np.float64)
+        ref16 = _log_softmax(ref.astype(np.float16).astype(np.float64))  # stored as float16, renormalised
         for t in range(len(block) - 1):
             nll -= logp[t, block[t + 1]]
             kl += float(np.sum(np.exp(ref16[t]) * (ref16[t] - logp[t])))

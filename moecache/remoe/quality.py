@@ -37,7 +37,8 @@ CLOSING, OPENING = ")]}", "([{"
 @dataclass(frozen=True)
 class Reference:
     """The reference model's next-token log-probabilities over the blocks (n, T - 1, V),
-    float16 (what :func:`evaluate_quality` compares against), and its top-1 tokens."""
+    float16 (what :func:`evaluate_quality` compares against, renormalised), and its top-1
+    tokens."""
 
     log_probs: torch.Tensor
     top1: torch.Tensor
@@ -125,6 +126,7 @@ def evaluate_quality(model: nn.Module, blocks: Any, reference: Reference | None 
             top1 = logp.argmax(-1)
             if reference is not None:
                 ref = reference.log_probs[start:start + len(chunk)].to(device).float()
+                ref = ref - ref.logsumexp(-1, keepdim=True)  # float16 rounding: sum exactly one again
                 kl += float(F.kl_div(logp, ref, log_target=True, reduction="sum"))
                 agree += int((top1 == reference.top1[start:start + len(chunk)].to(device)).sum())
             correct = (top1 == target).cpu().numpy()
