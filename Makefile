@@ -104,14 +104,16 @@ sample-traces: $(CORE)
 TOY_MODEL ?= models/toy-moe
 TOY_ARGS ?=
 REMOE_ARGS ?=
+# each trains its toy model (experiments/toy_model.py --arch) if missing
+REMOE_ARCHS ?= olmoe qwen2_moe deepseek_v3
 
-# Train the toy OLMoE-style MoE from scratch on CPU (stdlib sources; ~7-12 min on 2 cores).
+# Train the toy OLMoE-style MoE from scratch on CPU (stdlib sources; ~2-7 min on 2 cores).
 toy-model: $(FULL)
 	$(BIN)/python experiments/toy_model.py --out $(TOY_MODEL) $(TOY_ARGS)
 
-# ReMoE router fine-tuning of the toy model: locality sweep, traces, compare/sweep/plots.
+# ReMoE router fine-tuning of the toy models (three architectures): sweeps, traces, compare/sweep/plots.
 remoe-experiment: $(FULL)
-	$(BIN)/python experiments/remoe_experiment.py --model $(TOY_MODEL) $(REMOE_ARGS)
+	for arch in $(REMOE_ARCHS); do $(BIN)/python experiments/remoe_experiment.py --arch $$arch $(REMOE_ARGS) || exit 1; done
 
 clean: clean-cache
 	rm -rf $(VENV) build *.egg-info

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_model  # noqa: E402
 
 from moecache.capture import capture, load_model  # noqa: E402
+from moecache.errors import MoecacheError  # noqa: E402
 from moecache.remoe import (  # noqa: E402
     FinetuneSettings,
     biased_routing,
@@ -58,6 +59,14 @@ from moecache.remoe import (  # noqa: E402
 MC = str(Path(sys.executable).with_name("moecache"))
 METRICS = ("ppl", "reuse", "agreement", "kl", "brackets_acc", "identifiers_acc", "lru_hit_c8", "lru_hit_c12")
 HIT_CAPACITIES = (8, 12)  # LRU per layer, of E = 32
+PATHS = {  # per architecture: model, ReMoE model, results, baseline trace, ReMoE trace
+    "olmoe": ("models/toy-moe", "models/toy-moe-remoe", "results/remoe", "traces/toy-baseline.parquet",
+              "traces/toy-remoe.parquet"),
+    "qwen2_moe": ("models/toy-qwen2moe", "models/toy-qwen2moe-remoe", "results/remoe/qwen2_moe",
+                  "traces/toy-qwen2moe-baseline.parquet", "traces/toy-qwen2moe-remoe.parquet"),
+    "deepseek_v3": ("models/toy-deepseek", "models/toy-deepseek-remoe", "results/remoe/deepseek_v3",
+                    "traces/toy-deepseek-baseline.parquet", "traces/toy-deepseek-remoe.parquet"),
+}
 
 
 def quality_row(quality, num_experts: int) -> dict:
@@ -188,7 +197,13 @@ def alternatives(model, blocks, reference, tasks, base: dict, args, experts: int
     length: routing biased toward the experts of the previous token (``recent``, w = 1) or
     toward those resident in an LRU cache of ``--cache-capacity`` per layer (``cache``), at
     each strength of ``--recent-biases`` and ``--cache-biases``."""
-    rows = []
+    rows: list[dict] = []
+    try:
+        with biased_routing(model, mode="recent", bias=0.0):
+            evaluate_quality(model, blocks[:1])
+    except MoecacheError as err:  # a sigmoid router (DeepSeek-V3)
+        print(f"inference-time alternatives skipped: {err}", flush=True)
+        return rows
     for mode, biases in (("recent", args.recent_biases), ("cache", args.cache_biases)):
         for bias in floats(biases):
             capacity = args.cache_capacity if mode == "cache" else None
@@ -218,6 +233,9 @@ def methods_table(summary: list[dict], others: list[dict], base: dict, length: i
                      f"{entry['lru_hit_c8']:.4f} ± {entry['lru_hit_c8_sd']:.4f} | "
                      f"{entry['lru_hit_c12']:.4f} ± {entry['lru_hit_c12_sd']:.4f} | "
                      f"{entry['agreement']:.4f} | {entry['kl']:.4f} |")
+    if not others:
+        lines.append("| (the inference-time alternatives need a softmax router: none for this model) "
+                     "| | | | | | | |")
     for row in others:
         lines.append(f"| {row['method']} | {row['strength']:g} | {row['ppl_change_pct']:+.2f}% | "
                      f"{row['reuse']:.4f} | {row['lru_hit_c8']:.4f} | {row['lru_hit_c12']:.4f} | "
@@ -245,6 +263,8 @@ def plot_methods(summary: list[dict], others: list[dict], base: dict, length: in
                     label="ReMoE (router fine-tuning, λ)")
         for method, style in (("recent bias", "s--"), ("cache bias", "^:")):
             rows = [r for r in others if r["method"] == method]
+            if not rows:
+                continue
             ax.plot([r["ppl_change_pct"] for r in rows], [r[metric] for r in rows], style, ms=4,
                     label=f"{method} at inference")
         ax.scatter([0], [base[metric]], color="black", zorder=5, label="baseline")
@@ -263,12 +283,14 @@ def plot_methods(summary: list[dict], others: list[dict], base: dict, length: in
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--model", type=Path, default=Path("models/toy-moe"))
+    add("--arch", choices=toy_model.ARCHS, default="olmoe",
+        help="the toy model's architecture; the paths below default to its own (see PATHS)")
+    add("--model", type=Path)
     add("--data-dir", type=Path, default=Path("models/toy-data"))
-    add("--remoe-out", type=Path, default=Path("models/toy-moe-remoe"))
-    add("--results", type=Path, default=Path("results/remoe"))
-    add("--base-trace", type=Path, default=Path("traces/toy-baseline.parquet"))
-    add("--remoe-trace", type=Path, default=Path("traces/toy-remoe.parquet"))
+    add("--remoe-out", type=Path)
+    add("--results", type=Path)
+    add("--base-trace", type=Path)
+    add("--remoe-trace", type=Path)
     add("--weights", default="0,0.03,0.1,0.3,1", help="locality weights of the sweep")
     add("--seeds", default="0,1,2", help="fine-tuning seeds (batch order), each weight run once per seed")
     add("--main-weight", default="auto", help="the weight of the shipped ReMoE model, or auto")
@@ -294,12 +316,16 @@ def main(argv: list[str] | None = None) -> None:
     add("--compute-ms", default="5")
     add("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    for name, default in zip(("model", "remoe_out", "results", "base_trace", "remoe_trace"), PATHS[args.arch],
+                             strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, Path(default))
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # saturated routers (large λ) give subnormal floats: very slow on CPU
     args.results.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not (args.model / "config.json").exists():
-        toy_model.main(["--out", str(args.model), "--data-dir", str(args.data_dir)])
+        toy_model.main(["--arch", args.arch, "--out", str(args.model), "--data-dir", str(args.data_dir)])
     missing = [name for name in ("train", "validation", "test", "test_prompts")
                if not (args.data_dir / f"{name}.jsonl").exists()]
     if missing:

@@ -14,12 +14,16 @@ decoded back to text, the prompts of the forward-mode captures).
 Tokenizer: byte-level BPE (``tokenizers``) trained on the training split, vocabulary
 ``--vocab`` (default 4096), ``<|endoftext|>`` as BOS/EOS, ``<pad>``.
 
-Model: ``OlmoeConfig`` (4 layers, hidden 128, 32 fine-grained experts of width 128,
-top-4, 4 heads). Trained with its normal LM loss plus the architecture's own
-load-balancing auxiliary loss (``router_aux_loss_coef`` 0.01; it is a baseline model,
-as OLMoE itself was pretrained), AdamW, linear warm-up then cosine decay, packed
-blocks of ``--seq-len`` tokens. Seeded; ``save_pretrained`` + tokenizer to ``--out``
-with ``output_router_logits`` off. Prints the held-out perplexity at the end and
+Model (``--arch``): OLMoE by default (4 layers, hidden 128, 32 fine-grained experts of
+width 128, top-4, 4 heads), or the same sizes as Qwen2-MoE (a gated shared expert) or
+DeepSeek-V3 (first layer dense, a shared expert, latent attention, sigmoid scores with a
+correction bias, group-limited routing): :func:`build_model`. Trained with its normal
+LM loss plus the architecture's own load balancing (OLMoE and Qwen2-MoE: the auxiliary
+loss, ``router_aux_loss_coef`` 0.01; DeepSeek-V3: its loss-free bias update,
+:class:`BiasBalancer`; it is a baseline model, pretrained the way its architecture was),
+AdamW, linear warm-up then cosine decay, packed blocks of ``--seq-len`` tokens. Seeded;
+``save_pretrained`` + tokenizer to ``--out`` with ``output_router_logits`` off. Prints
+the test perplexity at the end and
 writes ``toy_train.json`` (settings, time, losses) beside the weights.
 """
 
@@ -114,17 +118,72 @@ def build_tokenizer(texts: list[str], vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD)
 
 
-def build_model(tokenizer, args):
-    from transformers import AutoModelForCausalLM, OlmoeConfig
+ARCHS = ("olmoe", "qwen2_moe", "deepseek_v3")
+BIAS_RATE = 1e-3  # DeepSeek-V3's bias update speed (its paper's gamma)
 
-    config = OlmoeConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.expert_width,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        num_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=1024,
-        router_aux_loss_coef=args.aux_coef, output_router_logits=False, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+
+def build_model(tokenizer, args):
+    """A model of ``args.arch`` with ``args.experts`` routed experts of width
+    ``args.expert_width``, top-``args.top_k``, in every layer: OLMoE (softmax router, no
+    shared expert); Qwen2-MoE (softmax router and one gated shared expert 4x as wide);
+    DeepSeek-V3 (the first layer dense, one shared expert, multi-head latent attention,
+    sigmoid scores with a correction bias, group-limited: 4 groups, top 2)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config, OlmoeConfig, Qwen2MoeConfig
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                  num_experts_per_tok=args.top_k, max_position_embeddings=1024, output_router_logits=False,
+                  tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if args.arch == "olmoe":
+        config = OlmoeConfig(intermediate_size=args.expert_width, num_experts=args.experts,
+                             router_aux_loss_coef=args.aux_coef, **common)
+    elif args.arch == "qwen2_moe":
+        width = args.expert_width
+        config = Qwen2MoeConfig(intermediate_size=4 * width, moe_intermediate_size=width,
+                                shared_expert_intermediate_size=4 * width, num_experts=args.experts,
+                                decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False,
+                                router_aux_loss_coef=args.aux_coef, **common)
+    else:
+        head = args.hidden // args.heads
+        width = args.expert_width
+        config = DeepseekV3Config(intermediate_size=4 * width, moe_intermediate_size=width,
+                                  n_routed_experts=args.experts, n_shared_experts=1, first_k_dense_replace=1,
+                                  n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                  q_lora_rank=None, kv_lora_rank=2 * head, qk_rope_head_dim=head // 2,
+                                  qk_nope_head_dim=head // 2, v_head_dim=head, head_dim=head // 2,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4}, **common)
     return AutoModelForCausalLM.from_config(config, experts_implementation=args.experts_impl)
+
+
+class BiasBalancer:
+    """DeepSeek-V3's auxiliary-loss-free load balancing: after each optimiser step, each
+    MoE layer's score correction bias moves by ``rate`` toward the experts that step
+    loaded less than the mean (``+rate``) and away from those it loaded more (``-rate``)."""
+
+    def __init__(self, model, rate: float = BIAS_RATE) -> None:
+        from moecache.capture.routers import find_routers, parse_router_output
+
+        self.rate, self.loads, self.handles = rate, [], []
+        for site in find_routers(model, probe_token=0).sites:
+            bias = site.module.e_score_correction_bias
+            load = torch.zeros_like(bias)
+
+            def hook(_module, _args, output, load=load):
+                route = parse_router_output(output)
+                load += torch.bincount(route.indices.reshape(-1), minlength=load.numel()).to(load.dtype)
+            self.handles.append(site.module.register_forward_hook(hook))
+            self.loads.append((bias, load))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for bias, load in self.loads:
+            bias += self.rate * torch.sign(load.mean() - load)
+            load.zero_()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -156,13 +215,15 @@ def main(argv: list[str] | None = None) -> None:
     add("--max-heldout-chars", type=int, default=200_000, help="per held-out split (test, validation)")
     add("--heldout-every", type=int, default=20)
     add("--vocab", type=int, default=4096)
+    add("--arch", choices=ARCHS, default="olmoe", help="the MoE architecture (see build_model)")
     add("--layers", type=int, default=4)
     add("--hidden", type=int, default=128)
     add("--heads", type=int, default=4)
     add("--experts", type=int, default=32)
     add("--top-k", type=int, default=4)
     add("--expert-width", type=int, default=128)
-    add("--aux-coef", type=float, default=0.01, help="load-balancing loss weight (0: off)")
+    add("--aux-coef", type=float, default=0.01,
+        help="load-balancing loss weight (0: off); deepseek_v3 balances by its correction bias instead")
     add("--steps", type=int, default=240)
     add("--batch-size", type=int, default=16)
     add("--seq-len", type=int, default=128)
@@ -194,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
 
     model = build_model(tokenizer, args)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: OLMoE {args.layers} layers, hidden {args.hidden}, {args.experts} experts "
+    print(f"model: {args.arch} {args.layers} layers, hidden {args.hidden}, {args.experts} experts "
           f"top-{args.top_k}, {params / 1e6:.2f}M parameters")
+    balancer = BiasBalancer(model) if args.arch == "deepseek_v3" else None
+    aux = args.aux_coef > 0 and balancer is None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
@@ -207,18 +270,23 @@ def main(argv: list[str] | None = None) -> None:
     for step in bar:
         pick = order[(np.arange(args.batch_size) + step * args.batch_size) % len(order)]
         ids = torch.as_tensor(blocks[pick])
-        out = model(input_ids=ids, labels=ids, output_router_logits=args.aux_coef > 0, use_cache=False)
+        extra = {"output_router_logits": True} if aux else {}
+        out = model(input_ids=ids, labels=ids, use_cache=False, **extra)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        aux = 0.0 if getattr(out, "aux_loss", None) is None else out.aux_loss.item()
-        lm = out.loss.item() - args.aux_coef * aux
+        if balancer is not None:
+            balancer.step()
+        aux_loss = 0.0 if getattr(out, "aux_loss", None) is None else out.aux_loss.item()
+        lm = out.loss.item() - (args.aux_coef * aux_loss if aux else 0.0)
         if step % 10 == 0 or step == args.steps - 1:
-            history.append(dict(step=step, lm=lm, aux=aux, lr=sched.get_last_lr()[0]))
-            bar.set_postfix(lm=f"{lm:.3f}", aux=f"{aux:.3f}")
+            history.append(dict(step=step, lm=lm, aux=aux_loss, lr=sched.get_last_lr()[0]))
+            bar.set_postfix(lm=f"{lm:.3f}", aux=f"{aux_loss:.3f}")
     train_s = time.perf_counter() - t0
+    if balancer is not None:
+        balancer.close()
     ppl = perplexity(model, held)
     model.config.output_router_logits = False
     args.out.mkdir(parents=True, exist_ok=True)
