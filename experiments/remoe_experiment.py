@@ -55,6 +55,7 @@ from moecache.remoe import (  # noqa: E402
     load_texts,
     reference_outputs,
 )
+from moecache.remoe.train import find_model_routers  # noqa: E402
 
 MC = str(Path(sys.executable).with_name("moecache"))
 METRICS = ("ppl", "reuse", "agreement", "kl", "brackets_acc", "identifiers_acc", "lru_hit_c8", "lru_hit_c12")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     weights, seeds = floats(args.weights), [int(s) for s in args.seeds.split(",")]
     lengths = [args.seq_len * int(m) for m in args.lengths.split(",")]
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
-    experts = model.config.num_experts
+    experts = find_model_routers(model, tokenizer).num_experts
     validation = toy_model.split_blocks(tokenizer, args.data_dir, "validation", 256, args.val_blocks)
     longest = max(lengths)
     stream = toy_model.split_blocks(tokenizer, args.data_dir, "test", longest, args.test_tokens // longest)
