@@ -21,6 +21,12 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 @pytest.fixture(scope="module")
 def scripts():
+    """The two scripts, imported; the process-wide torch settings their ``main`` changes
+    (threads, flushing subnormal floats to zero, which would break hypothesis's float
+    strategies in later tests) restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
     sys.path.insert(0, str(EXPERIMENTS))
     try:
         import remoe_experiment
@@ -29,6 +35,8 @@ def scripts():
         yield toy_model, remoe_experiment
     finally:
         sys.path.remove(str(EXPERIMENTS))
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
 
 
 def _corpus(path: Path) -> Path:
