@@ -87,6 +87,8 @@ def in_spans(trace: Trace, policy: Any, per_token: bool = False) -> bool:
     """Whether :func:`moecache.replay` serves ``trace`` in spans (:func:`replay_in_spans`):
     under a policy that :func:`serves_in_one_pass`, a trace of more than STREAM_LRU_ABOVE
     requested experts whose step sets are not built yet (a replay reuses those)."""
+    if not isinstance(trace, Trace):
+        return False  # the replay's own checks say what it is
     entries = trace.num_tokens * trace.num_layers * trace.top_k
     return entries > STREAM_LRU_ABOVE and not Requests.built(trace, per_token) and serves_in_one_pass(policy)
 
@@ -473,14 +475,10 @@ def replay_in_spans(trace: Trace, policy: Any = "lru", capacity: int | None = No
     the trace and one span (the step sets of the whole trace are never built)."""
     choice = resolve(policy, policy_args)
     if not serves_in_one_pass(choice):
-        raise MoecacheError(f"policy {choice.label} cannot be served in one pass over spans: replay it")
-    weights = choice.policy.needs_scores
-    if weights and trace.weights is None:
-        raise MoecacheError(f"{trace.source}: the trace has no router weights, which this policy needs "
-                            "(capture or import them with the routing)")
-    if trace.num_tokens == 0:
-        raise MoecacheError(f"{trace.source}: the trace holds no tokens: nothing to replay")
-    counter = _Counter(trace, per_token, weights)
+        raise MoecacheError(f"policy {choice.label} cannot be served in one pass over spans: use "
+                            "moecache.replay")
+    weights = choice.policy.needs_scores  # the plan checks the trace has them before a part is built
+    counter = _Counter(trace, per_token, weights)  # an empty trace: finish() says so
     return _one_pass(counter, read_ahead(memory_parts(trace, per_token, weights, span_entries)), choice,
                      capacity, scope, memory=memory, bandwidth=bandwidth, latency=latency, seed=seed,
                      workers=workers)
