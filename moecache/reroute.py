@@ -28,6 +28,7 @@ weights' total (or to 1 when the trace has none).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -117,10 +118,10 @@ def check_bias(mode: str, bias: float, window: int, capacity: int | None, top_k:
     """One-line errors for rerouting settings that make no sense."""
     if mode not in MODES:
         raise MoecacheError(f"unknown reroute mode {mode!r}: choose recent or cache")
-    if not math.isfinite(bias):
-        raise MoecacheError(f"bias must be a finite number, got {bias}")
-    if not 1 <= window <= INT64_MAX:
-        raise MoecacheError(f"window must be from 1 to 2**63 - 1 steps, got {window}")
+    if not isinstance(bias, numbers.Real) or isinstance(bias, bool) or not math.isfinite(bias):
+        raise MoecacheError(f"bias must be a finite number, got {bias!r}")
+    if not isinstance(window, numbers.Integral) or isinstance(window, bool) or not 1 <= window <= INT64_MAX:
+        raise MoecacheError(f"window must be from 1 to 2**63 - 1 steps, a whole number, got {window!r}")
     if mode == "recent" and capacity is not None:
         raise MoecacheError("a capacity only applies to cache-aware rerouting (mode cache); "
                             "recent mode uses the window")

@@ -191,3 +191,17 @@ def test_biased_routing_refuses_what_it_cannot_do(setup, tmp_path):
     with pytest.raises(MoecacheError, match="not a softmax router"):
         with biased_routing(sigmoid):
             evaluate_quality(sigmoid, blocks)
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"bias": float("nan")}, "bias must be a finite number"),
+    ({"bias": "2"}, "bias must be a finite number"),
+    ({"window": 1.5}, "window must be from 1 to 2"),
+    ({"window": True}, "window must be from 1 to 2"),
+    ({"mode": "cache", "capacity": -3}, "capacity must be positive"),
+    ({"mode": "cache", "capacity": 2**63}, "capacity must be positive"),
+])
+def test_rerouting_settings_are_checked_not_cast(knobs, message):
+    logits = np.zeros((4, 6), np.float32)
+    with pytest.raises(MoecacheError, match=message):
+        route_sequence(logits, 2, **knobs)
