@@ -205,3 +205,15 @@ def test_rerouting_settings_are_checked_not_cast(knobs, message):
     logits = np.zeros((4, 6), np.float32)
     with pytest.raises(MoecacheError, match=message):
         route_sequence(logits, 2, **knobs)
+
+
+def test_token_blocks_are_checked_not_cast(setup):
+    base, _, _, blocks = setup
+    vocab = base.get_input_embeddings().num_embeddings
+    for bad, message in ((blocks.astype(np.float32), "must be integers"), (blocks[:, :1], "T>=2"),
+                         (np.full((2, 5), vocab), f"token id {vocab} is beyond the model's range"),
+                         (np.full((2, 5), -1), "token id -1 is beyond")):
+        for run in (lambda b=bad: evaluate_quality(base, b), lambda b=bad: reference_outputs(base, b),
+                    lambda b=bad: measure_reuse(base, b)):
+            with pytest.raises(MoecacheError, match=message):
+                run()

@@ -99,3 +99,22 @@ def pack_blocks(tokenizer: Any, texts: Sequence[str], seq_len: int, *,
     if max_blocks is not None:
         count = min(count, max_blocks)
     return stream[:count * seq_len].reshape(count, seq_len)
+
+
+def token_blocks(values: Any, vocab: int | None = None, owner: str = "model") -> np.ndarray:
+    """Token ids given as an array (NumPy, a torch tensor, nested lists) as blocks (n, T)
+    int64: one row is one block; integers only (a float is never cast), T >= 2, and, given
+    ``vocab`` (of the ``owner``: the model or its tokenizer), every id in [0, vocab).
+    Anything else is one MoecacheError."""
+    if hasattr(values, "detach"):  # a torch tensor, without importing torch here
+        values = values.detach().cpu().numpy()
+    blocks = np.asarray(values)
+    if blocks.ndim == 1:
+        blocks = blocks[None, :]
+    if blocks.ndim != 2 or blocks.shape[1] < 2 or not len(blocks) or blocks.dtype.kind not in "iu":
+        raise MoecacheError(f"token blocks must be integers of shape (n, T>=2), got {blocks.dtype} "
+                            f"{blocks.shape}")
+    if vocab is not None and (blocks.min() < 0 or blocks.max() >= vocab):
+        bad = int(blocks.min() if blocks.min() < 0 else blocks.max())
+        raise MoecacheError(f"token id {bad} is beyond the {owner}'s range 0..{vocab - 1}")
+    return np.ascontiguousarray(blocks, dtype=np.int64)

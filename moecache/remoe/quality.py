@@ -28,7 +28,8 @@ from torch import nn
 
 from ..capture.torch_env import input_device
 from ..errors import MoecacheError
-from .train import RouterTap, find_model_routers, reuse_counts
+from .data import token_blocks
+from .train import RouterTap, find_model_routers, reuse_counts, vocabulary
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CLOSING, OPENING = ")]}", "([{"
@@ -65,18 +66,11 @@ class Quality:
         return out
 
 
-def _as_blocks(blocks: Any) -> torch.Tensor:
-    ids = torch.as_tensor(np.asarray(blocks), dtype=torch.long)
-    if ids.dim() != 2 or ids.shape[1] < 2 or not len(ids):
-        raise MoecacheError(f"quality: expected token ids of shape (n, T>=2), got {tuple(ids.shape)}")
-    return ids
-
-
 @torch.no_grad()
 def reference_outputs(model: nn.Module, blocks: Any, *, batch_size: int = 8) -> Reference:
     """The reference's next-token distributions over ``blocks`` (kept as float16: 2 bytes
     per prediction and vocabulary entry)."""
-    ids = _as_blocks(blocks)
+    ids = torch.from_numpy(token_blocks(blocks, vocabulary(model)))
     model.eval()
     device = input_device(model)
     parts, tops = [], []
@@ -97,7 +91,7 @@ def evaluate_quality(model: nn.Module, blocks: Any, reference: Reference | None 
     boolean mask (n, T - 1) of the predictions it scores (prediction t targets token t + 1).
     ``keep_routing`` keeps the experts each token was routed to (``Quality.routing``, int16
     (n x T, MoE layers, K), block after block: a trace's ``experts``)."""
-    ids = _as_blocks(blocks)
+    ids = torch.from_numpy(token_blocks(blocks, vocabulary(model)))
     tasks = tasks or {}
     for name, mask in tasks.items():
         if np.shape(mask) != (ids.shape[0], ids.shape[1] - 1):
@@ -149,14 +143,12 @@ def code_tasks(tokenizer: Any, blocks: Any) -> dict[str, np.ndarray]:
     ``):``, ``]]``); ``identifiers``, targets that repeat an identifier (a token whose text,
     without whitespace, is one, of two characters or more) already seen earlier in the
     block: copying from context, which longer inputs make harder."""
-    ids = np.asarray(_as_blocks(blocks))
     vocab = len(tokenizer)
+    ids = token_blocks(blocks, vocab, "tokenizer")
     texts = [tokenizer.decode([token]).strip() for token in range(vocab)]
     closing = np.array([bool(text) and text[0] in CLOSING
                         and not any(c.isalnum() or c in OPENING for c in text) for text in texts])
     names = np.array([len(text) > 1 and IDENTIFIER.fullmatch(text) is not None for text in texts])
-    if int(ids.max()) >= vocab:
-        raise MoecacheError(f"quality: token id {int(ids.max())} is beyond the tokenizer's {vocab}")
     targets = ids[:, 1:]
     repeats = np.zeros(targets.shape, bool)
     for row, block in enumerate(ids):

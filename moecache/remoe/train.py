@@ -76,7 +76,7 @@ from ..errors import MoecacheError
 from ..files import atomic_folder
 from ..units import check_seed
 from .checkpoint import checkpoint_meta, write_meta
-from .data import load_texts, pack_blocks
+from .data import load_texts, pack_blocks, token_blocks
 
 # Router parameters that models update by a non-gradient rule (aux-loss-free load
 # balancing): never trained by gradient here.
@@ -459,11 +459,7 @@ def measure_reuse(model: nn.Module, input_ids: Any, *, batch_size: int = 8) -> f
     The reuse rate (w = 1): ``sum_{t>=1} |E[t] & E[t-1]| / sum_{t>=1} |E[t]|`` within each
     block, pooled over blocks and MoE layers; a teacher-forced forward, no padding.
     """
-    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
-    if ids.dim() == 1:
-        ids = ids[None, :]
-    if ids.dim() != 2 or ids.shape[1] < 2:
-        raise MoecacheError(f"measure_reuse: expected token ids of shape (n, T>=2), got {tuple(ids.shape)}")
+    ids = torch.from_numpy(token_blocks(input_ids, vocabulary(model)))
     model.eval()
     info = find_model_routers(model, None)
     device = input_device(model)
@@ -666,13 +662,7 @@ def find_model_routers(model: nn.Module, tokenizer: Any) -> MoeModelInfo:
 
 def _blocks(data, tokenizer, seq_len: int, *, max_blocks: int, source: str) -> np.ndarray:
     if isinstance(data, (np.ndarray, torch.Tensor)):
-        blocks = np.asarray(data.cpu() if isinstance(data, torch.Tensor) else data)
-        if blocks.ndim == 1:
-            blocks = blocks[None, :]
-        if blocks.ndim != 2 or blocks.shape[1] < 2 or not len(blocks) or blocks.dtype.kind not in "iu":
-            raise MoecacheError(f"token blocks must be integers of shape (n, T>=2), got "
-                                f"{blocks.dtype} {blocks.shape}")
-        return np.ascontiguousarray(blocks, dtype=np.int64)
+        return token_blocks(data)
     if tokenizer is None:
         raise MoecacheError("a tokenizer is needed to pack text into blocks")
     return pack_blocks(tokenizer, load_texts(data), seq_len, max_blocks=max_blocks, source=source)
@@ -687,6 +677,12 @@ def _batch_order(count: int, batch_size: int, seed: int) -> Iterator[np.ndarray]
             pool.extend(rng.permutation(count).tolist())
         batch, pool = pool[:batch_size], pool[batch_size:]
         yield np.asarray(batch)
+
+
+def vocabulary(model: nn.Module) -> int | None:
+    """The number of token ids ``model`` embeds (None if it has no input embeddings)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
 
 
 def _check_length(model: nn.Module, length: int) -> None:
