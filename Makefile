@@ -109,11 +109,12 @@ REMOE_ARCHS ?= olmoe qwen2_moe deepseek_v3
 
 # Train the toy OLMoE-style MoE from scratch on CPU (stdlib sources; ~2-7 min on 2 cores).
 toy-model: $(FULL)
-	$(BIN)/python experiments/toy_model.py --out $(TOY_MODEL) $(TOY_ARGS)
+	$(BIN)/python experiments/toy_model.py --out $(TOY_MODEL) --force $(TOY_ARGS)
 
 # ReMoE router fine-tuning of the toy models (three architectures): sweeps, traces, compare/sweep/plots.
 remoe-experiment: $(FULL)
-	for arch in $(REMOE_ARCHS); do $(BIN)/python experiments/remoe_experiment.py --arch $$arch $(REMOE_ARGS) || exit 1; done
+	for arch in $(REMOE_ARCHS); do \
+	    $(BIN)/python experiments/remoe_experiment.py --arch $$arch --force $(REMOE_ARGS) || exit 1; done
 
 clean: clean-cache
 	rm -rf $(VENV) build *.egg-info

@@ -30,6 +30,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ import moecache as mc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import toy_model  # noqa: E402
+from toy_model import as_command, number, refuse_existing  # noqa: E402
 
 from moecache.capture import capture, load_model  # noqa: E402
 from moecache.errors import MoecacheError  # noqa: E402
@@ -56,6 +58,7 @@ from moecache.remoe import (  # noqa: E402
     reference_outputs,
 )
 from moecache.remoe.train import find_model_routers  # noqa: E402
+from moecache.reroute import check_bias  # noqa: E402
 
 MC = str(Path(sys.executable).with_name("moecache"))
 METRICS = ("ppl", "reuse", "agreement", "kl", "brackets_acc", "identifiers_acc", "lru_hit_c8", "lru_hit_c12")
@@ -83,15 +86,23 @@ def quality_row(quality, num_experts: int) -> dict:
 
 
 def run(cmd: list[str], log: Path | None = None) -> None:
+    """Run a moecache command, print (and with ``log`` keep) its output; its failure is one
+    MoecacheError naming the command and its own one-line error."""
     print("+", " ".join(cmd), flush=True)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    print(out)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise MoecacheError(f"moecache {cmd[1]} failed: {reason}")
+    print(done.stdout)
     if log is not None:
-        log.write_text(out)
+        log.write_text(done.stdout)
 
 
-def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
+def _as_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -206,7 +217,7 @@ def alternatives(model, blocks, reference, tasks, base: dict, args, experts: int
         print(f"inference-time alternatives skipped: {err}", flush=True)
         return rows
     for mode, biases in (("recent", args.recent_biases), ("cache", args.cache_biases)):
-        for bias in floats(biases):
+        for bias in biases:
             capacity = args.cache_capacity if mode == "cache" else None
             with biased_routing(model, mode=mode, bias=bias, capacity=capacity):
                 quality = evaluate_quality(model, blocks, reference, tasks, keep_routing=True)
@@ -292,53 +303,73 @@ def main(argv: list[str] | None = None) -> None:
     add("--results", type=Path)
     add("--base-trace", type=Path)
     add("--remoe-trace", type=Path)
-    add("--weights", default="0,0.03,0.1,0.3,1", help="locality weights of the sweep")
-    add("--seeds", default="0,1,2", help="fine-tuning seeds (batch order), each weight run once per seed")
+    add("--weights", type=number(float, 0, many=True), default="0,0.03,0.1,0.3,1",
+        help="locality weights of the sweep")
+    add("--seeds", type=number(int, 0, many=True), default="0,1,2",
+        help="fine-tuning seeds (batch order), each weight run once per seed")
     add("--main-weight", default="auto", help="the weight of the shipped ReMoE model, or auto")
-    add("--max-ppl-increase", type=float, default=3.0, help="percent on validation, for --main-weight auto")
+    add("--max-ppl-increase", type=number(float, 0), default=3.0,
+        help="percent on validation, for --main-weight auto")
     add("--window", type=int, default=1)
     add("--kl-weight", type=float, default=1.0)
     add("--steps", type=int, default=80)
     add("--lr", type=float, default=1e-3)
     add("--seq-len", type=int, default=128, help="fine-tuning block length")
     add("--batch-size", type=int, default=4)
-    add("--val-blocks", type=int, default=64, help="validation blocks of 256 tokens")
-    add("--test-tokens", type=int, default=32768, help="test tokens, cut into blocks of each length")
-    add("--lengths", default="1,4,16", help="test block lengths, in multiples of --seq-len")
-    add("--recent-biases", default="0.5,1,2,4,8",
+    add("--val-blocks", type=number(int, 1), default=64, help="validation blocks of 256 tokens")
+    add("--test-tokens", type=number(int, 1), default=32768,
+        help="test tokens, cut into blocks of each length")
+    add("--lengths", type=number(int, 1, many=True), default="1,4,16",
+        help="test block lengths, in multiples of --seq-len")
+    add("--recent-biases", type=number(float, 0, many=True), default="0.5,1,2,4,8",
         help="strengths of routing biased toward the previous token's experts (an alternative)")
-    add("--cache-biases", default="0.5,1,2,4,8",
+    add("--cache-biases", type=number(float, 0, many=True), default="0.5,1,2,4,8",
         help="strengths of routing biased toward cache-resident experts (the other alternative)")
-    add("--cache-capacity", type=int, default=8, help="the per-layer LRU cache the cache bias favours")
+    add("--cache-capacity", type=number(int, 1), default=8,
+        help="the per-layer LRU cache the cache bias favours")
     add("--capacities", default="8,12", help="moecache compare capacities (E=32, K=4)")
     add("--sweep-capacities", default="4:32:4")
     add("--policies", default="lru,lfu,fifo,opt")
     add("--bandwidth", default="ufs4,nvme4,pcie4x16")
     add("--compute-ms", default="5")
-    add("--threads", type=int, default=2)
+    add("--threads", type=number(int, 1), default=2)
+    add("--force", action="store_true", help="replace the ReMoE model, traces and results of an earlier run")
     args = parser.parse_args(argv)
+    if args.main_weight != "auto" and _as_float(args.main_weight) not in args.weights:
+        parser.error(f"--main-weight must be auto or one of --weights, got {args.main_weight}")
+    longest = args.seq_len * max(args.lengths)
+    if args.test_tokens < longest:
+        parser.error(f"--test-tokens must hold one block of the longest length ({longest} tokens)")
     for name, default in zip(("model", "remoe_out", "results", "base_trace", "remoe_trace"), PATHS[args.arch],
                              strict=True):
         if getattr(args, name) is None:
             setattr(args, name, Path(default))
+    shared = FinetuneSettings(window=args.window, kl_weight=args.kl_weight, steps=args.steps, lr=args.lr,
+                              seq_len=args.seq_len, batch_size=args.batch_size, log_every=10).check()
+    refuse_existing([args.remoe_out, args.base_trace, args.remoe_trace, args.results / "summary.json"],
+                    args.force)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # saturated routers (large λ) give subnormal floats: very slow on CPU
     args.results.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not (args.model / "config.json").exists():
-        toy_model.main(["--arch", args.arch, "--out", str(args.model), "--data-dir", str(args.data_dir)])
+        # the splits of --data-dir are rewritten (the same text for the same corpus settings)
+        toy_model.main(["--arch", args.arch, "--out", str(args.model), "--data-dir", str(args.data_dir),
+                        "--force"])
     missing = [name for name in ("train", "validation", "test", "test_prompts")
                if not (args.data_dir / f"{name}.jsonl").exists()]
     if missing:
-        sys.exit(f"{args.data_dir}: no {missing[0]}.jsonl (made by an older make toy-model?): remove "
-                 f"{args.model} and run this again to rebuild the model and its three splits")
+        raise MoecacheError(f"{args.data_dir}: no {missing[0]}.jsonl (made by an older make "
+                            f"toy-model?): remove {args.model} and run this again to rebuild the model "
+                            "and its three splits")
 
-    weights, seeds = floats(args.weights), [int(s) for s in args.seeds.split(",")]
-    lengths = [args.seq_len * int(m) for m in args.lengths.split(",")]
+    weights, seeds = args.weights, args.seeds
+    lengths = [args.seq_len * m for m in args.lengths]
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
-    experts = find_model_routers(model, tokenizer).num_experts
+    routers = find_model_routers(model, tokenizer)
+    experts = routers.num_experts
+    check_bias("cache", 1.0, 1, args.cache_capacity, routers.top_k)  # before hours of fine-tuning
     validation = toy_model.split_blocks(tokenizer, args.data_dir, "validation", 256, args.val_blocks)
-    longest = max(lengths)
     stream = toy_model.split_blocks(tokenizer, args.data_dir, "test", longest, args.test_tokens // longest)
     tests = {length: stream.reshape(-1, length) for length in lengths}
     tasks = {length: code_tasks(tokenizer, blocks) for length, blocks in tests.items()}
@@ -356,8 +387,6 @@ def main(argv: list[str] | None = None) -> None:
               f"{base[('test', length)]['reuse']:.4f}", flush=True)
 
     rows, routers = [], {}
-    shared = FinetuneSettings(window=args.window, kl_weight=args.kl_weight, steps=args.steps, lr=args.lr,
-                              seq_len=args.seq_len, batch_size=args.batch_size, log_every=10)
     for weight in weights:
         for seed in seeds:
             model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
@@ -437,4 +466,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    as_command(main)

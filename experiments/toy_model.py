@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -45,6 +46,46 @@ from moecache.remoe import load_texts, pack_blocks
 SKIP_PARTS = {"test", "tests", "site-packages", "idlelib", "__pycache__", "dist-packages"}
 EOS = "<|endoftext|>"
 PAD = "<pad>"
+
+
+def number(kind: type, low: float, *, above: bool = False, many: bool = False):
+    """An argparse type: a finite ``kind`` >= ``low`` (> ``low`` with ``above``), or with
+    ``many`` a comma-separated list of them; anything else is argparse's one-line error."""
+    def one(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            bound = ">" if above else ">="
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound} {low}, got {text}")
+        return value
+
+    def parse(text: str):
+        return [one(part) for part in text.split(",")] if many else one(text)
+    return parse
+
+
+def as_command(main, argv: list[str] | None = None) -> None:
+    """``main(argv)`` as a command: a MoecacheError, an OSError (a path whose parent is a
+    file, a full disk) or a corpus that is not UTF-8 is one line on stderr and exit status
+    2, not a traceback."""
+    from moecache.errors import MoecacheError
+
+    try:
+        main(argv)
+    except (MoecacheError, OSError, UnicodeDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def refuse_existing(paths: list[Path], force: bool) -> None:
+    """Exit 2, in one line, if any of ``paths`` exists and ``force`` is not given: what a
+    user made is never replaced silently."""
+    existing = [path for path in paths if path.exists()]
+    if existing and not force:
+        print(f"error: {existing[0]} exists: pass --force to replace it", file=sys.stderr)
+        sys.exit(2)
 
 
 def stdlib_documents() -> list[str]:
@@ -211,30 +252,37 @@ def main(argv: list[str] | None = None) -> None:
     add("--out", type=Path, default=Path("models/toy-moe"))
     add("--data-dir", type=Path, default=Path("models/toy-data"))
     add("--corpus", type=Path, help="a UTF-8 text file instead of the Python stdlib sources")
-    add("--max-train-chars", type=int, default=2_000_000)
-    add("--max-heldout-chars", type=int, default=200_000, help="per held-out split (test, validation)")
-    add("--heldout-every", type=int, default=20)
-    add("--vocab", type=int, default=4096)
+    add("--max-train-chars", type=number(int, 1), default=2_000_000)
+    add("--max-heldout-chars", type=number(int, 1), default=200_000,
+        help="per held-out split (test, validation)")
+    add("--heldout-every", type=number(int, 2), default=20)
+    add("--vocab", type=number(int, 2), default=4096)
     add("--arch", choices=ARCHS, default="olmoe", help="the MoE architecture (see build_model)")
-    add("--layers", type=int, default=4)
-    add("--hidden", type=int, default=128)
-    add("--heads", type=int, default=4)
-    add("--experts", type=int, default=32)
-    add("--top-k", type=int, default=4)
-    add("--expert-width", type=int, default=128)
-    add("--aux-coef", type=float, default=0.01,
+    add("--layers", type=number(int, 1), default=4)
+    add("--hidden", type=number(int, 1), default=128)
+    add("--heads", type=number(int, 1), default=4)
+    add("--experts", type=number(int, 1), default=32)
+    add("--top-k", type=number(int, 1), default=4)
+    add("--expert-width", type=number(int, 1), default=128)
+    add("--aux-coef", type=number(float, 0), default=0.01,
         help="load-balancing loss weight (0: off); deepseek_v3 balances by its correction bias instead")
-    add("--steps", type=int, default=240)
-    add("--batch-size", type=int, default=16)
-    add("--seq-len", type=int, default=128)
-    add("--lr", type=float, default=4e-3)
-    add("--warmup", type=int, default=20)
-    add("--eval-blocks", type=int, default=64, help="test blocks of 256 tokens for perplexity")
-    add("--prompts", type=int, default=32, help="test prompts of 256 tokens for captures")
-    add("--threads", type=int, default=2)
+    add("--steps", type=number(int, 1), default=240)
+    add("--batch-size", type=number(int, 1), default=16)
+    add("--seq-len", type=number(int, 2), default=128)
+    add("--lr", type=number(float, 0, above=True), default=4e-3)
+    add("--warmup", type=number(int, 1), default=20)
+    add("--eval-blocks", type=number(int, 1), default=64, help="test blocks of 256 tokens for perplexity")
+    add("--prompts", type=number(int, 1), default=32, help="test prompts of 256 tokens for captures")
+    add("--threads", type=number(int, 1), default=2)
     add("--experts-impl", default="grouped_mm", help="transformers experts implementation")
-    add("--seed", type=int, default=0)
+    add("--seed", type=number(int, 0), default=0)
+    add("--force", action="store_true", help="replace a model already in --out and the splits in --data-dir")
     args = parser.parse_args(argv)
+    if args.experts < args.top_k or args.hidden % args.heads:
+        parser.error("--top-k must be at most --experts, and --hidden a multiple of --heads")
+    splits = [args.data_dir / f"{name}.jsonl" for name in ("train", "validation", "test", "test_prompts")]
+    refuse_existing([args.out / "config.json", *splits], args.force)
+    args.out.mkdir(parents=True, exist_ok=True)  # a path that cannot be written: said before training
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -303,4 +351,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    as_command(main)

@@ -87,3 +87,43 @@ def test_toy_model_and_experiment_end_to_end(scripts, tmp_path, arch):
     for name in ("locality_tradeoff.png", "alternatives.png", "compare.txt", "sweep.parquet"):
         assert (results / name).stat().st_size > 0
     assert (tmp_path / "base.parquet").exists() and (tmp_path / "remoe.parquet").exists()
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("experiment", ["--weights", "0,nan"], "finite number"),
+    ("experiment", ["--seeds", "-1"], ">= 0"),
+    ("experiment", ["--lengths", "1,x"], "not a int"),
+    ("experiment", ["--main-weight", "0.7"], "--main-weight must be auto or one of --weights"),
+    ("experiment", ["--test-tokens", "100"], "--test-tokens must hold one block"),
+    ("experiment", ["--steps", "0"], "--steps must be an integer >= 1"),
+    ("experiment", ["--cache-biases", "inf"], "finite number"),
+    ("experiment", ["--results", "{file}/results"], "Not a directory"),
+    ("experiment", ["--remoe-trace", "{file}"], "exists: pass --force to replace it"),
+    ("toy", ["--lr", "0"], "> 0"),
+    ("toy", ["--top-k", "40"], "--top-k must be at most --experts"),
+    ("toy", ["--corpus", "{file}", "--out", "{file}/model"], "Not a directory"),
+    ("toy", ["--data-dir", "{dir}"], "exists: pass --force to replace it"),
+])
+def test_bad_flags_are_one_line_and_exit_2(scripts, tmp_path, capsys, script, args, message):
+    """Each refused before any training: one line on stderr, exit status 2."""
+    toy_model, experiment = scripts
+    taken = tmp_path / "taken"
+    taken.write_text("a user's file\n")
+    made = tmp_path / "made"  # a data folder holding a user's splits
+    made.mkdir()
+    (made / "train.jsonl").write_text("a user's file\n")
+    argv = [arg.replace("{file}", str(taken)).replace("{dir}", str(made)) for arg in args]
+    if script == "experiment":
+        names = ("remoe-out", "results", "base-trace", "remoe-trace")
+        outputs = [f"--{name}={tmp_path / name}" for name in names]
+        argv = ["--model", str(tmp_path / "none"), "--data-dir", str(tmp_path / "none"), *outputs, *argv]
+        main = experiment.main
+    else:
+        argv = ["--out", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), *argv]
+        main = toy_model.main
+    with pytest.raises(SystemExit) as done:
+        toy_model.as_command(main, argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err
+    assert taken.read_text() == (made / "train.jsonl").read_text() == "a user's file\n"
