@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                              "interleaved; the best of each is reported")
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeat < 1 or args.requests < LAYERS * TOP_K:
-        parser.error(f"--repeat must be >= 1 and --requests >= {LAYERS * TOP_K} (one token)")
+    if args.repeat < 1 or args.requests < SLOPE_FACTOR * LAYERS * TOP_K:
+        parser.error(f"--repeat must be >= 1 and --requests >= {SLOPE_FACTOR * LAYERS * TOP_K} (one token in "
+                     "the smaller trace of the memory measure)")
     args.dir.mkdir(parents=True, exist_ok=True)
     if args.prepare_only:
         prepare(args.dir, args.requests)
